@@ -1,0 +1,112 @@
+"""Cost of the diagonal Fisher as a multiple of one training epoch (MNIST-sized inputs).
+
+    python benchmarks/bench_fisher.py [--examples 5000] [--batch-size 64] [--repeats 3]
+
+For an MLP (784-128-10) and a small CNN, times on the same data and batch size:
+one SGD training epoch; ``diagonal_fisher`` (sampled and empirical; closed-form per-example
+squares for Linear/Conv2d); a plain ``torch.func.vmap(grad)`` Fisher as the reference
+implementation; and a training epoch that also feeds :class:`TrainingFisher`. Inputs are
+random tensors of MNIST shape: the cost does not depend on the pixel values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from fl_ugm.fisher import TrainingFisher, diagonal_fisher, iterate_batches
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+    )  # fmt: skip
+
+
+def train_epoch(model, x, y, batch_size, fisher: TrainingFisher | None = None) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for xb, yb in iterate_batches(x, y, batch_size):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        if fisher is not None:
+            fisher.update(xb.shape[0])
+        opt.step()
+
+
+def vmap_fisher(model, x, y, batch_size) -> dict[str, torch.Tensor]:
+    """Reference: per-example gradients of every parameter with vmap(grad), squared, summed."""
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        out = functional_call(model, p, (xi.unsqueeze(0),))
+        return nn.functional.cross_entropy(out, yi.unsqueeze(0))
+
+    per_example = vmap(grad(loss), in_dims=(None, 0, 0))
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    for xb, yb in iterate_batches(x, y, batch_size):
+        for k, g in per_example(params, xb, yb).items():
+            total[k] += (g**2).sum(0)
+    return total
+
+
+def bench_model(name: str, model: nn.Module, x, y, bs: int, repeats: int) -> str:
+    """One table row: epoch seconds, then each method as a multiple of the epoch.
+
+    The methods run interleaved, ``repeats`` rounds, so slow phases of a shared machine hit
+    them alike; each figure is the median over rounds.
+    """
+    gen = torch.Generator().manual_seed(0)
+    methods = {
+        "epoch": lambda: train_epoch(model, x, y, bs),
+        "sampled": lambda: diagonal_fisher(
+            model, iterate_batches(x, y, bs), kind="sampled", generator=gen),
+        "empirical": lambda: diagonal_fisher(model, iterate_batches(x, y, bs), kind="empirical"),
+        "vmap": lambda: vmap_fisher(model, x, y, bs),
+        "cheap": lambda: train_epoch(model, x, y, bs, TrainingFisher(model)),
+    }
+    train_epoch(model, x[:256], y[:256], bs)  # warm-up
+    times: dict[str, list[float]] = {key: [] for key in methods}
+    for _ in range(repeats):
+        for key, fn in methods.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    med = {key: statistics.median(values) for key, values in times.items()}
+    epoch = med["epoch"]
+    return (f"{name:5} {epoch:13.3f} {med['sampled'] / epoch:8.2f}x "
+            f"{med['empirical'] / epoch:8.2f}x {med['vmap'] / epoch:9.2f}x "
+            f"{100 * (med['cheap'] / epoch - 1):+13.1f}%")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=5000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    x = torch.randn(args.examples, 1, 28, 28)
+    y = torch.randint(0, 10, (args.examples,))
+    bs = args.batch_size
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{args.examples} examples, batch {bs}, median of {args.repeats}")
+    print(f"{'model':5} {'train epoch s':>13} {'sampled':>9} {'empirical':>9} "
+          f"{'vmap(grad)':>10} {'TrainingFisher':>14}")
+    for name, build in (("mlp", mlp), ("cnn", cnn)):
+        print(bench_model(name, build(), x, y, bs, args.repeats))
+    print("columns after the first: time / one training epoch; TrainingFisher: added to an epoch")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""ugm_merge against a plain in-place weighted average of the same deltas.
+
+    python benchmarks/bench_merge.py [--clients 20] [--params 5000000] [--repeats 7]
+
+Times (median of interleaved repeats) and peak extra memory (resident-set high-water mark
+above the inputs, measured in a fresh subprocess per method) for:
+
+* ``plain average``: ``acc = base.clone(); acc.add_(delta_t, alpha=w_t)`` per tensor, the
+  baseline (reads one delta per client);
+* ``weighted_average``: fl_ugm's FedAvg arithmetic (the same loop plus validation);
+* ``ugm_merge``: the fused numba kernel (reads a delta and a Fisher per client);
+* ``ugm_merge torch``: the per-tensor torch fallback (one op per client and tensor).
+
+The model is a dict of float32 tensors shaped like a small MLP/transformer block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from fl_ugm.merge import ugm_merge, weighted_average
+
+
+def shapes_for(num_params: int) -> dict[str, tuple[int, ...]]:
+    """Layer shapes summing to about ``num_params`` (square-ish matrices, biases, a norm)."""
+    width = int((num_params / 4) ** 0.5)
+    return {
+        "embed.weight": (width, width),
+        "block.attn.weight": (width, width),
+        "block.attn.bias": (width,),
+        "block.mlp.up.weight": (width, width),
+        "block.mlp.up.bias": (width,),
+        "block.mlp.down.weight": (width, width),
+        "block.norm.weight": (width,),
+        "head.bias": (10,),
+    }
+
+
+def make_inputs(num_clients: int, num_params: int):
+    gen = torch.Generator().manual_seed(0)
+    shapes = shapes_for(num_params)
+
+    def model(positive: bool = False):
+        return {
+            k: (torch.rand(s, generator=gen) if positive else torch.randn(s, generator=gen))
+            for k, s in shapes.items()
+        }
+
+    base = model()
+    deltas = [model() for _ in range(num_clients)]
+    fishers = [model(positive=True) for _ in range(num_clients)]
+    weights = [float(n) for n in range(1, num_clients + 1)]
+    total = sum(weights)
+    return base, deltas, fishers, [w / total for w in weights]
+
+
+def plain_average(base, deltas, alphas):
+    out = {}
+    for key, theta in base.items():
+        acc = theta.clone()
+        for alpha, delta in zip(alphas, deltas, strict=True):
+            acc.add_(delta[key], alpha=alpha)
+        out[key] = acc
+    return out
+
+
+METHODS = {
+    "plain average": lambda b, d, f, a: plain_average(b, d, a),
+    "weighted_average": lambda b, d, f, a: weighted_average(b, d, weights=a),
+    "ugm_merge": lambda b, d, f, a: ugm_merge(b, d, f, alphas=a, prior_precision=0.1),
+    "ugm_merge torch": lambda b, d, f, a: ugm_merge(
+        b, d, f, alphas=a, prior_precision=0.1, backend="torch"
+    ),
+}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def measure_memory(method: str, clients: int, params: int) -> None:
+    """Subprocess entry: print the peak RSS growth while running ``method`` once."""
+    inputs = make_inputs(clients, params)
+    METHODS[method](*make_inputs(1, 1000))  # import/compile outside the measurement
+    before = rss_bytes()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = METHODS[method](*inputs)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"extra": max(peak, peak_before) - before if peak > peak_before else
+                      rss_bytes() - before, "result_bytes": sum(
+                          t.numel() * t.element_size() for t in result.values())}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--params", type=int, default=5_000_000)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_of:
+        measure_memory(args.memory_of, args.clients, args.params)
+        return
+
+    base, deltas, fishers, alphas = make_inputs(args.clients, args.params)
+    model_bytes = sum(t.numel() * t.element_size() for t in base.values())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; K = {args.clients} "
+          f"clients x {model_bytes // 4:,} float32 parameters ({model_bytes / 2**20:.1f} MiB)")
+    for fn in METHODS.values():  # warm-up (numba compiles on first use, cached on disk)
+        fn(base, deltas, fishers, alphas)
+    times: dict[str, list[float]] = {name: [] for name in METHODS}
+    for _ in range(args.repeats):
+        for name, fn in METHODS.items():
+            start = time.perf_counter()
+            fn(base, deltas, fishers, alphas)
+            times[name].append(time.perf_counter() - start)
+    del base, deltas, fishers
+
+    baseline = statistics.median(times["plain average"])
+    print(f"{'method':18} {'median ms':>10} {'x plain avg':>12} {'peak extra MiB':>15} "
+          f"{'x model':>8}")
+    for name in METHODS:
+        median = statistics.median(times[name])
+        proc = subprocess.run(
+            [sys.executable, __file__, "--memory-of", name, "--clients", str(args.clients),
+             "--params", str(args.params)],
+            capture_output=True, text=True, check=True,
+        )
+        extra = json.loads(proc.stdout.strip().splitlines()[-1])["extra"]
+        print(f"{name:18} {1e3 * median:10.1f} {median / baseline:11.2f}x "
+              f"{extra / 2**20:15.1f} {extra / model_bytes:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
