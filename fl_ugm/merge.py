@@ -223,6 +223,7 @@ def remove_client(
 
 # --------------------------------------------------------------------------- merge backends
 
+
 def _merge_numba(base, deltas, fishers, alphas, priors, compute):
     """All tensors through the fused kernel, one call per compute dtype."""
 
