@@ -10,6 +10,7 @@ from fl_ugm.merge import (
 )
 
 __all__ = [
+    "FedUGM",
     "InvalidClientInput",
     "fisher_averaging",
     "remove_client",
@@ -18,3 +19,12 @@ __all__ = [
     "weighted_average",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``from fl_ugm import FedUGM`` imports Flower lazily: the math layer stays Flower-free."""
+    if name == "FedUGM":
+        from fl_ugm.strategy import FedUGM
+
+        return FedUGM
+    raise AttributeError(f"module 'fl_ugm' has no attribute {name!r}")

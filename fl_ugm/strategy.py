@@ -1,0 +1,265 @@
+"""FedUGM: Flower strategy that merges client deltas with Fisher preconditioning.
+
+A drop-in replacement for Flower's ``FedAvg`` (it subclasses it: sampling, evaluation and
+metric aggregation are Flower's own). Each round it remembers the global arrays it sends,
+asks clients for a UGM reply (``fl_ugm.client``: a delta, a diagonal Fisher, num-examples),
+validates every reply, drops bad ones with a logged reason, and merges the rest with
+:func:`fl_ugm.merge.ugm_merge` (DESIGN §1, appendix Eq. 6).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from torch import Tensor
+
+from fl_ugm.client import FISHER_ESTIMATORS, FISHER_KEY, PRIOR_KEY, UGM_KEY
+from fl_ugm.merge import InvalidClientInput, ugm_merge, weighted_average
+
+ALPHA_MODES = ("num-examples", "uniform", "ones")
+
+
+@dataclass
+class ClientUpdate:
+    """One validated UGM reply, as float tensors."""
+
+    node_id: int
+    num_examples: float
+    delta: dict[str, Tensor]
+    fisher: dict[str, Tensor]
+    content: RecordDict
+
+
+class FedUGM(FedAvg):
+    """Uncertainty-based gradient matching (UGM) merging as a Flower strategy.
+
+    θ⁺ = θ + Σ_t α_t (H0 + F_t) / (H0 + Σ_s α_s F_s) · Δ_t
+
+    Parameters
+    ----------
+    prior_precision : float (default: 1.0)
+        δ, the precision of the Gaussian prior centred on the global model, in the units of
+        a SUMMED loss (a Fisher). Clients use it as their proximal term (FedProx with
+        μ = δ / n_t); the server uses H0 = δ (+ ``server_fisher``) in the merge.
+    alpha : {"num-examples", "uniform", "ones"} (default: "num-examples")
+        Client weights before scaling: n_t / Σn (the FL default), 1/T, or 1 (the paper's
+        task-arithmetic setting).
+    scale : float (default: 1.0)
+        λ, multiplies every α_t.
+    fisher : {"sampled", "empirical", "training"} (default: "sampled")
+        The Fisher estimator clients are asked for: labels drawn from the model (the true
+        Fisher), true labels, or the cheap estimate accumulated during local training.
+    server_fisher : Mapping[str, Tensor], optional
+        n_0·F_0, a Fisher (sum) of data the server holds; added to δ in H0 on the server.
+    **fedavg_kwargs
+        Passed to ``flwr.serverapp.strategy.FedAvg`` (``fraction_train``,
+        ``min_train_nodes``, ``min_available_nodes``, ``train_metrics_aggr_fn`` …). Set the
+        minimum node counts to the number of clients for full participation in round 1.
+
+    Notes
+    -----
+    Replies must hold a ``"delta"`` ArrayRecord (every float entry of the global), a
+    ``"fisher"`` ArrayRecord (the parameters: a subset of those keys, same shapes, ≥ 0) and a
+    ``"metrics"`` MetricRecord with ``num-examples`` > 0. Delta entries without a Fisher
+    are buffers: float buffers are averaged by num-examples, non-float entries are kept from
+    the global model. A reply that fails validation is dropped and the reason is logged;
+    with fewer than ``min_train_nodes`` valid replies the round keeps the global model.
+    """
+
+    def __init__(
+        self,
+        *,
+        prior_precision: float = 1.0,
+        alpha: str = "num-examples",
+        scale: float = 1.0,
+        fisher: str = "sampled",
+        server_fisher: Mapping[str, Tensor] | None = None,
+        **fedavg_kwargs,
+    ) -> None:
+        super().__init__(**fedavg_kwargs)
+        if not (math.isfinite(prior_precision) and prior_precision > 0):
+            raise ValueError(
+                f"FedUGM: prior_precision={prior_precision}; it must be finite and > 0."
+            )
+        if alpha not in ALPHA_MODES:
+            raise ValueError(f"FedUGM: alpha={alpha!r}; choose one of {ALPHA_MODES}.")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"FedUGM: scale={scale}; it must be finite and > 0.")
+        if fisher not in FISHER_ESTIMATORS:
+            raise ValueError(f"FedUGM: fisher={fisher!r}; choose one of {FISHER_ESTIMATORS}.")
+        self.prior_precision = float(prior_precision)
+        self.alpha = alpha
+        self.scale = float(scale)
+        self.fisher = fisher
+        self.server_fisher = dict(server_fisher) if server_fisher is not None else None
+        self._global: dict[str, Tensor] | None = None
+
+    def summary(self) -> None:
+        """Log the UGM settings, then FedAvg's."""
+        log(INFO, "\t├──> UGM merge:")
+        log(INFO, "\t│\t├── Prior precision δ: %g%s", self.prior_precision,
+            " (+ server Fisher)" if self.server_fisher is not None else "")
+        log(INFO, "\t│\t├── Alpha: %s × scale %g", self.alpha, self.scale)
+        log(INFO, "\t│\t└── Client Fisher estimator: %s", self.fisher)
+        super().summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember the global arrays and ask the sampled clients for a UGM reply."""
+        self._global = arrays.to_torch_state_dict()
+        config[UGM_KEY] = True
+        config[FISHER_KEY] = self.fisher
+        config[PRIOR_KEY] = self.prior_precision
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate the replies, drop bad ones, merge the rest with ``ugm_merge``."""
+        if self._global is None:
+            raise RuntimeError("FedUGM.aggregate_train called before configure_train.")
+        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        updates = self._parse_replies(server_round, valid)
+        while len(updates) >= max(self.min_train_nodes, 1):
+            try:
+                new_global = self._merge(updates)
+            except InvalidClientInput as err:
+                if err.client_index is None:
+                    raise
+                bad = updates.pop(err.client_index)
+                log(WARNING, "aggregate_train: dropping node %d in round %d: %s",
+                    bad.node_id, server_round, err)
+                continue
+            metrics = self.train_metrics_aggr_fn(
+                [u.content for u in updates], self.weighted_by_key
+            )
+            return ArrayRecord(new_global), metrics
+        log(WARNING, "aggregate_train: round %d has %d valid UGM replies, fewer than "
+            "min_train_nodes=%d; keeping the global model.", server_round, len(updates),
+            self.min_train_nodes)
+        return None, None
+
+    # ------------------------------------------------------------------ internals
+
+    def _parse_replies(self, server_round: int, replies: list[Message]) -> list[ClientUpdate]:
+        """Structural checks; a reply that fails is dropped with a logged reason."""
+        parsed: list[ClientUpdate] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            try:
+                parsed.append(self._parse_reply(node, msg.content))
+            except ValueError as err:
+                log(WARNING, "aggregate_train: dropping node %d in round %d: %s",
+                    node, server_round, err)
+        if not parsed:
+            return parsed
+        # Buffers are the delta keys a client sends no Fisher for; every reply must agree.
+        # The most common Fisher key set wins, so one odd client cannot drop the others.
+        key_sets = Counter(frozenset(u.fisher) for u in parsed)
+        expected, _ = key_sets.most_common(1)[0]
+        kept = []
+        for update in parsed:
+            if frozenset(update.fisher) != expected:
+                log(WARNING, "aggregate_train: dropping node %d in round %d: its Fisher covers "
+                    "%d tensors, the other clients' %d.", update.node_id, server_round,
+                    len(update.fisher), len(expected))
+            else:
+                kept.append(update)
+        return kept
+
+    def _parse_reply(self, node_id: int, content: RecordDict) -> ClientUpdate:
+        arrays = content.array_records
+        for key in ("delta", "fisher"):
+            if key not in arrays:
+                raise ValueError(
+                    f"the reply has no '{key}' ArrayRecord (records: {sorted(arrays)}); is "
+                    "the ClientApp using fl_ugm.client.handle_train?"
+                )
+        metric_records = content.metric_records
+        if len(metric_records) != 1:
+            raise ValueError(f"expected one MetricRecord, got {len(metric_records)}.")
+        metrics = next(iter(metric_records.values()))
+        num_examples = metrics.get(self.weighted_by_key)
+        if not isinstance(num_examples, int | float) or isinstance(num_examples, bool):
+            raise ValueError(f"'{self.weighted_by_key}' is {num_examples!r}, not a number.")
+        if not (math.isfinite(num_examples) and num_examples > 0):
+            raise ValueError(f"'{self.weighted_by_key}' = {num_examples}; it must be > 0.")
+
+        float_keys = {k for k, v in self._global.items() if v.is_floating_point()}
+        delta_record, fisher_record = arrays["delta"], arrays["fisher"]
+        if set(delta_record.keys()) != float_keys:
+            raise ValueError(
+                "delta keys differ from the global model's float entries (missing: "
+                f"{sorted(float_keys - set(delta_record.keys()))[:5]}, unexpected: "
+                f"{sorted(set(delta_record.keys()) - float_keys)[:5]})."
+            )
+        if not fisher_record.keys() or not set(fisher_record.keys()) <= float_keys:
+            raise ValueError("the Fisher must cover a non-empty subset of the delta's keys.")
+        delta = self._tensors("delta", delta_record, require_global_dtype=True)
+        fisher = self._tensors("fisher", fisher_record, require_global_dtype=False)
+        return ClientUpdate(node_id, float(num_examples), delta, fisher, content)
+
+    def _tensors(self, name: str, record: ArrayRecord, *, require_global_dtype: bool):
+        out = {}
+        for key, array in record.items():
+            expected = self._global[key]
+            if tuple(array.shape) != tuple(expected.shape):
+                raise ValueError(
+                    f"{name}['{key}'] has shape {tuple(array.shape)}, the global "
+                    f"{tuple(expected.shape)}."
+                )
+            wanted = str(expected.dtype).removeprefix("torch.")
+            if require_global_dtype and array.dtype != wanted:
+                raise ValueError(f"{name}['{key}'] has dtype {array.dtype}, the global {wanted}.")
+            if array.dtype not in ("float16", "bfloat16", "float32", "float64"):
+                raise ValueError(f"{name}['{key}'] has dtype {array.dtype}; expected a float.")
+            out[key] = torch.from_numpy(array.numpy())
+        return out
+
+    def _alphas(self, updates: list[ClientUpdate]) -> list[float]:
+        if self.alpha == "num-examples":
+            total = math.fsum(u.num_examples for u in updates)
+            base = [u.num_examples / total for u in updates]
+        elif self.alpha == "uniform":
+            base = [1.0 / len(updates)] * len(updates)
+        else:
+            base = [1.0] * len(updates)
+        return [self.scale * a for a in base]
+
+    def _prior(self, keys: Iterable[str]) -> float | dict[str, Tensor]:
+        if self.server_fisher is None:
+            return self.prior_precision
+        missing = [k for k in keys if k not in self.server_fisher]
+        if missing:
+            raise ValueError(f"FedUGM: server_fisher has no entry for {missing[:5]}.")
+        return {k: self.prior_precision + self.server_fisher[k] for k in keys}
+
+    def _merge(self, updates: list[ClientUpdate]) -> dict[str, Tensor]:
+        """New global state: UGM for parameters, num-examples average for float buffers."""
+        param_keys = list(updates[0].fisher)
+        params = {k: self._global[k] for k in param_keys}
+        merged = ugm_merge(
+            params,
+            [{k: u.delta[k] for k in param_keys} for u in updates],
+            [u.fisher for u in updates],
+            alphas=self._alphas(updates),
+            prior_precision=self._prior(param_keys),
+        )
+        buffer_keys = [k for k in updates[0].delta if k not in updates[0].fisher]
+        if buffer_keys:
+            merged.update(weighted_average(
+                {k: self._global[k] for k in buffer_keys},
+                [{k: u.delta[k] for k in buffer_keys} for u in updates],
+                weights=[u.num_examples for u in updates],
+            ))  # fmt: skip
+        return {key: merged.get(key, value) for key, value in self._global.items()}

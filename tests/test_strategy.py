@@ -1,0 +1,380 @@
+"""FedUGM in-process, without Ray: aggregate_train on hand-built replies, bad replies, and the
+full strategy loop on a fake in-process grid with the real ClientApp logic."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Iterable
+
+import pytest
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.supercore.task_identity import TaskIdentity
+from torch import nn
+
+from fl_ugm import FedUGM
+from fl_ugm.client import handle_evaluate, handle_train, proximal_precision
+from fl_ugm.merge import ugm_merge
+
+
+@pytest.fixture(autouse=True)
+def server_identity():
+    """Outside a Flower runtime, Message() needs the process's run/node identity set."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+class Net(nn.Module):
+    """Parameters plus a BatchNorm: float buffers (running stats) and an int64 counter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+PARAM_KEYS = ["fc.weight", "fc.bias", "bn.weight", "bn.bias"]
+FLOAT_BUFFERS = ["bn.running_mean", "bn.running_var"]
+
+
+def message(
+    content: RecordDict, *, src: int = 0, dst: int = 1, kind: str = MessageType.TRAIN
+) -> Message:
+    """A Message outside a Flower runtime needs explicit Metadata (DESIGN §5)."""
+    metadata = Metadata(
+        run_id=1, message_id=uuid.uuid4().hex, src_node_id=src, dst_node_id=dst,
+        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600.0,
+        message_type=kind,
+    )  # fmt: skip
+    return Message(content=content, metadata=metadata)
+
+
+def global_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    net = Net()
+    net.bn.running_mean.uniform_()
+    net.bn.num_batches_tracked.fill_(7)
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def ugm_reply(node: int, n: float, state, seed: int, **overrides) -> Message:
+    gen = torch.Generator().manual_seed(seed)
+    delta = {k: 0.1 * torch.randn(v.shape, generator=gen) for k, v in state.items()
+             if v.is_floating_point()}
+    fisher = {k: torch.rand(state[k].shape, generator=gen) * 10 for k in PARAM_KEYS}
+    records = {
+        "delta": ArrayRecord(delta),
+        "fisher": ArrayRecord(fisher),
+        "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0 + seed}),
+    }
+    for key, value in overrides.items():
+        if value is None:
+            records.pop(key)
+        else:
+            records[key] = value
+    return message(RecordDict(records), src=node)
+
+
+class FakeGrid:
+    """In-process stand-in for Flower's Grid: each node runs the real ClientApp handlers."""
+
+    def __init__(self, datasets: dict[int, tuple[torch.Tensor, torch.Tensor]], build_model):
+        self.datasets = datasets
+        self.build_model = build_model
+        self.rounds: list[list[str]] = []  # per train round, the record names each node sent
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.datasets)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+        replies, kinds = [], []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            incoming = message(msg.content, src=0, dst=node, kind=msg.metadata.message_type)
+            x, y = self.datasets[node]
+            model = self.build_model()
+            if msg.metadata.message_type == MessageType.TRAIN:
+                reply = handle_train(incoming, model, x, y, epochs=2, batch_size=16, lr=0.1,
+                                     seed=node)
+                kinds.append(sorted(reply.content.keys()))
+            else:
+                reply = handle_evaluate(incoming, model, x, y)
+            replies.append(reply)
+        if kinds:
+            self.rounds.append(kinds)
+        return replies
+
+
+def test_aggregate_train_is_ugm_merge_plus_buffer_average():
+    state = global_state()
+    strategy = FedUGM(prior_precision=0.5, min_train_nodes=2)
+    strategy._global = state  # what configure_train remembers
+    replies = [ugm_reply(10 + i, n, state, seed=i) for i, n in enumerate([30, 10, 60])]
+
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    merged = arrays.to_torch_state_dict()
+    contents = [r.content for r in replies]
+    deltas = [c.array_records["delta"].to_torch_state_dict() for c in contents]
+    fishers = [c.array_records["fisher"].to_torch_state_dict() for c in contents]
+    expected = ugm_merge({k: state[k] for k in PARAM_KEYS},
+                         [{k: d[k] for k in PARAM_KEYS} for d in deltas], fishers,
+                         alphas=[0.3, 0.1, 0.6], prior_precision=0.5)
+    for key in PARAM_KEYS:
+        torch.testing.assert_close(merged[key], expected[key])
+    for key in FLOAT_BUFFERS:  # num-examples average of the buffers
+        average = state[key] + sum(w * d[key] for w, d in zip([0.3, 0.1, 0.6], deltas))
+        torch.testing.assert_close(merged[key], average)
+    assert merged["bn.num_batches_tracked"].item() == 7  # integer buffer kept from the global
+    assert list(merged) == list(state)
+    # metrics: FedAvg's weighted average by num-examples
+    assert metrics["train-loss"] == pytest.approx(0.3 * 1 + 0.1 * 2 + 0.6 * 3)
+
+
+@pytest.mark.parametrize(("alpha", "scale", "expected"), [
+    ("num-examples", 1.0, [0.25, 0.75]),
+    ("uniform", 2.0, [1.0, 1.0]),
+    ("ones", 0.5, [0.5, 0.5]),
+])
+def test_alpha_modes_and_scale(alpha, scale, expected):
+    state = global_state()
+    strategy = FedUGM(prior_precision=2.0, alpha=alpha, scale=scale, min_train_nodes=1)
+    strategy._global = state
+    replies = [ugm_reply(1, 10, state, seed=1), ugm_reply(2, 30, state, seed=2)]
+    merged = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()
+    deltas = [r.content.array_records["delta"].to_torch_state_dict() for r in replies]
+    fishers = [r.content.array_records["fisher"].to_torch_state_dict() for r in replies]
+    reference = ugm_merge({k: state[k] for k in PARAM_KEYS},
+                          [{k: d[k] for k in PARAM_KEYS} for d in deltas], fishers,
+                          alphas=expected, prior_precision=2.0)
+    for key in PARAM_KEYS:
+        torch.testing.assert_close(merged[key], reference[key])
+
+
+def corrupted(name: str, state) -> Message:
+    """A reply from node 99 that is bad in one way."""
+    good = ugm_reply(99, 20, state, seed=99)
+    records = good.content.array_records
+    delta = records["delta"].to_torch_state_dict()
+    fisher = records["fisher"].to_torch_state_dict()
+    metrics = MetricRecord({"num-examples": 20})
+    if name == "missing delta":
+        return ugm_reply(99, 20, state, seed=99, delta=None)
+    if name == "missing fisher":
+        return ugm_reply(99, 20, state, seed=99, fisher=None)
+    if name == "missing metrics":
+        return ugm_reply(99, 20, state, seed=99, metrics=None)
+    if name == "plain FedAvg reply":
+        return message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), src=99)
+    if name in ("zero examples", "negative examples", "nan examples"):
+        value = {"zero examples": 0, "negative examples": -5, "nan examples": math.nan}[name]
+        return ugm_reply(99, 20, state, seed=99,
+                         metrics=MetricRecord({"num-examples": value}))
+    if name == "NaN delta":
+        delta["fc.weight"][0, 0] = math.nan
+    elif name == "Inf fisher":
+        fisher["fc.bias"][1] = math.inf
+    elif name == "negative fisher":
+        fisher["bn.weight"][0] = -1.0
+    elif name == "NaN buffer delta":
+        delta["bn.running_var"][0] = math.nan
+    elif name == "wrong delta shape":
+        delta["fc.weight"] = torch.zeros(4, 3)
+    elif name == "wrong fisher shape":
+        fisher["fc.bias"] = torch.zeros(4)
+    elif name == "float64 delta":
+        delta["fc.weight"] = delta["fc.weight"].double()
+    elif name == "int fisher":
+        fisher["fc.bias"] = torch.zeros(3, dtype=torch.int32)
+    elif name == "missing delta key":
+        del delta["fc.bias"]
+    elif name == "extra delta key":
+        delta["surprise"] = torch.zeros(2)
+    elif name == "fisher covers other keys":
+        del fisher["bn.bias"]
+    else:
+        raise AssertionError(name)
+    return ugm_reply(99, 20, state, seed=99, delta=ArrayRecord(delta),
+                     fisher=ArrayRecord(fisher))
+
+
+BAD_REPLIES = [
+    "missing delta", "missing fisher", "missing metrics", "plain FedAvg reply",
+    "zero examples", "negative examples", "nan examples", "NaN delta", "Inf fisher",
+    "negative fisher", "NaN buffer delta", "wrong delta shape", "wrong fisher shape",
+    "float64 delta", "int fisher", "missing delta key", "extra delta key",
+    "fisher covers other keys",
+]
+
+
+@pytest.mark.parametrize("bad", BAD_REPLIES)
+def test_bad_reply_is_dropped_and_the_rest_merged(bad, caplog):
+    state = global_state()
+    good = [ugm_reply(1, 40, state, seed=1), ugm_reply(2, 60, state, seed=2)]
+    strategy = FedUGM(prior_precision=1.0, min_train_nodes=2)
+    strategy._global = state
+    expected = strategy.aggregate_train(1, good)[0].to_torch_state_dict()
+
+    replies = [good[0], corrupted(bad, state), good[1]]
+    with caplog.at_level("WARNING", logger="flwr"):
+        arrays, metrics = strategy.aggregate_train(2, replies)
+
+    merged = arrays.to_torch_state_dict()
+    for key in state:
+        assert torch.equal(merged[key], expected[key]), key
+        assert torch.isfinite(merged[key].float()).all()
+    assert "dropping node 99 in round 2" in caplog.text
+    assert metrics["train-loss"] == pytest.approx(0.4 * 2 + 0.6 * 3)
+
+
+def test_error_reply_and_too_few_valid_replies_keep_the_global(caplog):
+    state = global_state()
+    strategy = FedUGM(prior_precision=1.0, min_train_nodes=2)
+    strategy._global = state
+    crashed = Message(error=Error(code=1, reason="client crashed"),
+                      reply_to=message(RecordDict(), src=0, dst=5))
+    replies = [ugm_reply(1, 10, state, seed=1), crashed, corrupted("NaN delta", state)]
+    with caplog.at_level("WARNING", logger="flwr"):
+        assert strategy.aggregate_train(3, replies) == (None, None)
+    assert "fewer than min_train_nodes=2; keeping the global model" in caplog.text
+    # every client bad, and no replies at all
+    assert strategy.aggregate_train(4, [corrupted("Inf fisher", state)]) == (None, None)
+    assert strategy.aggregate_train(5, []) == (None, None)
+
+
+def test_an_odd_fisher_key_set_cannot_outvote_the_majority():
+    state = global_state()
+    strategy = FedUGM(prior_precision=1.0, min_train_nodes=2)
+    strategy._global = state
+    odd = corrupted("fisher covers other keys", state)
+    arrays, _ = strategy.aggregate_train(1, [odd, ugm_reply(1, 10, state, seed=1),
+                                             ugm_reply(2, 10, state, seed=2)])
+    assert arrays is not None  # the two agreeing clients were merged, the odd one dropped
+
+
+def test_linear_regression_oracle_through_the_strategy():
+    """Clients solve ½‖y − Xθ‖² + ½δ‖θ − θ0‖² exactly (XᵀX diagonal): the strategy's merge
+    equals the exact joint MAP (DESIGN §1)."""
+    gen = torch.Generator().manual_seed(3)
+    dim, delta_prior, sizes = 6, 0.7, [20, 35, 50]
+    theta0 = torch.randn(dim, generator=gen, dtype=torch.float64)
+    state = {"w": theta0.clone()}
+    strategy = FedUGM(prior_precision=delta_prior, min_train_nodes=3)
+    strategy._global = state
+    replies, hessians, xty = [], [], []
+    for t, n in enumerate(sizes):
+        q, _ = torch.linalg.qr(torch.randn(n, dim, generator=gen, dtype=torch.float64))
+        x = q * (0.5 + 2 * torch.rand(dim, generator=gen, dtype=torch.float64))
+        y = torch.randn(n, generator=gen, dtype=torch.float64)
+        h, b = (x * x).sum(0), x.T @ y
+        theta_t = (delta_prior * theta0 + b) / (delta_prior + h)
+        hessians.append(h)
+        xty.append(b)
+        replies.append(message(RecordDict({
+            "delta": ArrayRecord({"w": theta_t - theta0}),
+            "fisher": ArrayRecord({"w": h}),
+            "metrics": MetricRecord({"num-examples": n}),
+        }), src=t + 1))  # fmt: skip
+    merged = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()["w"]
+    alphas = [n / sum(sizes) for n in sizes]
+    joint = (delta_prior * theta0 + sum(a * b for a, b in zip(alphas, xty))) / (
+        delta_prior + sum(a * h for a, h in zip(alphas, hessians)))
+    torch.testing.assert_close(merged, joint, rtol=0, atol=1e-10)
+
+
+def test_configure_train_asks_for_ugm_and_remembers_the_global():
+    state = global_state()
+    grid = FakeGrid({1: None, 2: None, 3: None}, Net)
+    strategy = FedUGM(prior_precision=0.25, fisher="empirical", min_train_nodes=3,
+                      min_available_nodes=3)
+    messages = list(strategy.configure_train(4, ArrayRecord(state), ConfigRecord({"lr": 0.1}),
+                                             grid))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3]
+    config = messages[0].content.config_records["config"]
+    assert (config["ugm"], config["ugm-fisher"], config["ugm-prior"]) == (True, "empirical", 0.25)
+    assert config["server-round"] == 4 and config["lr"] == 0.1
+    assert proximal_precision(config, num_examples=123) == 0.25
+    assert set(strategy._global) == set(state)
+
+
+def test_constructor_rejects_bad_settings():
+    with pytest.raises(ValueError, match=r"alpha='mean'; choose one of"):
+        FedUGM(alpha="mean")
+    with pytest.raises(ValueError, match=r"prior_precision=0\.0"):
+        FedUGM(prior_precision=0.0)
+    with pytest.raises(ValueError, match=r"fisher='hessian'"):
+        FedUGM(fisher="hessian")
+    with pytest.raises(ValueError, match="scale=-1"):
+        FedUGM(scale=-1.0)
+    with pytest.raises(RuntimeError, match="before configure_train"):
+        FedUGM().aggregate_train(1, [])
+
+
+def separable_task(num_nodes: int = 3, per_node: int = 60, seed: int = 0):
+    """Four Gaussian blobs in 4-D, three classes, each node skewed to some classes."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = 2.5 * torch.randn(3, 4, generator=gen)
+    data = {}
+    for node in range(1, num_nodes + 1):
+        y = torch.randint(0, 3, (per_node,), generator=gen)
+        y[: per_node // 2] = node % 3  # label skew
+        x = centres[y] + torch.randn(per_node, 4, generator=gen)
+        data[node] = (x, y)
+    y_test = torch.randint(0, 3, (300,), generator=gen)
+    test = (centres[y_test] + torch.randn(300, 4, generator=gen), y_test)
+    return data, test
+
+
+def accuracy(state: dict, test) -> float:
+    net = Net()
+    net.load_state_dict(state)
+    net.eval()
+    with torch.no_grad():
+        return float((net(test[0]).argmax(1) == test[1]).float().mean())
+
+
+@pytest.mark.parametrize("strategy_name", ["fedugm", "fedavg", "fedprox"])
+def test_full_loop_in_process_with_flowers_own_start(strategy_name):
+    data, test = separable_task()
+    grid = FakeGrid(data, Net)
+    kwargs = {"min_train_nodes": 3, "min_available_nodes": 3, "fraction_evaluate": 0.0}
+    strategy = {
+        "fedugm": lambda: FedUGM(prior_precision=1.0, **kwargs),
+        "fedavg": lambda: FedAvg(**kwargs),
+        "fedprox": lambda: FedProx(proximal_mu=0.01, **kwargs),
+    }[strategy_name]()
+    torch.manual_seed(0)
+    initial = {k: v.clone() for k, v in Net().state_dict().items()}
+    history = []
+
+    def central_eval(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        history.append(accuracy(arrays.to_torch_state_dict(), test))
+        return MetricRecord({"accuracy": history[-1]})
+
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=3,
+                            evaluate_fn=central_eval)
+
+    assert len(grid.rounds) == 3 and all(len(r) == 3 for r in grid.rounds)  # all nodes
+    expected_records = (["delta", "fisher", "metrics"] if strategy_name == "fedugm"
+                        else ["arrays", "metrics"])
+    assert all(kinds == expected_records for r in grid.rounds for kinds in r)
+    assert history[-1] > history[0] + 0.2, history
+    assert history[-1] > 0.8, history
+    assert sorted(result.train_metrics_clientapp) == [1, 2, 3]
