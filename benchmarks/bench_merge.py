@@ -17,14 +17,9 @@ The model is a dict of float32 tensors shaped like a small MLP/transformer block
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import statistics
-import subprocess
-import sys
-import time
 
 import torch
+from _measure import interleaved_medians, peak_growth_in_subprocess, report_peak_growth
 
 from fl_ugm.merge import ugm_merge, weighted_average
 
@@ -82,22 +77,11 @@ METHODS = {
 }
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize()
-
-
 def measure_memory(method: str, clients: int, params: int) -> None:
     """Subprocess entry: print the peak RSS growth while running ``method`` once."""
     inputs = make_inputs(clients, params)
     METHODS[method](*make_inputs(1, 1000))  # import/compile outside the measurement
-    before = rss_bytes()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result = METHODS[method](*inputs)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"extra": max(peak, peak_before) - before if peak > peak_before else
-                      rss_bytes() - before, "result_bytes": sum(
-                          t.numel() * t.element_size() for t in result.values())}))
+    report_peak_growth(lambda: METHODS[method](*inputs))
 
 
 def main() -> None:
@@ -115,27 +99,18 @@ def main() -> None:
     model_bytes = sum(t.numel() * t.element_size() for t in base.values())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; K = {args.clients} "
           f"clients x {model_bytes // 4:,} float32 parameters ({model_bytes / 2**20:.1f} MiB)")
-    for fn in METHODS.values():  # warm-up (numba compiles on first use, cached on disk)
-        fn(base, deltas, fishers, alphas)
-    times: dict[str, list[float]] = {name: [] for name in METHODS}
-    for _ in range(args.repeats):
-        for name, fn in METHODS.items():
-            start = time.perf_counter()
-            fn(base, deltas, fishers, alphas)
-            times[name].append(time.perf_counter() - start)
-    del base, deltas, fishers
+    medians = interleaved_medians(
+        {name: (lambda fn=fn: fn(base, deltas, fishers, alphas)) for name, fn in METHODS.items()},
+        args.repeats,
+    )
 
-    baseline = statistics.median(times["plain average"])
+    baseline = medians["plain average"]
     print(f"{'method':18} {'median ms':>10} {'x plain avg':>12} {'peak extra MiB':>15} "
           f"{'x model':>8}")
     for name in METHODS:
-        median = statistics.median(times[name])
-        proc = subprocess.run(
-            [sys.executable, __file__, "--memory-of", name, "--clients", str(args.clients),
-             "--params", str(args.params)],
-            capture_output=True, text=True, check=True,
-        )
-        extra = json.loads(proc.stdout.strip().splitlines()[-1])["extra"]
+        median = medians[name]
+        extra = peak_growth_in_subprocess(__file__, [
+            "--memory-of", name, "--clients", str(args.clients), "--params", str(args.params)])
         print(f"{name:18} {1e3 * median:10.1f} {median / baseline:11.2f}x "
               f"{extra / 2**20:15.1f} {extra / model_bytes:7.2f}x")
 

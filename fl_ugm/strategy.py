@@ -9,14 +9,17 @@ validates every reply, drops bad ones with a logged reason, and merges the rest 
 
 from __future__ import annotations
 
+import io
 import math
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -223,7 +226,7 @@ class FedUGM(FedAvg):
                 raise ValueError(f"{name}['{key}'] has dtype {array.dtype}, the global {wanted}.")
             if array.dtype not in ("float16", "bfloat16", "float32", "float64"):
                 raise ValueError(f"{name}['{key}'] has dtype {array.dtype}; expected a float.")
-            out[key] = torch.from_numpy(array.numpy())
+            out[key] = _tensor_view(array)
         return out
 
     def _alphas(self, updates: list[ClientUpdate]) -> list[float]:
@@ -263,3 +266,27 @@ class FedUGM(FedAvg):
                 weights=[u.num_examples for u in updates],
             ))  # fmt: skip
         return {key: merged.get(key, value) for key, value in self._global.items()}
+
+
+def _tensor_view(array: Array) -> Tensor:
+    """A read-only tensor over the bytes of a serialized NumPy ``Array``, without a copy.
+
+    ``Array.numpy()`` deserializes into a fresh array; the strategy holds every reply's
+    delta and Fisher at once, so a copy would double the memory of a round.
+    """
+    if array.stype != "numpy.ndarray":
+        raise ValueError(f"unsupported array serialization {array.stype!r}.")
+    header = io.BytesIO(array.data)
+    version = np.lib.format.read_magic(header)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0,
+               (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        return torch.from_numpy(array.numpy())
+    shape, fortran_order, dtype = readers[version](header)
+    if fortran_order or dtype.hasobject:
+        return torch.from_numpy(array.numpy())
+    count = int(np.prod(shape, dtype=np.int64))
+    flat = np.frombuffer(array.data, dtype=dtype, count=count, offset=header.tell())
+    with warnings.catch_warnings():  # read-only buffer: fl_ugm never writes to inputs
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(flat.reshape(shape))

@@ -1,0 +1,49 @@
+"""Shared measuring helpers for the benchmark scripts (timing medians, peak memory)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+
+def interleaved_medians(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each method over ``repeats`` rounds, the methods run interleaved
+    in every round so slow phases of a shared machine hit them alike."""
+    for fn in methods.values():  # warm-up (imports, numba compilation)
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def report_peak_growth(run: Callable[[], object]) -> None:
+    """In a subprocess: run once and print, as JSON, how far the resident set's high-water
+    mark rose above the resident set before the call (Linux: the mark is reset first)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset VmHWM to the current RSS
+    before = _status_kib("VmRSS")
+    run()
+    print(json.dumps({"extra": 1024 * (_status_kib("VmHWM") - before)}))
+
+
+def peak_growth_in_subprocess(script: str, args: list[str]) -> int:
+    """Run ``script`` with ``args`` in a fresh interpreter; return its reported growth."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                          check=True)
+    return int(json.loads(proc.stdout.strip().splitlines()[-1])["extra"])
