@@ -378,3 +378,22 @@ def test_full_loop_in_process_with_flowers_own_start(strategy_name):
     assert history[-1] > history[0] + 0.2, history
     assert history[-1] > 0.8, history
     assert sorted(result.train_metrics_clientapp) == [1, 2, 3]
+
+
+def test_server_fisher_is_added_to_the_prior():
+    state = global_state()
+    server_fisher = {k: torch.full_like(state[k], 3.0) for k in PARAM_KEYS}
+    strategy = FedUGM(prior_precision=0.5, server_fisher=server_fisher, min_train_nodes=2)
+    strategy._global = state
+    replies = [ugm_reply(1, 10, state, seed=1), ugm_reply(2, 30, state, seed=2)]
+    merged = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()
+    deltas = [r.content.array_records["delta"].to_torch_state_dict() for r in replies]
+    fishers = [r.content.array_records["fisher"].to_torch_state_dict() for r in replies]
+    reference = ugm_merge({k: state[k] for k in PARAM_KEYS},
+                          [{k: d[k] for k in PARAM_KEYS} for d in deltas], fishers,
+                          alphas=[0.25, 0.75], prior_precision=3.5)
+    for key in PARAM_KEYS:
+        torch.testing.assert_close(merged[key], reference[key])
+    strategy.server_fisher = {"fc.weight": server_fisher["fc.weight"]}
+    with pytest.raises(ValueError, match="server_fisher has no entry for"):
+        strategy.aggregate_train(2, replies)
