@@ -21,7 +21,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +43,12 @@ CHOICES = {
 }
 
 
-def load_config(argv: Sequence[str] | None = None, path: Path = DEFAULT_CONFIG) -> DictConfig:
-    """The YAML defaults with ``key=value`` overrides merged on top; unknown keys are errors."""
-    default = OmegaConf.load(path)
+def load_config(
+    argv: Sequence[str] | None = None, paths: Sequence[Path] = (DEFAULT_CONFIG,)
+) -> DictConfig:
+    """The YAML defaults (later files override earlier ones) with ``key=value`` overrides
+    merged on top; unknown keys are errors."""
+    default = OmegaConf.merge(*(OmegaConf.load(path) for path in paths))
     OmegaConf.set_struct(default, True)
     overrides = OmegaConf.from_cli(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -73,10 +76,37 @@ def subtract(a: tasks.Params, b: tasks.Params) -> tasks.Params:
     return {k: a[k] - b[k] for k in a}
 
 
+Merges = Callable[
+    [tasks.Params, list[tasks.Params], list[tasks.Params], list[int], float],
+    dict[str, tasks.Params],
+]
+
+
+def one_shot_merges(
+    base: tasks.Params,
+    deltas: list[tasks.Params],
+    fishers: list[tasks.Params],
+    sizes: list[int],
+    prior_delta: float,
+) -> dict[str, tasks.Params]:
+    """The strategies compared in one shot, keyed by their result names."""
+    alphas = [n / sum(sizes) for n in sizes]
+    return {
+        "fedavg": weighted_average(base, deltas, weights=sizes),
+        "task-arithmetic": task_arithmetic(base, deltas, alphas=[1.0] * len(deltas)),
+        "fisher-averaging": fisher_averaging(base, deltas, fishers, alphas=alphas),
+        "fedugm": ugm_merge(base, deltas, fishers, alphas=alphas, prior_precision=prior_delta),
+    }
+
+
 def run_seed(
-    cfg: DictConfig, seed: int, inputs: torch.Tensor, labels: torch.Tensor
+    cfg: DictConfig,
+    seed: int,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    merges: Merges = one_shot_merges,
 ) -> dict[str, tasks.Evaluation]:
-    """One full one-shot experiment; returns the test evaluation of every strategy."""
+    """One full one-shot experiment; returns the test evaluation of every merge."""
     split = tasks.split_indices(
         len(labels), test=cfg.test_examples, server=cfg.server_examples, seed=seed
     )
@@ -134,13 +164,7 @@ def run_seed(
             client_deltas.append(subtract(tasks.get_params(model), base))
             log(f"[seed {seed}] δ={delta:g} client {t}: n={len(part)}, train loss {loss:.3f}")
 
-        alphas = [n / sum(sizes) for n in sizes]
-        merged = {
-            "fedavg": weighted_average(base, client_deltas, weights=sizes),
-            "task-arithmetic": task_arithmetic(base, client_deltas, alphas=[1.0] * len(parts)),
-            "fisher-averaging": fisher_averaging(base, client_deltas, fishers, alphas=alphas),
-            "fedugm": ugm_merge(base, client_deltas, fishers, alphas=alphas, prior_precision=delta),
-        }
+        merged = merges(base, client_deltas, fishers, sizes, delta)
         suffix = f"@delta={delta:g}" if len(deltas_swept) > 1 else ""
         for name, params in merged.items():
             tasks.set_params(model, params)
