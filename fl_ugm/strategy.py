@@ -26,9 +26,18 @@ from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
 from fl_ugm.client import FISHER_ESTIMATORS, FISHER_KEY, PRIOR_KEY, UGM_KEY
-from fl_ugm.merge import InvalidClientInput, ugm_merge, weighted_average
+from fl_ugm.merge import (
+    InvalidClientInput,
+    fisher_averaging,
+    task_arithmetic,
+    ugm_merge,
+    weighted_average,
+)
 
 ALPHA_MODES = ("num-examples", "uniform", "ones")
+#: How the parameters are merged: UGM (Eq. 6), or one of its limits, for comparisons on the
+#: same client replies: H0 → 0 (Fisher-weighted averaging) or F ≡ 0 (task arithmetic).
+MERGE_RULES = ("ugm", "fisher-averaging", "task-arithmetic")
 
 
 @dataclass
@@ -63,6 +72,9 @@ class FedUGM(FedAvg):
         Fisher), true labels, or the cheap estimate accumulated during local training.
     server_fisher : Mapping[str, Tensor], optional
         n_0·F_0, a Fisher (sum) of data the server holds; added to δ in H0 on the server.
+    merge : {"ugm", "fisher-averaging", "task-arithmetic"} (default: "ugm")
+        The merge rule. The other two are UGM's limits (H0 → 0; F ≡ 0, i.e. θ + Σ α_t Δ_t),
+        offered as baselines that see exactly the same client training and replies.
     **fedavg_kwargs
         Passed to ``flwr.serverapp.strategy.FedAvg`` (``fraction_train``,
         ``min_train_nodes``, ``min_available_nodes``, ``train_metrics_aggr_fn`` …). Set the
@@ -86,6 +98,7 @@ class FedUGM(FedAvg):
         scale: float = 1.0,
         fisher: str = "sampled",
         server_fisher: Mapping[str, Tensor] | None = None,
+        merge: str = "ugm",
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -99,6 +112,9 @@ class FedUGM(FedAvg):
             raise ValueError(f"FedUGM: scale={scale}; it must be finite and > 0.")
         if fisher not in FISHER_ESTIMATORS:
             raise ValueError(f"FedUGM: fisher={fisher!r}; choose one of {FISHER_ESTIMATORS}.")
+        if merge not in MERGE_RULES:
+            raise ValueError(f"FedUGM: merge={merge!r}; choose one of {MERGE_RULES}.")
+        self.merge = merge
         self.prior_precision = float(prior_precision)
         self.alpha = alpha
         self.scale = float(scale)
@@ -108,7 +124,7 @@ class FedUGM(FedAvg):
 
     def summary(self) -> None:
         """Log the UGM settings, then FedAvg's."""
-        log(INFO, "\t├──> UGM merge:")
+        log(INFO, "\t├──> UGM merge (rule: %s):", self.merge)
         log(INFO, "\t│\t├── Prior precision δ: %g%s", self.prior_precision,
             " (+ server Fisher)" if self.server_fisher is not None else "")
         log(INFO, "\t│\t├── Alpha: %s × scale %g", self.alpha, self.scale)
@@ -251,13 +267,16 @@ class FedUGM(FedAvg):
         """New global state: UGM for parameters, num-examples average for float buffers."""
         param_keys = list(updates[0].fisher)
         params = {k: self._global[k] for k in param_keys}
-        merged = ugm_merge(
-            params,
-            [{k: u.delta[k] for k in param_keys} for u in updates],
-            [u.fisher for u in updates],
-            alphas=self._alphas(updates),
-            prior_precision=self._prior(param_keys),
-        )
+        deltas = [{k: u.delta[k] for k in param_keys} for u in updates]
+        fishers = [u.fisher for u in updates]
+        alphas = self._alphas(updates)
+        if self.merge == "ugm":
+            merged = ugm_merge(params, deltas, fishers, alphas=alphas,
+                               prior_precision=self._prior(param_keys))
+        elif self.merge == "fisher-averaging":
+            merged = fisher_averaging(params, deltas, fishers, alphas=alphas)
+        else:
+            merged = task_arithmetic(params, deltas, alphas=alphas)
         buffer_keys = [k for k in updates[0].delta if k not in updates[0].fisher]
         if buffer_keys:
             merged.update(weighted_average(

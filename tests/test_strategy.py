@@ -397,3 +397,24 @@ def test_server_fisher_is_added_to_the_prior():
     strategy.server_fisher = {"fc.weight": server_fisher["fc.weight"]}
     with pytest.raises(ValueError, match="server_fisher has no entry for"):
         strategy.aggregate_train(2, replies)
+
+
+@pytest.mark.parametrize("rule", ["fisher-averaging", "task-arithmetic"])
+def test_baseline_merge_rules_see_the_same_replies(rule):
+    from fl_ugm.merge import fisher_averaging, task_arithmetic
+
+    state = global_state()
+    strategy = FedUGM(prior_precision=0.5, merge=rule, alpha="ones", min_train_nodes=2)
+    strategy._global = state
+    replies = [ugm_reply(1, 10, state, seed=1), ugm_reply(2, 30, state, seed=2)]
+    merged = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()
+    params = {k: state[k] for k in PARAM_KEYS}
+    deltas = [{k: r.content.array_records["delta"].to_torch_state_dict()[k] for k in PARAM_KEYS}
+              for r in replies]
+    fishers = [r.content.array_records["fisher"].to_torch_state_dict() for r in replies]
+    reference = (fisher_averaging(params, deltas, fishers, alphas=[1, 1])
+                 if rule == "fisher-averaging" else task_arithmetic(params, deltas, alphas=[1, 1]))
+    for key in PARAM_KEYS:
+        torch.testing.assert_close(merged[key], reference[key])
+    with pytest.raises(ValueError, match=r"merge='sum'"):
+        FedUGM(merge="sum")
