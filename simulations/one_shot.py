@@ -29,6 +29,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
+from fl_ugm.client import OPTIMIZERS, train_classifier
 from fl_ugm.fisher import diagonal_fisher, iterate_batches
 from fl_ugm.merge import fisher_averaging, task_arithmetic, ugm_merge, weighted_average
 from simulations import tasks
@@ -38,7 +39,7 @@ CHOICES = {
     "task": tasks.TASKS,
     "model": tasks.MODELS,
     "partition": tasks.SCHEMES,
-    "optimizer": tasks.OPTIMIZERS,
+    "optimizer": OPTIMIZERS,
     "fisher": ("sampled", "empirical"),
 }
 
@@ -127,7 +128,7 @@ def run_seed(
     torch.manual_seed(seed)
     model = tasks.build_model(cfg.model, inputs.shape[1], int(labels.max()) + 1)
     train = {"batch_size": cfg.batch_size, "optimizer": cfg.optimizer}
-    tasks.train_local(
+    train_classifier(
         model, inputs[split.server], labels[split.server],
         epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr, seed=seed, **train,
     )  # fmt: skip
@@ -136,7 +137,7 @@ def run_seed(
     log(f"[seed {seed}] pretrained on {len(split.server)}: {results['pretrained'].accuracy:.3f}")
 
     union = torch.as_tensor(np.sort(np.concatenate(parts)), dtype=torch.long)
-    tasks.train_local(
+    train_classifier(
         model, pool_x[union], pool_y[union],
         epochs=cfg.local_epochs, lr=cfg.lr, seed=seed, **train,
     )  # fmt: skip
@@ -148,9 +149,9 @@ def run_seed(
         for t, part in enumerate(parts):
             tasks.set_params(model, base)
             idx = torch.as_tensor(part, dtype=torch.long)
-            loss = tasks.train_local(
+            loss = train_classifier(
                 model, pool_x[idx], pool_y[idx],
-                epochs=cfg.local_epochs, lr=cfg.lr, prox_delta=delta, anchor=base,
+                epochs=cfg.local_epochs, lr=cfg.lr, prox_precision=delta, anchor=base,
                 seed=seed * 1000 + t, **train,
             )  # fmt: skip
             fishers.append(

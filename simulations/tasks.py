@@ -1,4 +1,4 @@
-"""Datasets, partitions, models, local training and evaluation shared by the simulations.
+"""Datasets, partitions, models and evaluation shared by the simulations (training: fl_ugm.client).
 
 Everything here is plain PyTorch/NumPy (no Flower server code) so that the one-shot demo and
 a Flower ClientApp can share it. Data are in-memory tensors: inputs ``float32 [N, features]``
@@ -25,7 +25,6 @@ Scheme = Literal["dirichlet", "pathological", "iid"]
 TASKS: tuple[str, ...] = ("mnist5k", "digits")
 SCHEMES: tuple[str, ...] = ("dirichlet", "pathological", "iid")
 MODELS: tuple[str, ...] = ("mlp", "cnn")
-OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 
 
 # --------------------------------------------------------------------------- data
@@ -230,69 +229,7 @@ def set_params(model: nn.Module, params: Mapping[str, Tensor]) -> None:
             value.copy_(params[key])
 
 
-# --------------------------------------------------------------------------- training
-
-
-def train_local(
-    model: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    prox_delta: float = 0.0,
-    anchor: Mapping[str, Tensor] | None = None,
-    optimizer: str = "sgd",
-    seed: int = 0,
-) -> float:
-    """Fine-tune ``model`` in place on mean cross-entropy plus a proximal prior.
-
-    The minibatch objective is ``mean CE + (prox_delta / (2 n)) ‖w − anchor‖²`` with ``n`` =
-    ``len(inputs)``: n times it is the summed loss plus a Gaussian prior of precision
-    ``prox_delta`` centred on ``anchor`` (H0 = δ in DESIGN §1; FedProx with μ = δ / n).
-
-    Parameters
-    ----------
-    anchor : Mapping[str, Tensor], optional
-        Prior mean; defaults to the model's weights on entry (the model sent by the server).
-    optimizer : {"sgd", "adam"}
-        Plain SGD or Adam with learning rate ``lr``.
-    seed : int
-        Fixes the minibatch order.
-
-    Returns
-    -------
-    float
-        Mean cross-entropy per example (nats) over the last epoch, without the prior term.
-    """
-    n = inputs.shape[0]
-    if n == 0:
-        raise ValueError("train_local: no training examples.")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}.")
-    params = dict(model.named_parameters())
-    centre = get_params(model) if anchor is None else {k: anchor[k].detach() for k in params}
-    opt_cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
-    opt = opt_cls(params.values(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    prox_scale = prox_delta / (2.0 * n)
-    model.train()
-    last_epoch_loss = float("nan")
-    for _ in range(epochs):
-        total = 0.0
-        for batch in torch.randperm(n, generator=generator).split(batch_size):
-            loss = F.cross_entropy(model(inputs[batch]), targets[batch])
-            total += loss.item() * len(batch)
-            if prox_scale > 0:
-                loss = loss + prox_scale * sum(
-                    (p - centre[k]).pow(2).sum() for k, p in params.items()
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        last_epoch_loss = total / n
-    return last_epoch_loss
+# --------------------------------------------------------------------------- evaluation
 
 
 class Evaluation(NamedTuple):

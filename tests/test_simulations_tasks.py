@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from fl_ugm.client import train_classifier
 from simulations import tasks
 
 
@@ -104,8 +105,8 @@ def test_proximal_term_pulls_toward_anchor(mnist):
     for delta in [0.0, n / (10 * lr), n / lr]:  # SGD's prior step lr·δ/n: 0, 0.1, 1 (stiffest)
         model = tasks.build_model("mlp", 784, 10)
         tasks.set_params(model, start)
-        loss = tasks.train_local(
-            model, inputs, labels, epochs=5, batch_size=20, lr=lr, prox_delta=delta,
+        loss = train_classifier(
+            model, inputs, labels, epochs=5, batch_size=20, lr=lr, prox_precision=delta,
             anchor=start, seed=0,
         )  # fmt: skip
         moved.append(distance(tasks.get_params(model), start))
@@ -116,8 +117,8 @@ def test_proximal_term_pulls_toward_anchor(mnist):
     # anchor=None means "the weights on entry"
     model = tasks.build_model("mlp", 784, 10)
     tasks.set_params(model, start)
-    tasks.train_local(
-        model, inputs, labels, epochs=5, batch_size=20, lr=lr, prox_delta=n / lr, seed=0
+    train_classifier(
+        model, inputs, labels, epochs=5, batch_size=20, lr=lr, prox_precision=n / lr, seed=0
     )
     assert distance(tasks.get_params(model), start) == pytest.approx(moved[2], rel=1e-5)
 
@@ -128,7 +129,7 @@ def test_training_then_evaluate_on_digits():
     torch.manual_seed(0)
     model = tasks.build_model("mlp", 64, 10)
     before = tasks.evaluate(model, inputs[split.test], labels[split.test])
-    loss = tasks.train_local(
+    loss = train_classifier(
         model, inputs[split.clients], labels[split.clients],
         epochs=10, batch_size=32, lr=0.01, optimizer="adam", seed=0,
     )  # fmt: skip
