@@ -1,0 +1,185 @@
+"""The fl_ugm Flower app: one ServerApp (strategy chosen by the run config), one ClientApp.
+
+Run it with Flower's own tooling (``flwr run .`` on the local Ray simulation federation set
+in ``pyproject.toml``, or against a SuperLink), or through :func:`make_apps`, which bakes a
+config into fresh app objects for ``flwr.simulation.run_simulation`` (``simulations.compare``).
+
+Run config keys (defaults in ``pyproject.toml`` ``[tool.flwr.app.config]``): ``strategy``
+(fedavg | fedprox | fedugm | task-arithmetic [α_t = 1] | fisher-averaging),
+``num-server-rounds``,
+``local-epochs``, ``batch-size``, ``lr``, ``optimizer``, ``prior-delta`` (FedUGM's δ),
+``proximal-mu`` (FedProx's μ), ``fisher``, ``alpha``, ``scale``, ``task``, ``model``,
+``partition``, ``dirichlet-alpha``, ``classes-per-client``, ``num-clients``, ``seed``,
+``test-examples``, ``server-examples`` and ``pretrain-epochs`` (> 0: the server pretrains
+the initial model on its own split, the one-shot setting), ``out`` (a directory for
+``history-<strategy>-seed<seed>.json``; empty: don't write).
+
+Every client gets partition ``node_config["partition-id"]`` of the same seeded split, so all
+strategies see identical data.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.clientapp import ClientApp
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+
+from fl_ugm.client import handle_evaluate, handle_train, train_classifier
+from fl_ugm.strategy import FedUGM
+from simulations import tasks
+
+STRATEGIES = ("fedavg", "fedprox", "fedugm", "task-arithmetic", "fisher-averaging")
+
+
+@functools.lru_cache(maxsize=4)
+def experiment_data(
+    task: str, seed: int, test: float, server: float, num_clients: int, scheme: str,
+    dirichlet_alpha: float, classes_per_client: int,
+) -> tuple[torch.Tensor, torch.Tensor, tasks.Split, list[np.ndarray]]:
+    """(inputs, labels, split, client partitions as indices into the client pool); cached
+    per process so a Ray worker loads and partitions the data once."""
+    inputs, labels = tasks.load_task(task)
+    split = tasks.split_indices(len(labels), test=test, server=server, seed=seed)
+    parts = tasks.partition(labels[split.clients], num_clients, scheme, seed,
+                            alpha=dirichlet_alpha, classes_per_client=classes_per_client)
+    return inputs, labels, split, parts
+
+
+def _data(cfg: Mapping[str, Any]):
+    return experiment_data(
+        str(cfg["task"]), int(cfg["seed"]), float(cfg["test-examples"]),
+        float(cfg["server-examples"]), int(cfg["num-clients"]), str(cfg["partition"]),
+        float(cfg["dirichlet-alpha"]), int(cfg["classes-per-client"]),
+    )  # fmt: skip
+
+
+def _model(cfg: Mapping[str, Any], inputs: torch.Tensor) -> torch.nn.Module:
+    torch.manual_seed(int(cfg["seed"]))
+    return tasks.build_model(str(cfg["model"]), inputs.shape[1], 10)
+
+
+def client_partition(cfg: Mapping[str, Any], partition_id: int):
+    """This client's (inputs, labels)."""
+    inputs, labels, split, parts = _data(cfg)
+    index = torch.as_tensor(split.clients[parts[partition_id]], dtype=torch.long)
+    return inputs[index], labels[index]
+
+
+def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
+    """Flower's own FedAvg/FedProx, or FedUGM (with its UGM or a baseline merge rule)."""
+    common = {
+        "fraction_train": float(cfg.get("fraction-train", 1.0)),
+        "fraction_evaluate": 0.0,  # we report centralized test accuracy
+        "min_train_nodes": num_clients if float(cfg.get("fraction-train", 1.0)) >= 1 else 2,
+        "min_available_nodes": num_clients,
+    }
+    name = str(cfg["strategy"])
+    if name == "fedavg":
+        return FedAvg(**common)
+    if name == "fedprox":
+        return FedProx(proximal_mu=float(cfg["proximal-mu"]), **common)
+    if name in ("fedugm", "task-arithmetic", "fisher-averaging"):
+        # task arithmetic as in the paper: α_t = 1 for every client
+        alpha = "ones" if name == "task-arithmetic" else str(cfg["alpha"])
+        return FedUGM(
+            prior_precision=float(cfg["prior-delta"]), alpha=alpha,
+            scale=float(cfg["scale"]), fisher=str(cfg["fisher"]),
+            merge="ugm" if name == "fedugm" else name, **common,
+        )  # fmt: skip
+    raise ValueError(f"unknown strategy {name!r}; choose one of {STRATEGIES}.")
+
+
+def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ServerApp's work: initial model, strategy.start, centralized test evaluation."""
+    torch.set_num_threads(1)
+    inputs, labels, split, _ = _data(cfg)
+    x_test, y_test = inputs[split.test], labels[split.test]
+    model = _model(cfg, inputs)
+    if int(cfg["pretrain-epochs"]) > 0:
+        train_classifier(model, inputs[split.server], labels[split.server],
+                         epochs=int(cfg["pretrain-epochs"]), batch_size=int(cfg["batch-size"]),
+                         lr=float(cfg["lr"]), seed=int(cfg["seed"]),
+                         optimizer=str(cfg["optimizer"]))
+    history: dict[str, Any] = {"strategy": cfg["strategy"], "seed": int(cfg["seed"]),
+                               "accuracy": [], "loss": [], "seconds": []}
+    start = time.perf_counter()
+
+    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        result = tasks.evaluate(model, x_test, y_test)
+        history["accuracy"].append(result.accuracy)
+        history["loss"].append(result.loss)
+        history["seconds"].append(time.perf_counter() - start)
+        return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
+
+    strategy = build_strategy(cfg, int(cfg["num-clients"]))
+    train_config = ConfigRecord({
+        "local-epochs": int(cfg["local-epochs"]), "lr": float(cfg["lr"]),
+        "batch-size": int(cfg["batch-size"]), "optimizer": str(cfg["optimizer"]),
+    })  # fmt: skip
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
+                   num_rounds=int(cfg["num-server-rounds"]), train_config=train_config,
+                   evaluate_fn=central_evaluate)
+    if cfg.get("out"):
+        out = Path(str(cfg["out"]))
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"history-{cfg['strategy']}-seed{int(cfg['seed'])}.json"
+        path.write_text(json.dumps(history, indent=1) + "\n")
+        log(20, "history written to %s", path)
+    return history
+
+
+def run_client_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Message:
+    torch.set_num_threads(1)
+    partition_id = int(context.node_config["partition-id"])
+    x, y = client_partition(cfg, partition_id)
+    train = msg.content.config_records["config"]
+    server_round = int(train.get("server-round", 0))
+    return handle_train(
+        msg, _model(cfg, x), x, y,
+        epochs=int(train.get("local-epochs", cfg["local-epochs"])),
+        batch_size=int(train.get("batch-size", cfg["batch-size"])),
+        lr=float(train.get("lr", cfg["lr"])),
+        optimizer=str(train.get("optimizer", cfg["optimizer"])),
+        seed=int(cfg["seed"]) * 100_003 + 1_009 * server_round + partition_id,
+    )  # fmt: skip
+
+
+def run_client_evaluate(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Message:
+    torch.set_num_threads(1)
+    x, y = client_partition(cfg, int(context.node_config["partition-id"]))
+    return handle_evaluate(msg, _model(cfg, x), x, y)
+
+
+def make_apps(overrides: Mapping[str, Any] | None = None) -> tuple[ServerApp, ClientApp]:
+    """Fresh ServerApp and ClientApp; ``overrides`` take precedence over the run config."""
+    fixed = dict(overrides or {})
+    server_app, client_app = ServerApp(), ClientApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, {**context.run_config, **fixed})
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return run_client_train(msg, context, {**context.run_config, **fixed})
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return run_client_evaluate(msg, context, {**context.run_config, **fixed})
+
+    return server_app, client_app
+
+
+server_app, client_app = make_apps()
