@@ -57,6 +57,13 @@ def load_config(argv: Sequence[str]) -> DictConfig:
         raise SystemExit(f"compare: unknown config key {err.key!r}; known keys: {known}") from None
 
 
+def quiet_flower_console() -> None:
+    """Show only Flower's warnings and errors: our own progress lines are the log here."""
+    from flwr.supercore.logger import update_console_handler
+
+    update_console_handler(level=logging.WARNING)
+
+
 def run_one(cfg: DictConfig, strategy: str, seed: int, out: Path) -> dict:
     """One Flower simulation on Ray; returns the history the ServerApp wrote."""
     from flwr.simulation import run_simulation
@@ -149,7 +156,7 @@ def plot(histories: dict[str, list[dict]], path: Path, title: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.update(OFFLINE_ENV)
     cfg = load_config(sys.argv[1:] if argv is None else argv)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    quiet_flower_console()
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     histories: dict[str, list[dict]] = {name: [] for name in cfg.strategies}
