@@ -72,6 +72,11 @@ def _model(cfg: Mapping[str, Any], inputs: torch.Tensor) -> torch.nn.Module:
 def client_partition(cfg: Mapping[str, Any], partition_id: int):
     """This client's (inputs, labels)."""
     inputs, labels, split, parts = _data(cfg)
+    if not 0 <= partition_id < len(parts):
+        raise ValueError(
+            f"partition-id {partition_id} is outside the run config's num-clients="
+            f"{len(parts)}; give every SuperNode a partition-id below num-clients."
+        )
     index = torch.as_tensor(split.clients[parts[partition_id]], dtype=torch.long)
     return inputs[index], labels[index]
 
@@ -100,9 +105,25 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
     raise ValueError(f"unknown strategy {name!r}; choose one of {STRATEGIES}.")
 
 
+def wait_for_nodes(grid: Grid, expected: int, timeout_s: float = 120.0) -> None:
+    """Wait until ``expected`` SuperNodes are connected; fail clearly instead of forever."""
+    deadline = time.monotonic() + timeout_s
+    while (connected := len(list(grid.get_node_ids()))) < expected:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {connected} SuperNode(s) connected after {timeout_s:.0f} s but the run "
+                f"config has num-clients={expected}. Start {expected} SuperNodes, or for the "
+                "local simulation set options.num-supernodes = "
+                f"{expected} in $FLWR_HOME/config.toml ([superlink.local-simulation]), or run "
+                f"with --run-config 'num-clients={connected}'."
+            )
+        time.sleep(0.5)
+
+
 def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The ServerApp's work: initial model, strategy.start, centralized test evaluation."""
     torch.set_num_threads(1)
+    wait_for_nodes(grid, int(cfg["num-clients"]))
     inputs, labels, split, _ = _data(cfg)
     x_test, y_test = inputs[split.test], labels[split.test]
     model = _model(cfg, inputs)
