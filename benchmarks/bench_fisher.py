@@ -12,10 +12,9 @@ random tensors of MNIST shape: the cost does not depend on the pixel values.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _measure import interleaved_medians
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -75,14 +74,7 @@ def bench_model(name: str, model: nn.Module, x, y, bs: int, repeats: int) -> str
         "vmap": lambda: vmap_fisher(model, x, y, bs),
         "cheap": lambda: train_epoch(model, x, y, bs, TrainingFisher(model)),
     }
-    train_epoch(model, x[:256], y[:256], bs)  # warm-up
-    times: dict[str, list[float]] = {key: [] for key in methods}
-    for _ in range(repeats):
-        for key, fn in methods.items():
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    med = {key: statistics.median(values) for key, values in times.items()}
+    med = interleaved_medians(methods, repeats)
     epoch = med["epoch"]
     return (f"{name:5} {epoch:13.3f} {med['sampled'] / epoch:8.2f}x "
             f"{med['empirical'] / epoch:8.2f}x {med['vmap'] / epoch:9.2f}x "

@@ -26,7 +26,7 @@ from torch import nn
 
 from fl_ugm import FedUGM
 from fl_ugm.client import handle_evaluate, handle_train, proximal_precision
-from fl_ugm.merge import ugm_merge
+from fl_ugm.merge import fisher_averaging, task_arithmetic, ugm_merge
 
 
 @pytest.fixture(autouse=True)
@@ -122,6 +122,17 @@ class FakeGrid:
         return replies
 
 
+def reference_from(replies: list[Message], state, merge, **kwargs) -> dict[str, torch.Tensor]:
+    """``merge`` (an fl_ugm.merge function) applied directly to the replies' parameters."""
+    deltas = [r.content.array_records["delta"].to_torch_state_dict() for r in replies]
+    fishers = [r.content.array_records["fisher"].to_torch_state_dict() for r in replies]
+    params = {k: state[k] for k in PARAM_KEYS}
+    deltas = [{k: d[k] for k in PARAM_KEYS} for d in deltas]
+    if merge is task_arithmetic:
+        return merge(params, deltas, **kwargs)
+    return merge(params, deltas, fishers, **kwargs)
+
+
 def test_aggregate_train_is_ugm_merge_plus_buffer_average():
     state = global_state()
     strategy = FedUGM(prior_precision=0.5, min_train_nodes=2)
@@ -159,11 +170,7 @@ def test_alpha_modes_and_scale(alpha, scale, expected):
     strategy._global = state
     replies = [ugm_reply(1, 10, state, seed=1), ugm_reply(2, 30, state, seed=2)]
     merged = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()
-    deltas = [r.content.array_records["delta"].to_torch_state_dict() for r in replies]
-    fishers = [r.content.array_records["fisher"].to_torch_state_dict() for r in replies]
-    reference = ugm_merge({k: state[k] for k in PARAM_KEYS},
-                          [{k: d[k] for k in PARAM_KEYS} for d in deltas], fishers,
-                          alphas=expected, prior_precision=2.0)
+    reference = reference_from(replies, state, ugm_merge, alphas=expected, prior_precision=2.0)
     for key in PARAM_KEYS:
         torch.testing.assert_close(merged[key], reference[key])
 
@@ -387,11 +394,8 @@ def test_server_fisher_is_added_to_the_prior():
     strategy._global = state
     replies = [ugm_reply(1, 10, state, seed=1), ugm_reply(2, 30, state, seed=2)]
     merged = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()
-    deltas = [r.content.array_records["delta"].to_torch_state_dict() for r in replies]
-    fishers = [r.content.array_records["fisher"].to_torch_state_dict() for r in replies]
-    reference = ugm_merge({k: state[k] for k in PARAM_KEYS},
-                          [{k: d[k] for k in PARAM_KEYS} for d in deltas], fishers,
-                          alphas=[0.25, 0.75], prior_precision=3.5)
+    reference = reference_from(replies, state, ugm_merge, alphas=[0.25, 0.75],
+                               prior_precision=3.5)
     for key in PARAM_KEYS:
         torch.testing.assert_close(merged[key], reference[key])
     strategy.server_fisher = {"fc.weight": server_fisher["fc.weight"]}
@@ -401,19 +405,13 @@ def test_server_fisher_is_added_to_the_prior():
 
 @pytest.mark.parametrize("rule", ["fisher-averaging", "task-arithmetic"])
 def test_baseline_merge_rules_see_the_same_replies(rule):
-    from fl_ugm.merge import fisher_averaging, task_arithmetic
-
     state = global_state()
     strategy = FedUGM(prior_precision=0.5, merge=rule, alpha="ones", min_train_nodes=2)
     strategy._global = state
     replies = [ugm_reply(1, 10, state, seed=1), ugm_reply(2, 30, state, seed=2)]
     merged = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()
-    params = {k: state[k] for k in PARAM_KEYS}
-    deltas = [{k: r.content.array_records["delta"].to_torch_state_dict()[k] for k in PARAM_KEYS}
-              for r in replies]
-    fishers = [r.content.array_records["fisher"].to_torch_state_dict() for r in replies]
-    reference = (fisher_averaging(params, deltas, fishers, alphas=[1, 1])
-                 if rule == "fisher-averaging" else task_arithmetic(params, deltas, alphas=[1, 1]))
+    merge = fisher_averaging if rule == "fisher-averaging" else task_arithmetic
+    reference = reference_from(replies, state, merge, alphas=[1, 1])
     for key in PARAM_KEYS:
         torch.testing.assert_close(merged[key], reference[key])
     with pytest.raises(ValueError, match=r"merge='sum'"):
