@@ -1,0 +1,73 @@
+"""The ``fl-ugm`` command line: ``fl-ugm remove --ledger DIR --client ID --out FILE``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from fl_ugm.ledger import Ledger, LedgerError
+from fl_ugm.removal import remove_from_ledger
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fl-ugm", description="fl_ugm tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    remove = commands.add_parser(
+        "remove",
+        help="remove a client's contribution from the newest global in a ledger (offline)",
+        description="Apply the UGM removal update (appendix Eq. 13) for one client, using only "
+        "the ledger, and write the new global state (safetensors) and a JSON report. The "
+        "ledger itself is left unchanged unless --forget is given.",
+    )
+    remove.add_argument("--ledger", required=True, type=Path, help="ledger directory")
+    remove.add_argument("--client", required=True, help="stable client id to remove")
+    remove.add_argument("--out", required=True, type=Path, help="output .safetensors file")
+    remove.add_argument("--prior-precision", type=float, default=None,
+                        help="δ; default: the value stored in the ledger")
+    remove.add_argument("--no-recenter", action="store_true",
+                        help="use the stored delta as is (no re-centring to the current model)")
+    remove.add_argument("--forget", action="store_true",
+                        help="also delete the client's stored contribution from the ledger")
+    args = parser.parse_args(argv)
+
+    try:
+        if not (args.ledger / "index.json").exists():
+            raise LedgerError(f"{args.ledger} is not an fl_ugm ledger (no index.json).")
+        ledger = Ledger(args.ledger)
+        state, report = remove_from_ledger(ledger, args.client,
+                                           prior_precision=args.prior_precision,
+                                           recenter=not args.no_recenter)
+        _write_atomically(args.out, lambda tmp: save_file(
+            {k: v.contiguous() for k, v in state.items()}, str(tmp)))
+        report_path = args.out.with_suffix(args.out.suffix + ".report.json")
+        _write_atomically(report_path, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+        if args.forget:
+            ledger.forget_client(args.client)
+    except LedgerError as err:
+        print(f"fl-ugm remove: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _write_atomically(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        tmp_path = Path(tmp.name)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

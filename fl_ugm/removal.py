@@ -1,0 +1,97 @@
+"""Remove a client's contribution from the global model using the ledger (offline removal).
+
+θ₋t = θ − α_t (H0 + F_t) / (H0 + Σ_{s≠t} α_s F_s) · Δ_t            (appendix Eq. 13)
+
+Offline, Δ_t is the client's last stored delta, taken from the global θ_start it started
+from, not from the current θ. By default it is re-centred to the current model with the
+same quadratic model the derivation uses (ℓ_t's Hessian ≈ F_t):
+
+    Δ'_t = Δ_t − F_t / (H0 + F_t) · (θ − θ_start)
+
+so that (H0 + F_t)·Δ'_t is what a client fine-tuning from θ would give for a quadratic loss:
+for linear regression the offline removal is then exact, like the online one. It needs the
+checkpoint of the round before the client's contribution; without it the plain Δ_t is used
+and the report says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from fl_ugm.ledger import Ledger, LedgerError
+from fl_ugm.merge import PriorPrecision, remove_client
+
+
+def remove_from_ledger(
+    ledger: Ledger,
+    client_id: str,
+    *,
+    prior_precision: PriorPrecision | None = None,
+    recenter: bool = True,
+) -> tuple[dict[str, Tensor], dict]:
+    """(new global state, report) after removing ``client_id`` from the newest checkpoint.
+
+    ``prior_precision`` defaults to the ledger's stored ``meta["prior_precision"]``. Nothing
+    on disk changes: the caller decides whether to save the result and forget the client.
+    """
+    if prior_precision is None:
+        if "prior_precision" not in ledger.meta:
+            raise LedgerError("no prior precision given and none stored in the ledger's meta; "
+                              "pass the δ the run used.")
+        prior_precision = float(ledger.meta["prior_precision"])
+    if not ledger.client_ids():
+        raise LedgerError(f"the ledger at {ledger.directory} holds no client contributions.")
+    round_, state = ledger.global_state()
+    record = ledger.client(client_id)
+    params = _matching_params(state, record.delta, record.fisher, client_id)
+    rest = {k: torch.zeros_like(v) for k, v in record.fisher.items()}  # Σ_{s≠t} α_s F_s
+    for other in ledger.client_ids():
+        if other != client_id:
+            stored = ledger.client(other)
+            _matching_params(state, stored.delta, stored.fisher, other)
+            for key in rest:
+                rest[key] += stored.alpha * stored.fisher[key].to(rest[key].dtype)
+
+    delta = {k: record.delta[k] for k in record.fisher}
+    start_round = record.round - 1
+    recentered = recenter and start_round in ledger.rounds()
+    if recentered:
+        _, start = ledger.global_state(start_round)
+        h0 = prior_precision
+        delta = {
+            k: d - record.fisher[k] / (_prior(h0, k) + record.fisher[k]) * (params[k] - start[k])
+            for k, d in delta.items()
+        }
+    removed = remove_client(params, delta, record.fisher, rest, alpha=record.alpha,
+                            prior_precision=prior_precision)
+    new_state = dict(state)
+    new_state.update(removed)
+    change = torch.sqrt(sum(((removed[k] - params[k]).double() ** 2).sum() for k in removed))
+    report = {
+        "client": client_id, "mode": "offline", "global_round": round_,
+        "client_round": record.round, "alpha": record.alpha,
+        "num_examples": record.num_examples, "recentered": recentered,
+        "prior_precision": prior_precision if isinstance(prior_precision, float) else "tensor",
+        "update_l2_norm": float(change),
+        "remaining_clients": [c for c in ledger.client_ids() if c != client_id],
+    }  # fmt: skip
+    return new_state, report
+
+
+def _prior(prior: PriorPrecision, key: str) -> float | Tensor:
+    return prior[key] if isinstance(prior, Mapping) else prior
+
+
+def _matching_params(state, delta, fisher, client_id: str) -> dict[str, Tensor]:
+    """The global's parameters that the client's Fisher covers; clear error on a mismatch."""
+    for key, value in delta.items():
+        if key not in state or tuple(state[key].shape) != tuple(value.shape):
+            where = "missing from" if key not in state else "shaped differently in"
+            raise LedgerError(
+                f"client {client_id!r}'s stored delta['{key}'] is {where} the global "
+                "checkpoint: the ledger mixes models."
+            )
+    return {k: state[k] for k in fisher}

@@ -1,0 +1,187 @@
+"""The on-disk ledger (atomic writes, corruption, retention, ids), offline removal through it
+(exact on the linear-regression oracle), and the ``fl-ugm remove`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fl_ugm.cli import main as cli_main
+from fl_ugm.ledger import Ledger, LedgerCorruptError, LedgerError
+from fl_ugm.merge import ugm_merge
+from fl_ugm.removal import remove_from_ledger
+
+
+def contribution(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    delta = {"w": torch.randn(3, 2, generator=gen), "running": torch.randn(2, generator=gen)}
+    fisher = {"w": torch.rand(3, 2, generator=gen)}
+    return delta, fisher
+
+
+def test_round_trip_retention_and_disk_usage(tmp_path):
+    ledger = Ledger(tmp_path, keep_globals=2)
+    delta, fisher = contribution(0)
+    ledger.record_client("client-7", round_=3, delta=delta, fisher=fisher, num_examples=40,
+                         alpha=0.4)
+    for r in range(5):
+        ledger.record_global(r, {"w": torch.full((3, 2), float(r))})
+
+    reopened = Ledger(tmp_path, keep_globals=2)
+    record = reopened.client("client-7")
+    assert (record.round, record.num_examples, record.alpha) == (3, 40.0, 0.4)
+    assert torch.equal(record.delta["w"], delta["w"]) and set(record.fisher) == {"w"}
+    assert reopened.rounds() == [3, 4]
+    assert sorted(p.name for p in (tmp_path / "globals").iterdir()) == [
+        "round-000003.safetensors", "round-000004.safetensors"]
+    assert reopened.global_state()[0] == 4
+    assert torch.equal(reopened.global_state(3)[1]["w"], torch.full((3, 2), 3.0))
+    files = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
+    assert reopened.disk_usage() == files > 0
+    with pytest.raises(LedgerError, match=r"no global checkpoint for round 1; kept: \[3, 4\]"):
+        reopened.global_state(1)
+
+
+def test_crash_during_write_leaves_the_previous_state(tmp_path, monkeypatch):
+    ledger = Ledger(tmp_path)
+    old_delta, fisher = contribution(1)
+    ledger.record_client("a", round_=1, delta=old_delta, fisher=fisher, num_examples=5, alpha=1)
+    index_before = (tmp_path / "index.json").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    new_delta, _ = contribution(2)
+    with pytest.raises(OSError, match="disk full"):
+        ledger.record_client("a", round_=2, delta=new_delta, fisher=fisher, num_examples=5,
+                             alpha=1)
+    monkeypatch.undo()
+    assert (tmp_path / "index.json").read_bytes() == index_before
+    assert not list(tmp_path.rglob("*.tmp"))  # no temporary files left behind
+    assert torch.equal(Ledger(tmp_path).client("a").delta["w"], old_delta["w"])
+
+
+def test_corruption_is_reported_with_the_file(tmp_path):
+    ledger = Ledger(tmp_path)
+    delta, fisher = contribution(3)
+    ledger.record_client("a", round_=1, delta=delta, fisher=fisher, num_examples=5, alpha=1)
+    path = tmp_path / "clients" / "a.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(LedgerCorruptError, match=r"a\.safetensors: checksum mismatch"):
+        Ledger(tmp_path).client("a")
+    path.unlink()
+    with pytest.raises(LedgerCorruptError, match="listed in the index but missing"):
+        Ledger(tmp_path).client("a")
+    (tmp_path / "index.json").write_text('{"version": 1, "clients": {')
+    with pytest.raises(LedgerCorruptError, match=r"index\.json is not valid JSON"):
+        Ledger(tmp_path)
+
+
+def test_bad_ids_and_arguments(tmp_path):
+    ledger = Ledger(tmp_path)
+    delta, fisher = contribution(4)
+    with pytest.raises(LedgerError, match="must be 1-128 characters"):
+        ledger.record_client("../evil", round_=1, delta=delta, fisher=fisher, num_examples=1,
+                             alpha=1)
+    ledger.record_client("a", round_=1, delta=delta, fisher=fisher, num_examples=1, alpha=1)
+    with pytest.raises(LedgerError, match=r"unknown client id 'b'; the ledger has: a"):
+        ledger.client("b")
+    with pytest.raises(LedgerError, match="keep_globals must be ≥ 1"):
+        Ledger(tmp_path, keep_globals=0)
+    with pytest.raises(LedgerError, match="holds no global checkpoint"):
+        ledger.global_state()
+
+
+def linear_run(tmp_path, alphas=(0.2, 0.5, 0.3), h0=0.4, seed=0):
+    """One-shot UGM on linear regression with diagonal XᵀX, recorded in a ledger as a
+    strategy would: the start global (round 0), each client's Δ and F (round 1), the merge."""
+    gen = torch.Generator().manual_seed(seed)
+    dim = 5
+    theta0 = torch.randn(dim, generator=gen, dtype=torch.float64)
+    ledger = Ledger(tmp_path)
+    ledger.set_meta(prior_precision=h0)
+    ledger.record_global(0, {"w": theta0})
+    hessians, xty, deltas = [], [], []
+    for t, alpha in enumerate(alphas):
+        rows = 12 + 3 * t
+        q, _ = torch.linalg.qr(torch.randn(rows, dim, generator=gen, dtype=torch.float64))
+        x = q * (0.3 + 2 * torch.rand(dim, generator=gen, dtype=torch.float64))
+        y = torch.randn(rows, generator=gen, dtype=torch.float64)
+        h, b = (x * x).sum(0), x.T @ y
+        delta = (h0 * theta0 + b) / (h0 + h) - theta0
+        hessians.append(h)
+        xty.append(b)
+        deltas.append({"w": delta})
+        ledger.record_client(f"c{t}", round_=1, delta={"w": delta}, fisher={"w": h},
+                             num_examples=rows, alpha=alpha)
+    merged = ugm_merge({"w": theta0}, deltas, [{"w": h} for h in hessians], alphas=list(alphas),
+                       prior_precision=h0)
+    ledger.record_global(1, merged)
+
+    def retrain(without: int) -> torch.Tensor:
+        keep = [t for t in range(len(alphas)) if t != without]
+        num = h0 * theta0 + sum(alphas[t] * xty[t] for t in keep)
+        return num / (h0 + sum(alphas[t] * hessians[t] for t in keep))
+
+    return ledger, merged, retrain
+
+
+@pytest.mark.parametrize("removed", [0, 1, 2])
+def test_offline_removal_through_the_ledger_is_exact_for_linear_regression(tmp_path, removed):
+    ledger, merged, retrain = linear_run(tmp_path)
+    state, report = remove_from_ledger(ledger, f"c{removed}")
+    torch.testing.assert_close(state["w"], retrain(removed), rtol=0, atol=1e-10)
+    assert report["recentered"] and report["client"] == f"c{removed}"
+    assert (retrain(removed) - merged["w"]).abs().max() > 1e-2  # removal did something
+    # without re-centring the stored delta (taken from θ0, not θ) it is only approximate
+    plain, report = remove_from_ledger(ledger, f"c{removed}", recenter=False)
+    assert not report["recentered"]
+    assert (plain["w"] - retrain(removed)).abs().max() > 1e-4
+
+
+def test_removal_errors_change_nothing(tmp_path):
+    ledger, _, _ = linear_run(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(LedgerError, match="unknown client id 'zz'"):
+        remove_from_ledger(ledger, "zz")
+    ledger.record_client("odd", round_=1, delta={"w": torch.zeros(7)}, fisher={"w": torch.ones(7)},
+                         num_examples=3, alpha=0.1)
+    with pytest.raises(LedgerError, match=r"delta\['w'\] is shaped differently.*mixes models"):
+        remove_from_ledger(ledger, "c0")
+    ledger.forget_client("odd")
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before
+    with pytest.raises(LedgerError, match="holds no client contributions"):
+        remove_from_ledger(Ledger(tmp_path / "empty"), "c0", prior_precision=1.0)
+
+
+def test_cli_remove_writes_model_and_report(tmp_path, capsys):
+    _, _, retrain = linear_run(tmp_path / "ledger")
+    out = tmp_path / "out" / "without-c1.safetensors"
+    assert cli_main(["remove", "--ledger", str(tmp_path / "ledger"), "--client", "c1",
+                     "--out", str(out)]) == 0
+    torch.testing.assert_close(load_file(str(out))["w"], retrain(1), rtol=0, atol=1e-10)
+    report = json.loads(out.with_suffix(".safetensors.report.json").read_text())
+    assert report["client"] == "c1" and report["remaining_clients"] == ["c0", "c2"]
+    assert json.loads(capsys.readouterr().out)["update_l2_norm"] > 0
+    assert Ledger(tmp_path / "ledger").client_ids() == ["c0", "c1", "c2"]  # no --forget
+
+    missing = tmp_path / "out" / "nothing.safetensors"
+    assert cli_main(["remove", "--ledger", str(tmp_path / "ledger"), "--client", "nope",
+                     "--out", str(missing)]) == 2
+    assert "unknown client id 'nope'" in capsys.readouterr().err
+    assert not missing.exists()
+    assert cli_main(["remove", "--ledger", str(tmp_path / "nowhere"), "--client", "c1",
+                     "--out", str(missing)]) == 2
+    assert "is not an fl_ugm ledger" in capsys.readouterr().err
+
+    assert cli_main(["remove", "--ledger", str(tmp_path / "ledger"), "--client", "c1",
+                     "--out", str(out), "--forget"]) == 0
+    assert Ledger(tmp_path / "ledger").client_ids() == ["c0", "c2"]
