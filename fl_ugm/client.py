@@ -32,6 +32,10 @@ UGM_KEY = "ugm"
 FISHER_KEY = "ugm-fisher"
 PRIOR_KEY = "ugm-prior"
 FEDPROX_MU_KEY = "proximal-mu"
+#: UGM replies carry the client's stable id (for the server's ledger and client removal)
+#: as ConfigRecord CLIENT_RECORD = {CLIENT_ID_KEY: str}.
+CLIENT_RECORD = "client"
+CLIENT_ID_KEY = "client-id"
 #: Fisher estimators a client can be asked for: the two of ``diagonal_fisher`` and the
 #: cheap one accumulated during training (:class:`fl_ugm.fisher.TrainingFisher`).
 FISHER_ESTIMATORS = ("sampled", "empirical", "training")
@@ -122,10 +126,14 @@ def handle_train(
     seed: int,
     optimizer: str = "sgd",
     fisher_batch_size: int = 256,
+    client_id: str | None = None,
 ) -> Message:
     """Answer a train message: load the global, fine-tune, reply (UGM or standard).
 
-    Raises ``ValueError`` for a malformed request or empty local data; inside a ClientApp,
+    ``client_id`` is this client's stable id (partition id in simulation, a configured id
+    in a deployment); UGM replies carry it so the server can record and later remove this
+    client's contribution. Raises ``ValueError`` for a malformed request or empty local
+    data; inside a ClientApp,
     Flower turns the exception into an error reply, which the strategy logs and skips.
     """
     config = msg.content.config_records.get("config", ConfigRecord())
@@ -165,6 +173,8 @@ def handle_train(
         "fisher": ArrayRecord({k: v.float().contiguous() for k, v in fisher.items()}),
         "metrics": metrics,
     })  # fmt: skip
+    if client_id is not None:
+        content[CLIENT_RECORD] = ConfigRecord({CLIENT_ID_KEY: str(client_id)})
     return Message(content=content, reply_to=msg)
 
 

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +26,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
-from fl_ugm.client import FISHER_ESTIMATORS, FISHER_KEY, PRIOR_KEY, UGM_KEY
+from fl_ugm.client import (
+    CLIENT_ID_KEY,
+    CLIENT_RECORD,
+    FISHER_ESTIMATORS,
+    FISHER_KEY,
+    PRIOR_KEY,
+    UGM_KEY,
+)
+from fl_ugm.ledger import Ledger
 from fl_ugm.merge import (
     InvalidClientInput,
     fisher_averaging,
@@ -45,6 +54,7 @@ class ClientUpdate:
     """One validated UGM reply, as float tensors."""
 
     node_id: int
+    client_id: str | None  # the stable id the client sent (CLIENT_ID_KEY), if any
     num_examples: float
     delta: dict[str, Tensor]
     fisher: dict[str, Tensor]
@@ -72,6 +82,10 @@ class FedUGM(FedAvg):
         Fisher), true labels, or the cheap estimate accumulated during local training.
     server_fisher : Mapping[str, Tensor], optional
         n_0·F_0, a Fisher (sum) of data the server holds; added to δ in H0 on the server.
+    ledger : Ledger or path, optional
+        Where to keep, for later client removal, every client's latest contribution (under
+        the stable ``client-id`` its reply carries) and the recent global checkpoints
+        (``fl_ugm.ledger``). Each round's start global is stored as round r − 1.
     merge : {"ugm", "fisher-averaging", "task-arithmetic"} (default: "ugm")
         The merge rule. The other two are UGM's limits (H0 → 0; F ≡ 0, i.e. θ + Σ α_t Δ_t),
         offered as baselines that see exactly the same client training and replies.
@@ -99,6 +113,7 @@ class FedUGM(FedAvg):
         fisher: str = "sampled",
         server_fisher: Mapping[str, Tensor] | None = None,
         merge: str = "ugm",
+        ledger: Ledger | str | Path | None = None,
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -121,6 +136,17 @@ class FedUGM(FedAvg):
         self.fisher = fisher
         self.server_fisher = dict(server_fisher) if server_fisher is not None else None
         self._global: dict[str, Tensor] | None = None
+        self.excluded_clients: set[str] = set()
+        self._node_of_client: dict[str, int] = {}
+        self.ledger = Ledger(ledger) if isinstance(ledger, str | Path) else ledger
+        if self.ledger is not None:
+            self.ledger.set_meta(prior_precision=self.prior_precision, alpha=alpha,
+                                 scale=self.scale, merge=merge)
+
+    def exclude_client(self, client_id: str) -> None:
+        """Never sample ``client_id`` again, and drop any reply it still sends (after its
+        removal). Its node is recognised from the ``client-id`` of its earlier replies."""
+        self.excluded_clients.add(client_id)
 
     def summary(self) -> None:
         """Log the UGM settings, then FedAvg's."""
@@ -136,10 +162,15 @@ class FedUGM(FedAvg):
     ) -> Iterable[Message]:
         """Remember the global arrays and ask the sampled clients for a UGM reply."""
         self._global = arrays.to_torch_state_dict()
+        if self.ledger is not None and server_round - 1 not in self.ledger.rounds():
+            self.ledger.record_global(server_round - 1, self._global)
         config[UGM_KEY] = True
         config[FISHER_KEY] = self.fisher
         config[PRIOR_KEY] = self.prior_precision
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = super().configure_train(server_round, arrays, config, grid)
+        excluded = {self._node_of_client[c] for c in self.excluded_clients
+                    if c in self._node_of_client}
+        return [m for m in messages if m.metadata.dst_node_id not in excluded]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -162,6 +193,8 @@ class FedUGM(FedAvg):
             metrics = self.train_metrics_aggr_fn(
                 [u.content for u in updates], self.weighted_by_key
             )
+            if self.ledger is not None:
+                self._record(server_round, updates, new_global)
             return ArrayRecord(new_global), metrics
         log(WARNING, "aggregate_train: round %d has %d valid UGM replies, fewer than "
             "min_train_nodes=%d; keeping the global model.", server_round, len(updates),
@@ -226,7 +259,13 @@ class FedUGM(FedAvg):
             raise ValueError("the Fisher must cover a non-empty subset of the delta's keys.")
         delta = self._tensors("delta", delta_record, require_global_dtype=True)
         fisher = self._tensors("fisher", fisher_record, require_global_dtype=False)
-        return ClientUpdate(node_id, float(num_examples), delta, fisher, content)
+        client_id = content.config_records.get(CLIENT_RECORD, {}).get(CLIENT_ID_KEY)
+        if client_id is not None:
+            client_id = str(client_id)
+            if client_id in self.excluded_clients:
+                raise ValueError(f"client {client_id!r} was removed; its reply is ignored.")
+            self._node_of_client[client_id] = node_id
+        return ClientUpdate(node_id, client_id, float(num_examples), delta, fisher, content)
 
     def _tensors(self, name: str, record: ArrayRecord, *, require_global_dtype: bool):
         out = {}
@@ -244,6 +283,18 @@ class FedUGM(FedAvg):
                 raise ValueError(f"{name}['{key}'] has dtype {array.dtype}; expected a float.")
             out[key] = _tensor_view(array)
         return out
+
+    def _record(self, server_round: int, updates: list[ClientUpdate], new_global) -> None:
+        """Store each merged client's contribution and the new global in the ledger."""
+        for update, alpha in zip(updates, self._alphas(updates), strict=True):
+            if update.client_id is None:
+                log(WARNING, "ledger: node %d sent no client-id; its contribution is not "
+                    "recorded and it cannot be removed later.", update.node_id)
+                continue
+            self.ledger.record_client(update.client_id, round_=server_round,
+                                      delta=update.delta, fisher=update.fisher,
+                                      num_examples=update.num_examples, alpha=alpha)
+        self.ledger.record_global(server_round, new_global)
 
     def _alphas(self, updates: list[ClientUpdate]) -> list[float]:
         if self.alpha == "num-examples":

@@ -12,7 +12,9 @@ Run config keys (defaults in ``pyproject.toml`` ``[tool.flwr.app.config]``): ``s
 ``partition``, ``dirichlet-alpha``, ``classes-per-client``, ``num-clients``, ``seed``,
 ``test-examples``, ``server-examples`` and ``pretrain-epochs`` (> 0: the server pretrains
 the initial model on its own split, the one-shot setting), ``out`` (a directory for
-``history-<strategy>-seed<seed>.json``; empty: don't write).
+``history-<strategy>-seed<seed>.json``; empty: don't write), ``ledger`` (FedUGM's ledger
+directory for client removal; empty: none). Clients identify themselves by
+``node_config["client-id"]`` if set, else their ``partition-id``.
 
 Every client gets partition ``node_config["partition-id"]`` of the same seeded split, so all
 strategies see identical data.
@@ -100,7 +102,8 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
         return FedUGM(
             prior_precision=float(cfg["prior-delta"]), alpha=alpha,
             scale=float(cfg["scale"]), fisher=str(cfg["fisher"]),
-            merge="ugm" if name == "fedugm" else name, **common,
+            merge="ugm" if name == "fedugm" else name, ledger=str(cfg.get("ledger", "")) or None,
+            **common,
         )  # fmt: skip
     raise ValueError(f"unknown strategy {name!r}; choose one of {STRATEGIES}.")
 
@@ -192,6 +195,7 @@ def run_client_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> 
         lr=float(train.get("lr", cfg["lr"])),
         optimizer=str(train.get("optimizer", cfg["optimizer"])),
         seed=int(cfg["seed"]) * 100_003 + 1_009 * server_round + partition_id,
+        client_id=str(context.node_config.get("client-id", partition_id)),
     )  # fmt: skip
 
 

@@ -30,7 +30,8 @@ def test_simulation_on_ray(strategy, run_config, tmp_path):
 
     from simulations.flower_app import make_apps
 
-    config = dict(run_config, strategy=strategy, out=str(tmp_path))
+    ledger = str(tmp_path / "ledger") if strategy == "fedugm" else ""
+    config = dict(run_config, strategy=strategy, out=str(tmp_path), ledger=ledger)
     server_app, client_app = make_apps(config)
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=3,
                    backend_config={"client_resources": {"num_cpus": 1}})
@@ -40,7 +41,13 @@ def test_simulation_on_ray(strategy, run_config, tmp_path):
     assert [r["round"] for r in history["replies"]] == [1, 2]
     for round_log in history["replies"]:
         assert len(round_log["nodes"]) == 3 and round_log["errors"] == 0
-        expected = ["delta", "fisher", "metrics"] if strategy == "fedugm" else ["arrays", "metrics"]
+        expected = (["client", "delta", "fisher", "metrics"] if strategy == "fedugm"
+                    else ["arrays", "metrics"])
         assert round_log["records"] == expected
     assert history["accuracy"][-1] > history["accuracy"][0] + 0.4, history["accuracy"]
     assert history["loss"][-1] < history["loss"][0]
+    if strategy == "fedugm":  # the ledger holds every client under its partition id
+        from fl_ugm.ledger import Ledger
+
+        ledger = Ledger(tmp_path / "ledger")
+        assert ledger.client_ids() == ["0", "1", "2"] and ledger.rounds() == [0, 1, 2]

@@ -416,3 +416,60 @@ def test_baseline_merge_rules_see_the_same_replies(rule):
         torch.testing.assert_close(merged[key], reference[key])
     with pytest.raises(ValueError, match=r"merge='sum'"):
         FedUGM(merge="sum")
+
+
+def test_ledger_through_the_strategy_gives_exact_removal_on_the_linear_oracle(tmp_path):
+    """FedUGM with a ledger records the start global, every client's reply (under its
+    client-id) and the merge; offline removal from that ledger equals exact retraining."""
+    from fl_ugm.ledger import Ledger
+    from fl_ugm.removal import remove_from_ledger
+
+    gen = torch.Generator().manual_seed(11)
+    dim, h0, sizes = 5, 0.6, [15, 25, 40]
+    theta0 = torch.randn(dim, generator=gen, dtype=torch.float64)
+    strategy = FedUGM(prior_precision=h0, min_train_nodes=3, min_available_nodes=3,
+                      ledger=tmp_path / "ledger")
+    grid = FakeGrid({1: None, 2: None, 3: None}, Net)
+    strategy.configure_train(1, ArrayRecord({"w": theta0}), ConfigRecord(), grid)
+    replies, hessians, xty = [], [], []
+    for t, n in enumerate(sizes):
+        q, _ = torch.linalg.qr(torch.randn(n, dim, generator=gen, dtype=torch.float64))
+        x = q * (0.5 + 2 * torch.rand(dim, generator=gen, dtype=torch.float64))
+        y = torch.randn(n, generator=gen, dtype=torch.float64)
+        h, b = (x * x).sum(0), x.T @ y
+        hessians.append(h)
+        xty.append(b)
+        delta = (h0 * theta0 + b) / (h0 + h) - theta0
+        replies.append(message(RecordDict({
+            "delta": ArrayRecord({"w": delta}), "fisher": ArrayRecord({"w": h}),
+            "metrics": MetricRecord({"num-examples": n}),
+            "client": ConfigRecord({"client-id": f"p{t}"}),
+        }), src=t + 1))  # fmt: skip
+    assert strategy.aggregate_train(1, replies)[0] is not None
+
+    ledger = Ledger(tmp_path / "ledger")
+    assert ledger.client_ids() == ["p0", "p1", "p2"] and ledger.rounds() == [0, 1]
+    assert ledger.meta["prior_precision"] == h0
+    alphas = [n / sum(sizes) for n in sizes]
+    keep = [0, 2]
+    retrained = (h0 * theta0 + sum(alphas[t] * xty[t] for t in keep)) / (
+        h0 + sum(alphas[t] * hessians[t] for t in keep))
+    state, report = remove_from_ledger(ledger, "p1")
+    torch.testing.assert_close(state["w"], retrained, rtol=0, atol=1e-10)
+    assert report["alpha"] == pytest.approx(alphas[1])
+
+
+def test_an_excluded_client_is_not_sampled_and_its_replies_are_dropped(caplog):
+    state = global_state()
+    strategy = FedUGM(prior_precision=1.0, min_train_nodes=1, min_available_nodes=3)
+    grid = FakeGrid({1: None, 2: None, 3: None}, Net)
+    strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), grid)
+    replies = [ugm_reply(node, 10, state, seed=node,
+                         client=ConfigRecord({"client-id": f"p{node}"})) for node in (1, 2, 3)]
+    strategy.aggregate_train(1, replies)
+    strategy.exclude_client("p2")
+    sent = strategy.configure_train(2, ArrayRecord(state), ConfigRecord(), grid)
+    assert sorted(m.metadata.dst_node_id for m in sent) == [1, 3]
+    with caplog.at_level("WARNING", logger="flwr"):
+        strategy.aggregate_train(2, replies)
+    assert "client 'p2' was removed; its reply is ignored" in caplog.text
