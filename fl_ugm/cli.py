@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from fl_ugm.ledger import Ledger, LedgerError
+from fl_ugm.ledger import Ledger, LedgerError, write_atomically
 from fl_ugm.removal import remove_from_ledger
 
 
@@ -44,10 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         state, report = remove_from_ledger(ledger, args.client,
                                            prior_precision=args.prior_precision,
                                            recenter=not args.no_recenter)
-        _write_atomically(args.out, lambda tmp: save_file(
+        write_atomically(args.out, lambda tmp: save_file(
             {k: v.contiguous() for k, v in state.items()}, str(tmp)))
         report_path = args.out.with_suffix(args.out.suffix + ".report.json")
-        _write_atomically(report_path, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+        write_atomically(report_path, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
         if args.forget:
             ledger.forget_client(args.client)
     except LedgerError as err:
@@ -55,18 +53,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(json.dumps(report, indent=2))
     return 0
-
-
-def _write_atomically(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        write(tmp_path)
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
 
 
 if __name__ == "__main__":

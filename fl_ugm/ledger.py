@@ -21,7 +21,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,35 +203,30 @@ class Ledger:
     def _write_tensors(self, name: str, tensors: Mapping[str, Tensor]) -> str:
         """Atomically write a safetensors file; return its SHA-256."""
         contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        path = self.directory / name
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-            tmp_path = Path(tmp.name)
-        try:
-            save_file(contiguous, str(tmp_path))
-            data = tmp_path.read_bytes()
-            _fsync(tmp_path)
-            os.replace(tmp_path, path)
-        except BaseException:
-            tmp_path.unlink(missing_ok=True)
-            raise
-        return hashlib.sha256(data).hexdigest()
+        written = write_atomically(self.directory / name,
+                                   lambda tmp: save_file(contiguous, str(tmp)))
+        return hashlib.sha256(written).hexdigest()
 
     def _write_index(self) -> None:
-        path = self.directory / INDEX
-        with tempfile.NamedTemporaryFile("w", dir=self.directory, suffix=".tmp",
-                                         delete=False) as tmp:
-            json.dump(self._index, tmp, indent=1, sort_keys=True)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-            tmp_path = Path(tmp.name)
-        try:
-            os.replace(tmp_path, path)
-        except BaseException:
-            tmp_path.unlink(missing_ok=True)
-            raise
+        text = json.dumps(self._index, indent=1, sort_keys=True)
+        write_atomically(self.directory / INDEX, lambda tmp: tmp.write_text(text))
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
+def write_atomically(path: Path, write: Callable[[Path], object]) -> bytes:
+    """Have ``write`` fill a temporary file beside ``path``, fsync it, rename it over
+    ``path``; return the bytes written. On any failure ``path`` is untouched and the
+    temporary file is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        tmp_path = Path(tmp.name)
+    try:
+        write(tmp_path)
+        with open(tmp_path, "rb+") as handle:
+            data = handle.read()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return data
 

@@ -276,6 +276,28 @@ def test_an_odd_fisher_key_set_cannot_outvote_the_majority():
     assert arrays is not None  # the two agreeing clients were merged, the odd one dropped
 
 
+def linear_replies(gen, theta0, h0: float, sizes: list[int], *, client_ids: bool = False):
+    """Clients that solve ½‖y − Xθ‖² + ½·h0‖θ − θ0‖² exactly, with XᵀX diagonal: their UGM
+    replies (Fisher = the exact Hessian diag(XᵀX)), Hessians and Xᵀy."""
+    replies, hessians, xty = [], [], []
+    for t, n in enumerate(sizes):
+        q, _ = torch.linalg.qr(torch.randn(n, len(theta0), generator=gen, dtype=torch.float64))
+        x = q * (0.5 + 2 * torch.rand(len(theta0), generator=gen, dtype=torch.float64))
+        y = torch.randn(n, generator=gen, dtype=torch.float64)
+        h, b = (x * x).sum(0), x.T @ y
+        hessians.append(h)
+        xty.append(b)
+        records = {
+            "delta": ArrayRecord({"w": (h0 * theta0 + b) / (h0 + h) - theta0}),
+            "fisher": ArrayRecord({"w": h}),
+            "metrics": MetricRecord({"num-examples": n}),
+        }
+        if client_ids:
+            records["client"] = ConfigRecord({"client-id": f"p{t}"})
+        replies.append(message(RecordDict(records), src=t + 1))
+    return replies, hessians, xty
+
+
 def test_linear_regression_oracle_through_the_strategy():
     """Clients solve ½‖y − Xθ‖² + ½δ‖θ − θ0‖² exactly (XᵀX diagonal): the strategy's merge
     equals the exact joint MAP (DESIGN §1)."""
@@ -285,20 +307,7 @@ def test_linear_regression_oracle_through_the_strategy():
     state = {"w": theta0.clone()}
     strategy = FedUGM(prior_precision=delta_prior, min_train_nodes=3)
     strategy._global = state
-    replies, hessians, xty = [], [], []
-    for t, n in enumerate(sizes):
-        q, _ = torch.linalg.qr(torch.randn(n, dim, generator=gen, dtype=torch.float64))
-        x = q * (0.5 + 2 * torch.rand(dim, generator=gen, dtype=torch.float64))
-        y = torch.randn(n, generator=gen, dtype=torch.float64)
-        h, b = (x * x).sum(0), x.T @ y
-        theta_t = (delta_prior * theta0 + b) / (delta_prior + h)
-        hessians.append(h)
-        xty.append(b)
-        replies.append(message(RecordDict({
-            "delta": ArrayRecord({"w": theta_t - theta0}),
-            "fisher": ArrayRecord({"w": h}),
-            "metrics": MetricRecord({"num-examples": n}),
-        }), src=t + 1))  # fmt: skip
+    replies, hessians, xty = linear_replies(gen, theta0, delta_prior, sizes)
     merged = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()["w"]
     alphas = [n / sum(sizes) for n in sizes]
     joint = (delta_prior * theta0 + sum(a * b for a, b in zip(alphas, xty))) / (
@@ -431,20 +440,7 @@ def test_ledger_through_the_strategy_gives_exact_removal_on_the_linear_oracle(tm
                       ledger=tmp_path / "ledger")
     grid = FakeGrid({1: None, 2: None, 3: None}, Net)
     strategy.configure_train(1, ArrayRecord({"w": theta0}), ConfigRecord(), grid)
-    replies, hessians, xty = [], [], []
-    for t, n in enumerate(sizes):
-        q, _ = torch.linalg.qr(torch.randn(n, dim, generator=gen, dtype=torch.float64))
-        x = q * (0.5 + 2 * torch.rand(dim, generator=gen, dtype=torch.float64))
-        y = torch.randn(n, generator=gen, dtype=torch.float64)
-        h, b = (x * x).sum(0), x.T @ y
-        hessians.append(h)
-        xty.append(b)
-        delta = (h0 * theta0 + b) / (h0 + h) - theta0
-        replies.append(message(RecordDict({
-            "delta": ArrayRecord({"w": delta}), "fisher": ArrayRecord({"w": h}),
-            "metrics": MetricRecord({"num-examples": n}),
-            "client": ConfigRecord({"client-id": f"p{t}"}),
-        }), src=t + 1))  # fmt: skip
+    replies, hessians, xty = linear_replies(gen, theta0, h0, sizes, client_ids=True)
     assert strategy.aggregate_train(1, replies)[0] is not None
 
     ledger = Ledger(tmp_path / "ledger")
