@@ -41,10 +41,12 @@ OFFLINE_ENV = {
 }
 
 
-def load_config(argv: Sequence[str]) -> DictConfig:
-    """Run config < compare.yaml < overlay YAML (first arg ending .yaml) < key=value."""
+def load_config(argv: Sequence[str], overlay: Path | None = None) -> DictConfig:
+    """Run config < compare.yaml < ``overlay`` < YAML given as first arg < key=value."""
     app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     layers = [OmegaConf.create(app), OmegaConf.load(COMPARE_CONFIG)]
+    if overlay is not None:
+        layers.append(OmegaConf.load(overlay))
     args = list(argv)
     if args and args[0].endswith((".yaml", ".yml")):
         layers.append(OmegaConf.load(args.pop(0)))

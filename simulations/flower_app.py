@@ -13,7 +13,10 @@ Run config keys (defaults in ``pyproject.toml`` ``[tool.flwr.app.config]``): ``s
 ``test-examples``, ``server-examples`` and ``pretrain-epochs`` (> 0: the server pretrains
 the initial model on its own split, the one-shot setting), ``out`` (a directory for
 ``history-<strategy>-seed<seed>.json``; empty: don't write), ``ledger`` (FedUGM's ledger
-directory for client removal; empty: none). Clients identify themselves by
+directory for client removal; empty: none), ``exclude-clients`` (partition ids that do not
+train, e.g. "0,3"), ``backdoor-client``/``backdoor-target`` (that partition's data carries
+a trigger relabelled to the target; -1: none), ``init-from``/``save-final`` (safetensors
+paths of the initial and final global state; empty: none). Clients identify themselves by
 ``node_config["client-id"]`` if set, else their ``partition-id``.
 
 Every client gets partition ``node_config["partition-id"]`` of the same seeded split, so all
@@ -36,8 +39,10 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+from safetensors.torch import load_file, save_file
 
 from fl_ugm.client import handle_evaluate, handle_train, train_classifier
+from fl_ugm.ledger import write_atomically
 from fl_ugm.strategy import FedUGM
 from simulations import tasks
 
@@ -71,8 +76,16 @@ def _model(cfg: Mapping[str, Any], inputs: torch.Tensor) -> torch.nn.Module:
     return tasks.build_model(str(cfg["model"]), inputs.shape[1], 10)
 
 
-def client_partition(cfg: Mapping[str, Any], partition_id: int):
-    """This client's (inputs, labels)."""
+def excluded_clients(cfg: Mapping[str, Any]) -> set[int]:
+    """Partition ids listed in ``exclude-clients`` ("0,3"): they train in no round."""
+    text = str(cfg.get("exclude-clients", "")).strip()
+    return {int(part) for part in text.split(",") if part.strip()}
+
+
+def client_partition(cfg: Mapping[str, Any], partition_id: int, *, poisoned: bool = True):
+    """This client's (inputs, labels). The ``backdoor-client`` (if ≥ 0) gets every example
+    stamped with the trigger and relabelled ``backdoor-target`` (unless ``poisoned=False``:
+    its clean data)."""
     inputs, labels, split, parts = _data(cfg)
     if not 0 <= partition_id < len(parts):
         raise ValueError(
@@ -80,15 +93,19 @@ def client_partition(cfg: Mapping[str, Any], partition_id: int):
             f"{len(parts)}; give every SuperNode a partition-id below num-clients."
         )
     index = torch.as_tensor(split.clients[parts[partition_id]], dtype=torch.long)
-    return inputs[index], labels[index]
+    x, y = inputs[index], labels[index]
+    if poisoned and partition_id == int(cfg.get("backdoor-client", -1)):
+        x, y = tasks.add_trigger(x), torch.full_like(y, int(cfg.get("backdoor-target", 0)))
+    return x, y
 
 
 def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
     """Flower's own FedAvg/FedProx, or FedUGM (with its UGM or a baseline merge rule)."""
+    full = num_clients - len(excluded_clients(cfg))
     common = {
         "fraction_train": float(cfg.get("fraction-train", 1.0)),
         "fraction_evaluate": 0.0,  # we report centralized test accuracy
-        "min_train_nodes": num_clients if float(cfg.get("fraction-train", 1.0)) >= 1 else 2,
+        "min_train_nodes": full if float(cfg.get("fraction-train", 1.0)) >= 1 else 2,
         "min_available_nodes": num_clients,
     }
     name = str(cfg["strategy"])
@@ -130,7 +147,9 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
     inputs, labels, split, _ = _data(cfg)
     x_test, y_test = inputs[split.test], labels[split.test]
     model = _model(cfg, inputs)
-    if int(cfg["pretrain-epochs"]) > 0:
+    if cfg.get("init-from"):
+        model.load_state_dict(load_file(str(cfg["init-from"])))
+    elif int(cfg["pretrain-epochs"]) > 0:
         train_classifier(model, inputs[split.server], labels[split.server],
                          epochs=int(cfg["pretrain-epochs"]), batch_size=int(cfg["batch-size"]),
                          lr=float(cfg["lr"]), seed=int(cfg["seed"]),
@@ -153,9 +172,13 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
         "local-epochs": int(cfg["local-epochs"]), "lr": float(cfg["lr"]),
         "batch-size": int(cfg["batch-size"]), "optimizer": str(cfg["optimizer"]),
     })  # fmt: skip
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
-                   num_rounds=int(cfg["num-server-rounds"]), train_config=train_config,
-                   evaluate_fn=central_evaluate)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
+                            num_rounds=int(cfg["num-server-rounds"]),
+                            train_config=train_config, evaluate_fn=central_evaluate)
+    if cfg.get("save-final"):
+        final = {k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}
+        write_atomically(Path(str(cfg["save-final"])),
+                         lambda tmp: save_file(final, str(tmp)))
     if cfg.get("out"):
         out = Path(str(cfg["out"]))
         out.mkdir(parents=True, exist_ok=True)
@@ -185,6 +208,8 @@ def _record_replies(strategy: Strategy, history: dict[str, Any]) -> None:
 def run_client_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Message:
     torch.set_num_threads(1)
     partition_id = int(context.node_config["partition-id"])
+    if partition_id in excluded_clients(cfg):
+        raise ValueError(f"partition {partition_id} is excluded from this run (exclude-clients).")
     x, y = client_partition(cfg, partition_id)
     train = msg.content.config_records["config"]
     server_round = int(train.get("server-round", 0))
