@@ -1,23 +1,24 @@
 """The fl_ugm Flower app: one ServerApp (strategy chosen by the run config), one ClientApp.
 
-Run it with Flower's own tooling (``flwr run .`` on the local Ray simulation federation set
-in ``pyproject.toml``, or against a SuperLink), or through :func:`make_apps`, which bakes a
-config into fresh app objects for ``flwr.simulation.run_simulation`` (``simulations.compare``).
+Run it with Flower's own tooling (``flwr run .`` against the local simulation connection in
+``$FLWR_HOME/config.toml``, see the README, or against a SuperLink), or through
+:func:`make_apps`, which bakes a config into fresh app objects for
+``flwr.simulation.run_simulation`` (``simulations.compare``, ``simulations.unlearn``).
 
 Run config keys (defaults in ``pyproject.toml`` ``[tool.flwr.app.config]``): ``strategy``
 (fedavg | fedprox | fedugm | task-arithmetic [α_t = 1] | fisher-averaging),
-``num-server-rounds``,
-``local-epochs``, ``batch-size``, ``lr``, ``optimizer``, ``prior-delta`` (FedUGM's δ),
-``proximal-mu`` (FedProx's μ), ``fisher``, ``alpha``, ``scale``, ``task``, ``model``,
-``partition``, ``dirichlet-alpha``, ``classes-per-client``, ``num-clients``, ``seed``,
-``test-examples``, ``server-examples`` and ``pretrain-epochs`` (> 0: the server pretrains
-the initial model on its own split, the one-shot setting), ``out`` (a directory for
-``history-<strategy>-seed<seed>.json``; empty: don't write), ``ledger`` (FedUGM's ledger
-directory for client removal; empty: none), ``exclude-clients`` (partition ids that do not
-train, e.g. "0,3"), ``backdoor-client``/``backdoor-target`` (that partition's data carries
-a trigger relabelled to the target; -1: none), ``init-from``/``save-final`` (safetensors
-paths of the initial and final global state; empty: none). Clients identify themselves by
-``node_config["client-id"]`` if set, else their ``partition-id``.
+``num-server-rounds``, ``local-epochs``, ``batch-size``, ``lr``, ``optimizer``,
+``prior-delta`` (FedUGM's δ), ``proximal-mu`` (FedProx's μ), ``fisher``, ``alpha``,
+``scale``, ``task``, ``model``, ``partition``, ``dirichlet-alpha``, ``classes-per-client``,
+``num-clients``, ``seed``, ``test-examples``, ``server-examples`` and ``pretrain-epochs`` (>
+0: the server pretrains the initial model on its own split, the one-shot setting), ``out``
+(a directory for ``history-<strategy>-seed<seed>.json``; empty: don't write), ``ledger``
+(FedUGM's ledger directory for client removal; empty: none), ``exclude-clients`` (partition
+ids that do not train, e.g. "0,3"), ``backdoor-client``/``backdoor-target`` (that
+partition's data carries a trigger relabelled to the target; -1: none),
+``init-from``/``save-final`` (safetensors paths of the initial and final global state;
+empty: none). Clients identify themselves by ``node_config["client-id"]`` if set, else their
+``partition-id``.
 
 Every client gets partition ``node_config["partition-id"]`` of the same seeded split, so all
 strategies see identical data.
@@ -63,7 +64,8 @@ def experiment_data(
     return inputs, labels, split, parts
 
 
-def _data(cfg: Mapping[str, Any]):
+def experiment_for(cfg: Mapping[str, Any]):
+    """The cached experiment data for a run config (see :func:`experiment_data`)."""
     return experiment_data(
         str(cfg["task"]), int(cfg["seed"]), float(cfg["test-examples"]),
         float(cfg["server-examples"]), int(cfg["num-clients"]), str(cfg["partition"]),
@@ -71,7 +73,8 @@ def _data(cfg: Mapping[str, Any]):
     )  # fmt: skip
 
 
-def _model(cfg: Mapping[str, Any], inputs: torch.Tensor) -> torch.nn.Module:
+def fresh_model(cfg: Mapping[str, Any], inputs: torch.Tensor) -> torch.nn.Module:
+    """The run's model, initialised from its seed."""
     torch.manual_seed(int(cfg["seed"]))
     return tasks.build_model(str(cfg["model"]), inputs.shape[1], 10)
 
@@ -86,7 +89,7 @@ def client_partition(cfg: Mapping[str, Any], partition_id: int, *, poisoned: boo
     """This client's (inputs, labels). The ``backdoor-client`` (if ≥ 0) gets every example
     stamped with the trigger and relabelled ``backdoor-target`` (unless ``poisoned=False``:
     its clean data)."""
-    inputs, labels, split, parts = _data(cfg)
+    inputs, labels, split, parts = experiment_for(cfg)
     if not 0 <= partition_id < len(parts):
         raise ValueError(
             f"partition-id {partition_id} is outside the run config's num-clients="
@@ -144,9 +147,9 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The ServerApp's work: initial model, strategy.start, centralized test evaluation."""
     torch.set_num_threads(1)
     wait_for_nodes(grid, int(cfg["num-clients"]))
-    inputs, labels, split, _ = _data(cfg)
+    inputs, labels, split, _ = experiment_for(cfg)
     x_test, y_test = inputs[split.test], labels[split.test]
-    model = _model(cfg, inputs)
+    model = fresh_model(cfg, inputs)
     if cfg.get("init-from"):
         model.load_state_dict(load_file(str(cfg["init-from"])))
     elif int(cfg["pretrain-epochs"]) > 0:
@@ -214,7 +217,7 @@ def run_client_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> 
     train = msg.content.config_records["config"]
     server_round = int(train.get("server-round", 0))
     return handle_train(
-        msg, _model(cfg, x), x, y,
+        msg, fresh_model(cfg, x), x, y,
         epochs=int(train.get("local-epochs", cfg["local-epochs"])),
         batch_size=int(train.get("batch-size", cfg["batch-size"])),
         lr=float(train.get("lr", cfg["lr"])),
@@ -227,7 +230,7 @@ def run_client_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> 
 def run_client_evaluate(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Message:
     torch.set_num_threads(1)
     x, y = client_partition(cfg, int(context.node_config["partition-id"]))
-    return handle_evaluate(msg, _model(cfg, x), x, y)
+    return handle_evaluate(msg, fresh_model(cfg, x), x, y)
 
 
 def make_apps(overrides: Mapping[str, Any] | None = None) -> tuple[ServerApp, ClientApp]:

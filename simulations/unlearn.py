@@ -43,7 +43,7 @@ from fl_ugm.merge import remove_client
 from fl_ugm.removal import remove_from_ledger
 from simulations import tasks
 from simulations.compare import OFFLINE_ENV, ROOT, load_config, quiet_flower_console
-from simulations.flower_app import _data, _model, client_partition, make_apps
+from simulations.flower_app import client_partition, experiment_for, fresh_model, make_apps
 
 UNLEARN_CONFIG = ROOT / "configs" / "unlearn.yaml"
 METHODS = ("none", "ta-negation", "ugm-offline", "ugm-online", "ugm-repair", "retrain")
@@ -71,7 +71,7 @@ def online_removal(cfg: dict, state, ledger: Ledger, client: int, seed: int):
     """The removed client fine-tunes from ``state`` (its own, poisoned data) under the prior
     δ and sends Δ, F; Eq. 13 with Σ_{s≠t} α_s F_s from the ledger."""
     x, y = client_partition(cfg, client)
-    model = _model(cfg, x)
+    model = fresh_model(cfg, x)
     model.load_state_dict(state)
     train_classifier(model, x, y, epochs=int(cfg["local-epochs"]),
                      batch_size=int(cfg["batch-size"]), lr=float(cfg["lr"]), seed=seed,
@@ -97,8 +97,8 @@ def task_arithmetic_negation(state, ledger: Ledger, client: int):
 
 
 def evaluate(cfg: dict, state, retrained, client: int) -> dict[str, float]:
-    inputs, labels, split, _ = _data(cfg)
-    model = _model(cfg, inputs)
+    inputs, labels, split, _ = experiment_for(cfg)
+    model = fresh_model(cfg, inputs)
     model.load_state_dict(state)
     x_test, y_test = inputs[split.test], labels[split.test]
     target = int(cfg["backdoor-target"])
