@@ -51,6 +51,7 @@ class ClientRecord:
     alpha: float
     delta: dict[str, Tensor]
     fisher: dict[str, Tensor]
+    applied: dict[str, Tensor]  # Σ over rounds of what the merges added for this client
 
 
 class Ledger:
@@ -103,11 +104,11 @@ class Ledger:
             known = ", ".join(self.client_ids()[:20]) or "none"
             raise LedgerError(f"unknown client id {client_id!r}; the ledger has: {known}.")
         tensors = self._load(entry["file"], entry["sha256"])
-        delta = {k.removeprefix("delta/"): v for k, v in tensors.items() if k.startswith("delta/")}
-        fisher = {k.removeprefix("fisher/"): v for k, v in tensors.items()
-                  if k.startswith("fisher/")}
+        def group(prefix: str) -> dict[str, Tensor]:
+            return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
         return ClientRecord(client_id, entry["round"], entry["num_examples"], entry["alpha"],
-                            delta, fisher)
+                            group("delta/"), group("fisher/"), group("applied/"))
 
     def global_state(self, round_: int | None = None) -> tuple[int, dict[str, Tensor]]:
         """(round, state) of the given round's checkpoint, or of the newest one."""
@@ -135,8 +136,11 @@ class Ledger:
         fisher: Mapping[str, Tensor],
         num_examples: float,
         alpha: float,
+        applied: Mapping[str, Tensor] | None = None,
     ) -> None:
-        """Store (replace) the client's latest Δ_t, F_t, n_t, α_t from round ``round_``."""
+        """Store (replace) the client's latest Δ_t, F_t, n_t, α_t from round ``round_``, and
+        optionally ``applied``: the running sum, over every round it took part in, of what
+        the merge added to the global on its behalf (see ``FedUGM``)."""
         if not _SAFE_ID.match(client_id):
             raise LedgerError(
                 f"client id {client_id!r} must be 1-128 characters of letters, digits, '.', "
@@ -146,6 +150,7 @@ class Ledger:
             raise LedgerError("the Fisher's keys must be a subset of the delta's keys.")
         tensors = {f"delta/{k}": v for k, v in delta.items()}
         tensors.update({f"fisher/{k}": v for k, v in fisher.items()})
+        tensors.update({f"applied/{k}": v for k, v in (applied or {}).items()})
         name = f"clients/{client_id}.safetensors"
         digest = self._write_tensors(name, tensors)
         self._index["clients"][client_id] = {

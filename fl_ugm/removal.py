@@ -95,3 +95,21 @@ def _matching_params(state, delta, fisher, client_id: str) -> dict[str, Tensor]:
                 "checkpoint: the ledger mixes models."
             )
     return {k: state[k] for k in fisher}
+
+
+def subtract_applied(ledger: Ledger, client_id: str) -> tuple[dict[str, Tensor], dict]:
+    """(new global state, report): the newest checkpoint minus everything the merges added on
+    behalf of ``client_id`` over all its rounds (the ledger's ``applied`` sum). Cruder than
+    Eq. 13 (it ignores how later rounds built on those updates) but it covers every round,
+    not only the client's last one."""
+    round_, state = ledger.global_state()
+    record = ledger.client(client_id)
+    if not record.applied:
+        raise LedgerError(f"client {client_id!r} has no accumulated updates in the ledger "
+                          "(recorded by FedUGM with a ledger since fl_ugm 0.1).")
+    params = _matching_params(state, record.applied, record.applied, client_id)
+    new_state = dict(state)
+    new_state.update({k: params[k] - record.applied[k].to(params[k].dtype) for k in params})
+    report = {"client": client_id, "mode": "subtract-applied", "global_round": round_,
+              "client_round": record.round}
+    return new_state, report

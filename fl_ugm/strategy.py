@@ -36,6 +36,7 @@ from fl_ugm.client import (
 )
 from fl_ugm.ledger import Ledger
 from fl_ugm.merge import (
+    FISHER_AVERAGING_EPS,
     InvalidClientInput,
     fisher_averaging,
     task_arithmetic,
@@ -285,15 +286,42 @@ class FedUGM(FedAvg):
         return out
 
     def _record(self, server_round: int, updates: list[ClientUpdate], new_global) -> None:
-        """Store each merged client's contribution and the new global in the ledger."""
-        for update, alpha in zip(updates, self._alphas(updates), strict=True):
+        """Store each merged client's contribution and the new global in the ledger.
+
+        Besides the latest Δ_t and F_t, each client's ``applied`` running sum grows by this
+        round's share of the merged update that is due to it: α_t (H0 + F_t) Δ_t / (H0 +
+        Σ_s α_s F_s) for UGM (H0 → 0 for Fisher averaging), α_t Δ_t for task arithmetic.
+        """
+        alphas = self._alphas(updates)
+        keys = list(updates[0].fisher)
+        if self.merge == "task-arithmetic":
+            prior, denominator = None, None
+        else:
+            prior = self._prior(keys) if self.merge == "ugm" else FISHER_AVERAGING_EPS
+            denominator = {k: _entry(prior, k) + sum(a * u.fisher[k].double()
+                                                     for a, u in zip(alphas, updates, strict=True))
+                           for k in keys}
+        for update, alpha in zip(updates, alphas, strict=True):
             if update.client_id is None:
                 log(WARNING, "ledger: node %d sent no client-id; its contribution is not "
                     "recorded and it cannot be removed later.", update.node_id)
                 continue
-            self.ledger.record_client(update.client_id, round_=server_round,
-                                      delta=update.delta, fisher=update.fisher,
-                                      num_examples=update.num_examples, alpha=alpha)
+            share = {}
+            for k in keys:
+                delta = update.delta[k].double()
+                if denominator is None:
+                    share[k] = alpha * delta
+                else:
+                    weight = _entry(prior, k) + update.fisher[k].double()
+                    share[k] = alpha * weight * delta / denominator[k]
+            if update.client_id in self.ledger.client_ids():
+                previous = self.ledger.client(update.client_id).applied
+                share = {k: v + previous[k].double() if k in previous else v
+                         for k, v in share.items()}
+            self.ledger.record_client(
+                update.client_id, round_=server_round, delta=update.delta, fisher=update.fisher,
+                num_examples=update.num_examples, alpha=alpha,
+                applied={k: v.to(self._global[k].dtype) for k, v in share.items()})
         self.ledger.record_global(server_round, new_global)
 
     def _alphas(self, updates: list[ClientUpdate]) -> list[float]:
@@ -336,6 +364,10 @@ class FedUGM(FedAvg):
                 weights=[u.num_examples for u in updates],
             ))  # fmt: skip
         return {key: merged.get(key, value) for key, value in self._global.items()}
+
+
+def _entry(prior: float | Mapping[str, Tensor], key: str) -> float | Tensor:
+    return prior[key].double() if isinstance(prior, Mapping) else prior
 
 
 def _tensor_view(array: Array) -> Tensor:

@@ -14,6 +14,8 @@ with a ledger; the ``backdoor-client`` stamps a trigger on all its examples and 
   fresh Δ_t, F_t; Eq. 13 with the others' stored Fishers (done in-process here, with the same
   training and Fisher code the ClientApp runs);
 * ``ugm-repair``: ``ugm-offline`` followed by one FL round of the remaining clients (Ray);
+* ``subtract-applied``: subtract everything the merges added on the client's behalf over all
+  its rounds (the ledger's running sum; ``fl_ugm.removal.subtract_applied``);
 * ``retrain``: FL from scratch without the client, same rounds (Ray): the gold standard.
 
 For each: test accuracy, accuracy on the removed client's clean data, backdoor attack
@@ -40,13 +42,14 @@ from fl_ugm.client import train_classifier
 from fl_ugm.fisher import diagonal_fisher, iterate_batches
 from fl_ugm.ledger import Ledger
 from fl_ugm.merge import remove_client
-from fl_ugm.removal import remove_from_ledger
+from fl_ugm.removal import remove_from_ledger, subtract_applied
 from simulations import tasks
 from simulations.compare import OFFLINE_ENV, ROOT, load_config, quiet_flower_console
 from simulations.flower_app import client_partition, experiment_for, fresh_model, make_apps
 
 UNLEARN_CONFIG = ROOT / "configs" / "unlearn.yaml"
-METHODS = ("none", "ta-negation", "ugm-offline", "ugm-online", "ugm-repair", "retrain")
+METHODS = ("none", "ta-negation", "ugm-offline", "ugm-online", "ugm-repair",
+           "subtract-applied", "retrain")
 METRICS = ("test_accuracy", "removed_accuracy", "backdoor_asr", "dist_to_retrain", "seconds")
 
 
@@ -149,6 +152,10 @@ def run_seed(cfg: dict, seed: int, out: Path) -> dict[str, dict[str, float]]:
     start = time.perf_counter()
     states["ugm-online"] = online_removal(cfg, states["none"], ledger, client, seed)
     seconds["ugm-online"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    states["subtract-applied"], _ = subtract_applied(ledger, str(client))
+    seconds["subtract-applied"] = time.perf_counter() - start
 
     start = time.perf_counter()
     offline_path = work / "ugm-offline.safetensors"

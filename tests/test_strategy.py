@@ -469,3 +469,44 @@ def test_an_excluded_client_is_not_sampled_and_its_replies_are_dropped(caplog):
     with caplog.at_level("WARNING", logger="flwr"):
         strategy.aggregate_train(2, replies)
     assert "client 'p2' was removed; its reply is ignored" in caplog.text
+
+
+@pytest.mark.parametrize("rule", ["ugm", "fisher-averaging", "task-arithmetic"])
+def test_ledger_applied_shares_add_up_to_the_merged_update(rule, tmp_path):
+    from fl_ugm.ledger import Ledger
+
+    state = global_state()
+    strategy = FedUGM(prior_precision=0.5, merge=rule, min_train_nodes=3, ledger=tmp_path)
+    strategy._global = state
+    replies = [ugm_reply(n, 10 * n, state, seed=n, client=ConfigRecord({"client-id": f"p{n}"}))
+               for n in (1, 2, 3)]
+    merged = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()
+    ledger = Ledger(tmp_path)
+    first = {c: ledger.client(c).applied for c in ledger.client_ids()}
+    for key in PARAM_KEYS:
+        total = sum(first[c][key] for c in first)
+        torch.testing.assert_close(total, merged[key] - state[key], rtol=1e-5, atol=1e-6)
+    strategy.aggregate_train(2, replies)  # same global, same replies: the shares double
+    for client, shares in first.items():
+        again = Ledger(tmp_path).client(client).applied
+        for key in PARAM_KEYS:
+            torch.testing.assert_close(again[key], 2 * shares[key])
+
+
+def test_subtract_applied_removes_a_clients_accumulated_updates(tmp_path):
+    from fl_ugm.ledger import Ledger
+    from fl_ugm.removal import subtract_applied
+
+    state = global_state()
+    strategy = FedUGM(prior_precision=0.5, min_train_nodes=2, ledger=tmp_path)
+    strategy._global = state
+    replies = [ugm_reply(n, 10, state, seed=n, client=ConfigRecord({"client-id": f"p{n}"}))
+               for n in (1, 2)]
+    merged = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()
+    ledger = Ledger(tmp_path)
+    without, report = subtract_applied(ledger, "p1")
+    for key in PARAM_KEYS:
+        torch.testing.assert_close(without[key], merged[key] - ledger.client("p1").applied[key])
+        torch.testing.assert_close(without[key] - state[key], ledger.client("p2").applied[key],
+                                   rtol=1e-5, atol=1e-6)
+    assert report["mode"] == "subtract-applied"
