@@ -16,6 +16,7 @@ with a ledger; the ``backdoor-client`` stamps a trigger on all its examples and 
 * ``ugm-repair``: ``ugm-offline`` followed by one FL round of the remaining clients (Ray);
 * ``subtract-applied``: subtract everything the merges added on the client's behalf over all
   its rounds (the ledger's running sum; ``fl_ugm.removal.subtract_applied``);
+* ``applied-repair``: ``subtract-applied`` followed by one FL round of the remaining clients;
 * ``retrain``: FL from scratch without the client, same rounds (Ray): the gold standard.
 
 For each: test accuracy, accuracy on the removed client's clean data, backdoor attack
@@ -49,7 +50,7 @@ from simulations.flower_app import client_partition, experiment_for, fresh_model
 
 UNLEARN_CONFIG = ROOT / "configs" / "unlearn.yaml"
 METHODS = ("none", "ta-negation", "ugm-offline", "ugm-online", "ugm-repair",
-           "subtract-applied", "retrain")
+           "subtract-applied", "applied-repair", "retrain")
 METRICS = ("test_accuracy", "removed_accuracy", "backdoor_asr", "dist_to_retrain", "seconds")
 
 
@@ -92,6 +93,15 @@ def online_removal(cfg: dict, state, ledger: Ledger, client: int, seed: int):
     removed = remove_client({k: state[k] for k in fisher}, delta, fisher, rest,
                             alpha=record.alpha, prior_precision=float(cfg["prior-delta"]))
     return {**state, **removed}
+
+
+def repair_round(cfg: dict, state, client: int, stem: Path) -> dict[str, torch.Tensor]:
+    """One FL round of the remaining clients (Ray) starting from ``state``."""
+    start_path = stem.with_suffix(".start.safetensors")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(start_path))
+    return simulate(cfg, **{"init-from": str(start_path), "num-server-rounds": 1,
+                            "pretrain-epochs": 0, "exclude-clients": str(client),
+                            "save-final": str(stem.with_suffix(".safetensors"))})
 
 
 def task_arithmetic_negation(state, ledger: Ledger, client: int):
@@ -157,13 +167,11 @@ def run_seed(cfg: dict, seed: int, out: Path) -> dict[str, dict[str, float]]:
     states["subtract-applied"], _ = subtract_applied(ledger, str(client))
     seconds["subtract-applied"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    offline_path = work / "ugm-offline.safetensors"
-    save_file({k: v.contiguous() for k, v in states["ugm-offline"].items()}, str(offline_path))
-    states["ugm-repair"] = simulate(cfg, **{
-        "init-from": str(offline_path), "num-server-rounds": 1, "pretrain-epochs": 0,
-        "exclude-clients": str(client), "save-final": str(work / "repair.safetensors")})
-    seconds["ugm-repair"] = seconds["ugm-offline"] + time.perf_counter() - start
+    for removed, repaired in (("ugm-offline", "ugm-repair"),
+                              ("subtract-applied", "applied-repair")):
+        start = time.perf_counter()
+        states[repaired] = repair_round(cfg, states[removed], client, work / repaired)
+        seconds[repaired] = seconds[removed] + time.perf_counter() - start
     log("removed by every method")
 
     return {
