@@ -47,13 +47,7 @@ def remove_from_ledger(
     round_, state = ledger.global_state()
     record = ledger.client(client_id)
     params = _matching_params(state, record.delta, record.fisher, client_id)
-    rest = {k: torch.zeros_like(v) for k, v in record.fisher.items()}  # Σ_{s≠t} α_s F_s
-    for other in ledger.client_ids():
-        if other != client_id:
-            stored = ledger.client(other)
-            _matching_params(state, stored.delta, stored.fisher, other)
-            for key in rest:
-                rest[key] += stored.alpha * stored.fisher[key].to(rest[key].dtype)
+    rest = fisher_of_others(ledger, client_id, state)
 
     delta = {k: record.delta[k] for k in record.fisher}
     start_round = record.round - 1
@@ -79,6 +73,21 @@ def remove_from_ledger(
         "remaining_clients": [c for c in ledger.client_ids() if c != client_id],
     }  # fmt: skip
     return new_state, report
+
+
+def fisher_of_others(
+    ledger: Ledger, client_id: str, state: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """Σ_{s≠t} α_s F_s over the ledger's other clients (each checked against ``state``)."""
+    fisher = ledger.client(client_id).fisher
+    rest = {k: torch.zeros_like(v) for k, v in fisher.items()}
+    for other in ledger.client_ids():
+        if other != client_id:
+            stored = ledger.client(other)
+            _matching_params(state, stored.delta, stored.fisher, other)
+            for key in rest:
+                rest[key] += stored.alpha * stored.fisher[key].to(rest[key].dtype)
+    return rest
 
 
 def _prior(prior: PriorPrecision, key: str) -> float | Tensor:

@@ -43,7 +43,7 @@ from fl_ugm.client import train_classifier
 from fl_ugm.fisher import diagonal_fisher, iterate_batches
 from fl_ugm.ledger import Ledger
 from fl_ugm.merge import remove_client
-from fl_ugm.removal import remove_from_ledger, subtract_applied
+from fl_ugm.removal import fisher_of_others, remove_from_ledger, subtract_applied
 from simulations import tasks
 from simulations.compare import OFFLINE_ENV, ROOT, load_config, quiet_flower_console
 from simulations.flower_app import client_partition, experiment_for, fresh_model, make_apps
@@ -83,15 +83,10 @@ def online_removal(cfg: dict, state, ledger: Ledger, client: int, seed: int):
     fisher = diagonal_fisher(model, iterate_batches(x, y, 256), kind=str(cfg["fisher"]),
                              generator=torch.Generator().manual_seed(seed))
     delta = {k: p.detach() - state[k] for k, p in model.named_parameters()}
-    record = ledger.client(str(client))
-    rest = {k: torch.zeros_like(v) for k, v in fisher.items()}
-    for other in ledger.client_ids():
-        if other != str(client):
-            stored = ledger.client(other)
-            for k in rest:
-                rest[k] += stored.alpha * stored.fisher[k]
+    rest = fisher_of_others(ledger, str(client), state)
     removed = remove_client({k: state[k] for k in fisher}, delta, fisher, rest,
-                            alpha=record.alpha, prior_precision=float(cfg["prior-delta"]))
+                            alpha=ledger.client(str(client)).alpha,
+                            prior_precision=float(cfg["prior-delta"]))
     return {**state, **removed}
 
 
