@@ -438,6 +438,11 @@ def _raise_first_bad_client(
 # --------------------------------------------------------------------------- dtype helpers
 
 
+def prior_at(prior: PriorPrecision, key: str) -> float | Tensor:
+    """H0 for tensor ``key``: the scalar, or the mapping's entry (not validated)."""
+    return prior[key] if isinstance(prior, Mapping) else prior
+
+
 def _compute_dtype(*values: Tensor | float) -> torch.dtype:
     """float32, or float64 if any tensor among ``values`` is float64."""
     dtype = torch.float32

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fl_ugm.ledger import Ledger, LedgerError
-from fl_ugm.merge import PriorPrecision, remove_client
+from fl_ugm.merge import PriorPrecision, prior_at, remove_client
 
 
 def remove_from_ledger(
@@ -54,9 +54,9 @@ def remove_from_ledger(
     recentered = recenter and start_round in ledger.rounds()
     if recentered:
         _, start = ledger.global_state(start_round)
-        h0 = prior_precision
         delta = {
-            k: d - record.fisher[k] / (_prior(h0, k) + record.fisher[k]) * (params[k] - start[k])
+            k: d - record.fisher[k] / (prior_at(prior_precision, k) + record.fisher[k])
+            * (params[k] - start[k])
             for k, d in delta.items()
         }
     removed = remove_client(params, delta, record.fisher, rest, alpha=record.alpha,
@@ -88,10 +88,6 @@ def fisher_of_others(
             for key in rest:
                 rest[key] += stored.alpha * stored.fisher[key].to(rest[key].dtype)
     return rest
-
-
-def _prior(prior: PriorPrecision, key: str) -> float | Tensor:
-    return prior[key] if isinstance(prior, Mapping) else prior
 
 
 def _matching_params(state, delta, fisher, client_id: str) -> dict[str, Tensor]:

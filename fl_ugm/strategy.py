@@ -39,6 +39,7 @@ from fl_ugm.merge import (
     FISHER_AVERAGING_EPS,
     InvalidClientInput,
     fisher_averaging,
+    prior_at,
     task_arithmetic,
     ugm_merge,
     weighted_average,
@@ -298,7 +299,7 @@ class FedUGM(FedAvg):
             prior, denominator = None, None
         else:
             prior = self._prior(keys) if self.merge == "ugm" else FISHER_AVERAGING_EPS
-            denominator = {k: _entry(prior, k) + sum(a * u.fisher[k].double()
+            denominator = {k: _double(prior_at(prior, k)) + sum(a * u.fisher[k].double()
                                                      for a, u in zip(alphas, updates, strict=True))
                            for k in keys}
         for update, alpha in zip(updates, alphas, strict=True):
@@ -312,7 +313,7 @@ class FedUGM(FedAvg):
                 if denominator is None:
                     share[k] = alpha * delta
                 else:
-                    weight = _entry(prior, k) + update.fisher[k].double()
+                    weight = _double(prior_at(prior, k)) + update.fisher[k].double()
                     share[k] = alpha * weight * delta / denominator[k]
             if update.client_id in self.ledger.client_ids():
                 previous = self.ledger.client(update.client_id).applied
@@ -366,8 +367,8 @@ class FedUGM(FedAvg):
         return {key: merged.get(key, value) for key, value in self._global.items()}
 
 
-def _entry(prior: float | Mapping[str, Tensor], key: str) -> float | Tensor:
-    return prior[key].double() if isinstance(prior, Mapping) else prior
+def _double(value: float | Tensor) -> float | Tensor:
+    return value.double() if isinstance(value, Tensor) else value
 
 
 def _tensor_view(array: Array) -> Tensor:
