@@ -20,9 +20,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     remove = commands.add_parser(
         "remove",
         help="remove a client's contribution from the newest global in a ledger (offline)",
-        description="Apply the UGM removal update (appendix Eq. 13) for one client, using only "
-        "the ledger, and write the new global state (safetensors) and a JSON report. The "
-        "ledger itself is left unchanged unless --forget is given.",
+        description="Apply the UGM removal update for one client, using only the ledger "
+        "(Eq. 13, plus reverting the coordinates no remaining client informs; see "
+        "fl_ugm.removal), and write the new global state (safetensors) and a JSON report. "
+        "The ledger itself is left unchanged unless --forget is given. For online removal "
+        "and repair rounds inside a running Flower app, use FedUGM.remove (the app's "
+        "remove-client run config).",
     )
     remove.add_argument("--ledger", required=True, type=Path, help="ledger directory")
     remove.add_argument("--client", required=True, help="stable client id to remove")
@@ -31,8 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="δ; default: the value stored in the ledger")
     remove.add_argument("--no-recenter", action="store_true",
                         help="use the stored delta as is (no re-centring to the current model)")
+    remove.add_argument("--eq13-only", action="store_true",
+                        help="do not revert the coordinates no remaining client informs")
     remove.add_argument("--forget", action="store_true",
-                        help="also delete the client's stored contribution from the ledger")
+                        help="also store the result as the ledger's next global and delete "
+                        "the client's contribution from the ledger")
     args = parser.parse_args(argv)
 
     try:
@@ -41,12 +47,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ledger = Ledger(args.ledger)
         state, report = remove_from_ledger(ledger, args.client,
                                            prior_precision=args.prior_precision,
-                                           recenter=not args.no_recenter)
+                                           recenter=not args.no_recenter,
+                                           revert_uninformed=not args.eq13_only)
         write_atomically(args.out, lambda tmp: save_file(
             {k: v.contiguous() for k, v in state.items()}, str(tmp)))
         report_path = args.out.with_suffix(args.out.suffix + ".report.json")
         write_atomically(report_path, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
         if args.forget:
+            ledger.record_global(report["global_round"] + 1, state)
             ledger.forget_client(args.client)
     except LedgerError as err:
         print(f"fl-ugm remove: {err}", file=sys.stderr)

@@ -14,6 +14,10 @@ FedAdam…) gets the standard ``{"arrays": ArrayRecord(θ_t), "metrics": ...}`` 
 The proximal prior: FedUGM sends its δ as ``"ugm-prior"``; FedProx sends ``"proximal-mu"``
 (μ/2·‖w − θ‖² on a MEAN loss, i.e. precision μ·n_t on the summed loss). Both become the
 term (precision / 2n)·‖w − θ‖² added to the mean loss, the H0 = δ of the derivation.
+
+A QUERY message is answered by :func:`handle_query` with the client's stable id, so a server
+that has not heard from a client in this run (e.g. a removal run after a restart) can find
+its node.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ FEDPROX_MU_KEY = "proximal-mu"
 #: as ConfigRecord CLIENT_RECORD = {CLIENT_ID_KEY: str}.
 CLIENT_RECORD = "client"
 CLIENT_ID_KEY = "client-id"
+#: Set in the train config of an online-removal request: the client fine-tunes from the
+#: current global as usual; its reply's Δ_t, F_t feed the removal update, not a merge.
+REMOVAL_KEY = "ugm-removal"
 #: Fisher estimators a client can be asked for: the two of ``diagonal_fisher`` and the
 #: cheap one accumulated during training (:class:`fl_ugm.fisher.TrainingFisher`).
 FISHER_ESTIMATORS = ("sampled", "empirical", "training")
@@ -176,6 +183,12 @@ def handle_train(
     if client_id is not None:
         content[CLIENT_RECORD] = ConfigRecord({CLIENT_ID_KEY: str(client_id)})
     return Message(content=content, reply_to=msg)
+
+
+def handle_query(msg: Message, client_id: str) -> Message:
+    """Answer the server's query with this client's stable id (``{CLIENT_RECORD: ...}``)."""
+    record = ConfigRecord({CLIENT_ID_KEY: str(client_id)})
+    return Message(content=RecordDict({CLIENT_RECORD: record}), reply_to=msg)
 
 
 @torch.no_grad()

@@ -1,17 +1,30 @@
-"""Remove a client's contribution from the global model using the ledger (offline removal).
+"""Remove a client's contribution from the global model using the ledger.
 
-θ₋t = θ − α_t (H0 + F_t) / (H0 + Σ_{s≠t} α_s F_s) · Δ_t            (appendix Eq. 13)
+Two parts, both per coordinate (parameter entry):
 
-Offline, Δ_t is the client's last stored delta, taken from the global θ_start it started
-from, not from the current θ. By default it is re-centred to the current model with the
-same quadratic model the derivation uses (ℓ_t's Hessian ≈ F_t):
+1. **Eq. 13** (appendix §1.3), where the remaining clients' data informs the coordinate:
 
-    Δ'_t = Δ_t − F_t / (H0 + F_t) · (θ − θ_start)
+       θ₋t = θ − α_t (H0 + F_t) / (H0 + Σ_{s≠t} α_s F_s) · Δ_t
 
-so that (H0 + F_t)·Δ'_t is what a client fine-tuning from θ would give for a quadratic loss:
-for linear regression the offline removal is then exact, like the online one. It needs the
-checkpoint of the round before the client's contribution; without it the plain Δ_t is used
-and the report says so.
+   *Online*, Δ_t and F_t come fresh from the client fine-tuning from the current θ (exact
+   for linear regression). *Offline*, they are its last stored contribution, which started
+   from θ_start, not from θ; by default the delta is re-centred to the current model with
+   the same quadratic model the derivation uses (ℓ_t's Hessian ≈ F_t):
+
+       Δ'_t = Δ_t − F_t / (H0 + F_t) · (θ − θ_start)
+
+   which makes the offline removal exact for linear regression too. It needs the checkpoint
+   of the round before the client's contribution; without it the plain Δ_t is used and the
+   report says so.
+
+2. **Revert uninformed coordinates**, where the remaining clients' summed Fisher is
+   negligible (Σ_{s≠t} α_s F_s ≤ ``uninformed_threshold`` · H0): no other client's data
+   moves such a coordinate (for a pixel that is always blank in their data, its first-layer
+   weights get exactly zero gradient), so retraining without t leaves it where it started,
+   and the exact removal is to subtract everything the merges added there on t's behalf over
+   all rounds (the ledger's ``applied`` sum). Eq. 13 alone cannot do this in multi-round
+   FL: Δ_t and F_t are one round's, and once the global fits t's data they are ≈ 0 (a
+   backdoor is exactly such a case). Measured in ``simulations.unlearn``.
 """
 
 from __future__ import annotations
@@ -24,6 +37,41 @@ from torch import Tensor
 from fl_ugm.ledger import Ledger, LedgerError
 from fl_ugm.merge import PriorPrecision, prior_at, remove_client
 
+#: Σ_{s≠t} α_s F_s at or below this × H0 counts as "no remaining client informs it".
+#: Measured on the unlearning benchmark: 1e-6 to 1e-3 give the same result.
+UNINFORMED_FISHER = 1e-4
+
+
+def removal_update(
+    params: Mapping[str, Tensor],
+    delta: Mapping[str, Tensor],
+    fisher: Mapping[str, Tensor],
+    fisher_rest: Mapping[str, Tensor],
+    *,
+    alpha: float,
+    prior_precision: PriorPrecision,
+    applied: Mapping[str, Tensor] | None = None,
+    uninformed_threshold: float = UNINFORMED_FISHER,
+) -> tuple[dict[str, Tensor], float]:
+    """(θ₋t for the keys of ``fisher``, fraction of entries reverted): Eq. 13, then, where
+    ``fisher_rest`` ≤ ``uninformed_threshold`` · H0 and ``applied`` (the client's summed
+    merge shares over all rounds) is given, θ − applied instead. Units as in
+    :func:`fl_ugm.merge.remove_client` (Fishers are sums over examples)."""
+    removed = remove_client({k: params[k] for k in fisher}, delta, fisher, fisher_rest,
+                            alpha=alpha, prior_precision=prior_precision)
+    if applied is None:
+        return removed, 0.0
+    reverted = total = 0
+    for key, value in removed.items():
+        if key not in applied:
+            continue
+        uninformed = fisher_rest[key] <= uninformed_threshold * prior_at(prior_precision, key)
+        reverted_value = params[key] - applied[key].to(params[key].dtype)
+        removed[key] = torch.where(uninformed, reverted_value, value)
+        reverted += int(uninformed.sum())
+        total += uninformed.numel()
+    return removed, reverted / max(total, 1)
+
 
 def remove_from_ledger(
     ledger: Ledger,
@@ -31,9 +79,13 @@ def remove_from_ledger(
     *,
     prior_precision: PriorPrecision | None = None,
     recenter: bool = True,
+    revert_uninformed: bool = True,
+    client_reply: tuple[Mapping[str, Tensor], Mapping[str, Tensor]] | None = None,
 ) -> tuple[dict[str, Tensor], dict]:
     """(new global state, report) after removing ``client_id`` from the newest checkpoint.
 
+    ``client_reply``: (Δ_t, F_t) the client just computed by fine-tuning from the newest
+    checkpoint (online removal); without it the stored contribution is used (offline).
     ``prior_precision`` defaults to the ledger's stored ``meta["prior_precision"]``. Nothing
     on disk changes: the caller decides whether to save the result and forget the client.
     """
@@ -49,25 +101,33 @@ def remove_from_ledger(
     params = _matching_params(state, record.delta, record.fisher, client_id)
     rest = fisher_of_others(ledger, client_id, state)
 
-    delta = {k: record.delta[k] for k in record.fisher}
-    start_round = record.round - 1
-    recentered = recenter and start_round in ledger.rounds()
-    if recentered:
-        _, start = ledger.global_state(start_round)
-        delta = {
-            k: d - record.fisher[k] / (prior_at(prior_precision, k) + record.fisher[k])
-            * (params[k] - start[k])
-            for k, d in delta.items()
-        }
-    removed = remove_client(params, delta, record.fisher, rest, alpha=record.alpha,
-                            prior_precision=prior_precision)
+    recentered = False
+    if client_reply is not None:
+        delta, fisher = client_reply
+        _matching_params(state, delta, fisher, client_id)
+    else:
+        fisher = record.fisher
+        delta = {k: record.delta[k] for k in fisher}
+        recentered = recenter and record.round - 1 in ledger.rounds()
+        if recentered:
+            _, start = ledger.global_state(record.round - 1)
+            delta = {
+                k: d - fisher[k] / (prior_at(prior_precision, k) + fisher[k])
+                * (params[k] - start[k])
+                for k, d in delta.items()
+            }
+    removed, reverted = removal_update(
+        params, delta, fisher, rest, alpha=record.alpha, prior_precision=prior_precision,
+        applied=record.applied if revert_uninformed and record.applied else None,
+    )  # fmt: skip
     new_state = dict(state)
     new_state.update(removed)
     change = torch.sqrt(sum(((removed[k] - params[k]).double() ** 2).sum() for k in removed))
     report = {
-        "client": client_id, "mode": "offline", "global_round": round_,
-        "client_round": record.round, "alpha": record.alpha,
+        "client": client_id, "mode": "online" if client_reply is not None else "offline",
+        "global_round": round_, "client_round": record.round, "alpha": record.alpha,
         "num_examples": record.num_examples, "recentered": recentered,
+        "reverted_fraction": reverted,
         "prior_precision": prior_precision if isinstance(prior_precision, float) else "tensor",
         "update_l2_norm": float(change),
         "remaining_clients": [c for c in ledger.client_ids() if c != client_id],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -32,6 +34,7 @@ from fl_ugm.client import (
     FISHER_ESTIMATORS,
     FISHER_KEY,
     PRIOR_KEY,
+    REMOVAL_KEY,
     UGM_KEY,
 )
 from fl_ugm.ledger import Ledger
@@ -44,11 +47,18 @@ from fl_ugm.merge import (
     ugm_merge,
     weighted_average,
 )
+from fl_ugm.removal import remove_from_ledger
 
 ALPHA_MODES = ("num-examples", "uniform", "ones")
 #: How the parameters are merged: UGM (Eq. 6), or one of its limits, for comparisons on the
 #: same client replies: H0 → 0 (Fisher-weighted averaging) or F ≡ 0 (task arithmetic).
 MERGE_RULES = ("ugm", "fisher-averaging", "task-arithmetic")
+#: Client removal: from the ledger alone, or with a fresh Δ_t, F_t from the client.
+REMOVAL_MODES = ("offline", "online")
+
+
+class RemovalError(RuntimeError):
+    """A client removal could not be carried out; the global model and ledger are unchanged."""
 
 
 @dataclass
@@ -140,6 +150,7 @@ class FedUGM(FedAvg):
         self._global: dict[str, Tensor] | None = None
         self.excluded_clients: set[str] = set()
         self._node_of_client: dict[str, int] = {}
+        self._messages_sent = 0  # in the current round, after excluding removed clients
         self.ledger = Ledger(ledger) if isinstance(ledger, str | Path) else ledger
         if self.ledger is not None:
             self.ledger.set_meta(prior_precision=self.prior_precision, alpha=alpha,
@@ -172,7 +183,9 @@ class FedUGM(FedAvg):
         messages = super().configure_train(server_round, arrays, config, grid)
         excluded = {self._node_of_client[c] for c in self.excluded_clients
                     if c in self._node_of_client}
-        return [m for m in messages if m.metadata.dst_node_id not in excluded]
+        messages = [m for m in messages if m.metadata.dst_node_id not in excluded]
+        self._messages_sent = len(messages)
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -182,7 +195,9 @@ class FedUGM(FedAvg):
             raise RuntimeError("FedUGM.aggregate_train called before configure_train.")
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         updates = self._parse_replies(server_round, valid)
-        while len(updates) >= max(self.min_train_nodes, 1):
+        # after a removal fewer nodes are asked than min_train_nodes; require all of those
+        needed = max(min(self.min_train_nodes, self._messages_sent or self.min_train_nodes), 1)
+        while len(updates) >= needed:
             try:
                 new_global = self._merge(updates)
             except InvalidClientInput as err:
@@ -198,10 +213,121 @@ class FedUGM(FedAvg):
             if self.ledger is not None:
                 self._record(server_round, updates, new_global)
             return ArrayRecord(new_global), metrics
-        log(WARNING, "aggregate_train: round %d has %d valid UGM replies, fewer than "
-            "min_train_nodes=%d; keeping the global model.", server_round, len(updates),
-            self.min_train_nodes)
+        log(WARNING, "aggregate_train: round %d has %d valid UGM replies, fewer than the "
+            "%d needed (min_train_nodes=%d); keeping the global model.", server_round,
+            len(updates), needed, self.min_train_nodes)
         return None, None
+
+    # ------------------------------------------------------------------ client removal
+
+    def remove(
+        self,
+        grid: Grid,
+        client_id: str,
+        *,
+        mode: str = "offline",
+        repair_rounds: int = 0,
+        train_config: ConfigRecord | None = None,
+        evaluate_fn=None,
+        timeout: float = 3600.0,
+    ) -> tuple[ArrayRecord, dict]:
+        """Remove ``client_id``'s contribution from the newest global in the ledger, then run
+        ``repair_rounds`` FL rounds with the remaining clients. Returns (global, report).
+
+        ``mode="offline"`` uses the ledger alone; ``"online"`` first sends the client the
+        current global with a removal instruction (a train message with ``REMOVAL_KEY``) and
+        uses the Δ_t, F_t it returns (``fl_ugm.removal``). The removal result is stored in
+        the ledger as the next round's global, the client's contribution is deleted from the
+        ledger, and the client is never sampled again. ``evaluate_fn(round, arrays)`` (as in
+        ``Strategy.start``) gives the report's metrics before and after. Raises
+        :class:`RemovalError` (nothing changed) if the removal cannot be done.
+        """
+        if self.ledger is None:
+            raise RemovalError("FedUGM.remove needs the strategy's ledger; pass ledger=DIR.")
+        if mode not in REMOVAL_MODES:
+            raise RemovalError(f"removal mode {mode!r}; choose one of {REMOVAL_MODES}.")
+        if repair_rounds < 0:
+            raise RemovalError(f"repair_rounds={repair_rounds}; it must be ≥ 0.")
+        started = time.perf_counter()
+        round_, state = self.ledger.global_state()
+        self._global = state
+        before = evaluate_fn(round_, ArrayRecord(state)) if evaluate_fn else None
+        reply = None
+        if mode == "online":
+            reply = self._online_contribution(grid, client_id, round_ + 1, timeout)
+        prior = self.prior_precision if self.server_fisher is None else self._prior(
+            self.server_fisher)
+        new_state, report = remove_from_ledger(self.ledger, client_id, prior_precision=prior,
+                                               client_reply=reply)
+        removal_round = round_ + 1
+        self.ledger.record_global(removal_round, new_state)
+        self.ledger.forget_client(client_id)
+        self.exclude_client(client_id)
+        report.update(removal_round=removal_round, removal_seconds=time.perf_counter() - started)
+        log(INFO, "removed client %r (%s) from the round-%d global: |change| = %.4g, %.1f %% of "
+            "entries reverted.", client_id, mode, round_, report["update_l2_norm"],
+            100 * report["reverted_fraction"])
+
+        arrays = ArrayRecord(new_state)
+        if repair_rounds and client_id not in self._node_of_client:
+            self._discover_clients(grid, timeout)  # so the removed client is not sampled
+        for server_round in range(removal_round + 1, removal_round + 1 + repair_rounds):
+            log(INFO, "[REPAIR ROUND %d/%d]", server_round - removal_round, repair_rounds)
+            messages = self.configure_train(server_round, arrays, ConfigRecord(
+                dict(train_config or {})), grid)
+            replies = grid.send_and_receive(messages, timeout=timeout)
+            repaired, _ = self.aggregate_train(server_round, replies)
+            arrays = repaired if repaired is not None else arrays
+        final_round = removal_round + repair_rounds
+        report.update(
+            repair_rounds=repair_rounds, final_round=final_round,
+            seconds=time.perf_counter() - started,
+            metrics_before=dict(before) if before is not None else None,
+            metrics_after=dict(evaluate_fn(final_round, arrays)) if evaluate_fn else None,
+        )  # fmt: skip
+        return arrays, report
+
+    def _online_contribution(self, grid: Grid, client_id: str, server_round: int,
+                             timeout: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Ask the client to fine-tune from the current global; its validated (Δ_t, F_t)."""
+        if client_id not in self._node_of_client:
+            self._discover_clients(grid, timeout)
+        node = self._node_of_client.get(client_id)
+        if node is None:
+            raise RemovalError(
+                f"no connected node identifies as client {client_id!r}, so it cannot take "
+                "part in an online removal; use mode='offline' (ledger only)."
+            )
+        config = ConfigRecord({UGM_KEY: True, FISHER_KEY: self.fisher,
+                               PRIOR_KEY: self.prior_precision, REMOVAL_KEY: True,
+                               "server-round": server_round})
+        content = RecordDict({"arrays": ArrayRecord(self._global), "config": config})
+        message = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+        replies = list(grid.send_and_receive([message], timeout=timeout))
+        if not replies or replies[0].has_error():
+            why = replies[0].error.reason if replies else f"no reply within {timeout:.0f} s"
+            raise RemovalError(f"online removal of client {client_id!r} failed: {why}. "
+                               "Nothing was changed; retry, or use mode='offline'.")
+        try:
+            update = self._parse_reply(node, replies[0].content)
+        except ValueError as err:
+            raise RemovalError(f"client {client_id!r}'s removal reply is invalid: {err}") from err
+        for name, tensors in (("delta", update.delta), ("fisher", update.fisher)):
+            bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
+            if bad or (name == "fisher" and any(bool((v < 0).any()) for v in tensors.values())):
+                raise RemovalError(f"client {client_id!r}'s removal reply has a non-finite "
+                                   f"or negative {name} ({bad[:3]}); nothing was changed.")
+        return {k: update.delta[k] for k in update.fisher}, update.fisher
+
+    def _discover_clients(self, grid: Grid, timeout: float) -> None:
+        """Ask every connected node for its stable client id (``handle_query``)."""
+        messages = [Message(content=RecordDict(), message_type=MessageType.QUERY,
+                            dst_node_id=node) for node in grid.get_node_ids()]
+        for reply in grid.send_and_receive(messages, timeout=min(timeout, 120.0)):
+            if not reply.has_error():
+                record = reply.content.config_records.get(CLIENT_RECORD, {})
+                if CLIENT_ID_KEY in record:
+                    self._node_of_client[str(record[CLIENT_ID_KEY])] = reply.metadata.src_node_id
 
     # ------------------------------------------------------------------ internals
 

@@ -17,8 +17,11 @@ Run config keys (defaults in ``pyproject.toml`` ``[tool.flwr.app.config]``): ``s
 ids that do not train, e.g. "0,3"), ``backdoor-client``/``backdoor-target`` (that
 partition's data carries a trigger relabelled to the target; -1: none),
 ``init-from``/``save-final`` (safetensors paths of the initial and final global state;
-empty: none). Clients identify themselves by ``node_config["client-id"]`` if set, else their
-``partition-id``.
+empty: none), ``remove-client`` (after training, remove that client id with
+``FedUGM.remove``, ``removal-mode`` offline | online, then ``repair-rounds`` rounds without
+it; the report goes to the history and ``out/removal-<id>.json``; with
+``num-server-rounds=0`` this is a removal-only run on an existing ``ledger``). Clients
+identify themselves by ``node_config["client-id"]`` if set, else their ``partition-id``.
 
 Every client gets partition ``node_config["partition-id"]`` of the same seeded split, so all
 strategies see identical data.
@@ -42,7 +45,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 from safetensors.torch import load_file, save_file
 
-from fl_ugm.client import handle_evaluate, handle_train, train_classifier
+from fl_ugm.client import handle_evaluate, handle_query, handle_train, train_classifier
 from fl_ugm.ledger import write_atomically
 from fl_ugm.strategy import FedUGM
 from simulations import tasks
@@ -170,16 +173,26 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
         return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
 
     strategy = build_strategy(cfg, int(cfg["num-clients"]))
+    removed = str(cfg.get("remove-client", "")).strip()
+    if removed and not (isinstance(strategy, FedUGM) and strategy.ledger is not None):
+        raise ValueError("remove-client needs strategy=fedugm and a ledger directory (ledger=).")
     _record_replies(strategy, history)
     train_config = ConfigRecord({
         "local-epochs": int(cfg["local-epochs"]), "lr": float(cfg["lr"]),
         "batch-size": int(cfg["batch-size"]), "optimizer": str(cfg["optimizer"]),
     })  # fmt: skip
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
-                            num_rounds=int(cfg["num-server-rounds"]),
-                            train_config=train_config, evaluate_fn=central_evaluate)
+    arrays = ArrayRecord(model.state_dict())
+    if int(cfg["num-server-rounds"]) > 0:
+        arrays = strategy.start(grid=grid, initial_arrays=arrays,
+                                num_rounds=int(cfg["num-server-rounds"]),
+                                train_config=train_config, evaluate_fn=central_evaluate).arrays
+    if removed:
+        arrays, history["removal"] = strategy.remove(
+            grid, removed, mode=str(cfg.get("removal-mode", "offline")),
+            repair_rounds=int(cfg.get("repair-rounds", 0)), train_config=train_config,
+            evaluate_fn=central_evaluate)  # fmt: skip
     if cfg.get("save-final"):
-        final = {k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}
+        final = {k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()}
         write_atomically(Path(str(cfg["save-final"])),
                          lambda tmp: save_file(final, str(tmp)))
     if cfg.get("out"):
@@ -188,6 +201,10 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
         path = out / f"history-{cfg['strategy']}-seed{int(cfg['seed'])}.json"
         path.write_text(json.dumps(history, indent=1) + "\n")
         log(20, "history written to %s", path)
+        if removed:
+            report = out / f"removal-{removed}.json"
+            report.write_text(json.dumps(history["removal"], indent=1) + "\n")
+            log(20, "removal report written to %s", report)
     return history
 
 
@@ -223,8 +240,13 @@ def run_client_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> 
         lr=float(train.get("lr", cfg["lr"])),
         optimizer=str(train.get("optimizer", cfg["optimizer"])),
         seed=int(cfg["seed"]) * 100_003 + 1_009 * server_round + partition_id,
-        client_id=str(context.node_config.get("client-id", partition_id)),
+        client_id=client_id_of(context),
     )  # fmt: skip
+
+
+def client_id_of(context: Context) -> str:
+    """This SuperNode's stable client id: ``node_config["client-id"]``, else its partition."""
+    return str(context.node_config.get("client-id", context.node_config["partition-id"]))
 
 
 def run_client_evaluate(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Message:
@@ -249,6 +271,10 @@ def make_apps(overrides: Mapping[str, Any] | None = None) -> tuple[ServerApp, Cl
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         return run_client_evaluate(msg, context, {**context.run_config, **fixed})
+
+    @client_app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, client_id_of(context))
 
     return server_app, client_app
 

@@ -9,26 +9,33 @@ with a ledger; the ``backdoor-client`` stamps a trigger on all its examples and 
 
 * ``none``: keep the trained model;
 * ``ta-negation``: θ − α_t Δ_t with its stored delta (task-arithmetic negation);
-* ``ugm-offline``: ``fl_ugm.removal.remove_from_ledger`` (Eq. 13, ledger only, re-centred);
-* ``ugm-online``: the client fine-tunes from the current model under the prior δ and sends a
-  fresh Δ_t, F_t; Eq. 13 with the others' stored Fishers (done in-process here, with the same
-  training and Fisher code the ClientApp runs);
-* ``ugm-repair``: ``ugm-offline`` followed by one FL round of the remaining clients (Ray);
+* ``eq13-offline``: Eq. 13 alone from the ledger (re-centred), without the revert of
+  uninformed coordinates (``fl_ugm.removal``), to show what the revert adds;
+* ``ugm-offline``: ``FedUGM.remove(mode="offline")`` in a Flower removal run on a copy of
+  the ledger (Eq. 13 + revert of the coordinates no remaining client informs);
+* ``ugm-online``: ``FedUGM.remove(mode="online")``: the server sends the client the current
+  global with a removal instruction; the client fine-tunes and returns Δ_t, F_t;
+* ``ugm-repair`` / ``ugm-online-repair``: the same followed by one FL round of the remaining
+  clients (``repair-rounds=1``), in the same Flower run;
 * ``subtract-applied``: subtract everything the merges added on the client's behalf over all
   its rounds (the ledger's running sum; ``fl_ugm.removal.subtract_applied``);
-* ``applied-repair``: ``subtract-applied`` followed by one FL round of the remaining clients;
 * ``retrain``: FL from scratch without the client, same rounds (Ray): the gold standard.
 
 For each: test accuracy, accuracy on the removed client's clean data, backdoor attack
 success rate (ASR: triggered test images not of the target class that are classified as the
-target), L2 distance to the retrained model, and seconds. Writes ``unlearn.json``
-(``{"methods": {name: {metric: [one per seed]}}, "config": {...}}``) and ``unlearn.png`` to
-``out``; prints a table.
+target), L2 distance to the retrained model, seconds of server-side work inside the
+Flower run (the strategy's rounds for retraining, ``FedUGM.remove`` for the removals; Ray's
+start-up is not counted for either, but the first message to each simulated client pays for
+starting its ClientApp, ~10 s on 2 cores, in the retraining's round 1 and in the removal
+runs alike), and client trainings (fine-tuning jobs run by clients: the hardware-independent
+cost). Writes ``unlearn.json`` (``{"methods": {name: {metric:
+[one per seed]}}, "config": {...}}``) and ``unlearn.png`` to ``out``; prints a table.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -37,25 +44,23 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from fl_ugm.client import train_classifier
-from fl_ugm.fisher import diagonal_fisher, iterate_batches
 from fl_ugm.ledger import Ledger
-from fl_ugm.merge import remove_client
-from fl_ugm.removal import fisher_of_others, remove_from_ledger, subtract_applied
+from fl_ugm.removal import remove_from_ledger, subtract_applied
 from simulations import tasks
 from simulations.compare import OFFLINE_ENV, ROOT, load_config, quiet_flower_console
 from simulations.flower_app import client_partition, experiment_for, fresh_model, make_apps
 
 UNLEARN_CONFIG = ROOT / "configs" / "unlearn.yaml"
-METHODS = ("none", "ta-negation", "ugm-offline", "ugm-online", "ugm-repair",
-           "subtract-applied", "applied-repair", "retrain")
-METRICS = ("test_accuracy", "removed_accuracy", "backdoor_asr", "dist_to_retrain", "seconds")
+METHODS = ("none", "ta-negation", "eq13-offline", "ugm-offline", "ugm-online", "ugm-repair",
+           "ugm-online-repair", "subtract-applied", "retrain")
+METRICS = ("test_accuracy", "removed_accuracy", "backdoor_asr", "dist_to_retrain", "seconds",
+           "client_trainings")
 
 
-def simulate(cfg: dict, **overrides) -> dict[str, torch.Tensor]:
-    """One Flower simulation on Ray; returns the final global state."""
+def simulate(cfg: dict, **overrides) -> tuple[dict[str, torch.Tensor], dict]:
+    """One Flower simulation on Ray; returns (final global state, the run's history)."""
     from flwr.simulation import run_simulation
 
     run_config = {**cfg, **overrides}
@@ -66,37 +71,32 @@ def simulate(cfg: dict, **overrides) -> dict[str, torch.Tensor]:
                                    "init_args": {"logging_level": "ERROR",
                                                  "log_to_driver": False}})
     path = Path(run_config["save-final"])
-    if not path.exists():
-        raise RuntimeError(f"the simulation wrote no final model to {path}; see the log above.")
-    return load_file(str(path))
+    history = (Path(run_config["out"])
+               / f"history-{run_config['strategy']}-seed{int(run_config['seed'])}.json")
+    if not (path.exists() and history.exists()):
+        raise RuntimeError(f"the simulation wrote no final model to {path} or no history to "
+                           f"{history}; see the log above.")
+    return load_file(str(path)), json.loads(history.read_text())
 
 
-def online_removal(cfg: dict, state, ledger: Ledger, client: int, seed: int):
-    """The removed client fine-tunes from ``state`` (its own, poisoned data) under the prior
-    δ and sends Δ, F; Eq. 13 with Σ_{s≠t} α_s F_s from the ledger."""
-    x, y = client_partition(cfg, client)
-    model = fresh_model(cfg, x)
-    model.load_state_dict(state)
-    train_classifier(model, x, y, epochs=int(cfg["local-epochs"]),
-                     batch_size=int(cfg["batch-size"]), lr=float(cfg["lr"]), seed=seed,
-                     optimizer=str(cfg["optimizer"]), prox_precision=float(cfg["prior-delta"]))
-    fisher = diagonal_fisher(model, iterate_batches(x, y, 256), kind=str(cfg["fisher"]),
-                             generator=torch.Generator().manual_seed(seed))
-    delta = {k: p.detach() - state[k] for k, p in model.named_parameters()}
-    rest = fisher_of_others(ledger, str(client), state)
-    removed = remove_client({k: state[k] for k in fisher}, delta, fisher, rest,
-                            alpha=ledger.client(str(client)).alpha,
-                            prior_precision=float(cfg["prior-delta"]))
-    return {**state, **removed}
+def client_trainings(history: dict) -> int:
+    """Fine-tuning jobs the clients ran in a Flower run: replies over all its train rounds."""
+    return sum(len(r["nodes"]) for r in history["replies"])
 
 
-def repair_round(cfg: dict, state, client: int, stem: Path) -> dict[str, torch.Tensor]:
-    """One FL round of the remaining clients (Ray) starting from ``state``."""
-    start_path = stem.with_suffix(".start.safetensors")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(start_path))
-    return simulate(cfg, **{"init-from": str(start_path), "num-server-rounds": 1,
-                            "pretrain-epochs": 0, "exclude-clients": str(client),
-                            "save-final": str(stem.with_suffix(".safetensors"))})
+def removal_run(cfg: dict, ledger_dir: Path, client: int, mode: str, work: Path):
+    """A removal-only Flower run (no training rounds) on a copy of the ledger: FedUGM.remove
+    then one repair round. Returns (removed state, repaired state, report, repair trainings)."""
+    ledger_copy = work / f"ledger-{mode}"
+    shutil.rmtree(ledger_copy, ignore_errors=True)
+    shutil.copytree(ledger_dir, ledger_copy)
+    repaired, history = simulate(cfg, **{
+        "num-server-rounds": 0, "ledger": str(ledger_copy), "remove-client": str(client),
+        "removal-mode": mode, "repair-rounds": 1, "out": str(work / mode),
+        "save-final": str(work / f"{mode}-repair.safetensors")})  # fmt: skip
+    report = history["removal"]
+    _, removed = Ledger(ledger_copy).global_state(report["removal_round"])
+    return removed, repaired, report, client_trainings(history)
 
 
 def task_arithmetic_negation(state, ledger: Ledger, client: int):
@@ -129,49 +129,48 @@ def run_seed(cfg: dict, seed: int, out: Path) -> dict[str, dict[str, float]]:
     client = int(cfg["backdoor-client"])
     work = out / f"seed{seed}"
     ledger_dir = work / "ledger"
+    shutil.rmtree(ledger_dir, ignore_errors=True)
     seconds, states = {}, {}
+    trainings = dict.fromkeys(METHODS, 0)
 
     def log(message: str) -> None:
         print(f"[seed {seed}] {message}", file=sys.stderr, flush=True)
 
-    start = time.perf_counter()
-    states["none"] = simulate(cfg, **{"ledger": str(ledger_dir),
-                                      "save-final": str(work / "full.safetensors")})
+    states["none"], history = simulate(cfg, **{
+        "ledger": str(ledger_dir), "out": str(work / "train"),
+        "save-final": str(work / "full.safetensors")})  # fmt: skip
     seconds["none"] = 0.0
-    training = time.perf_counter() - start
-    log(f"trained with the backdoored client in {training:.0f} s")
+    log(f"trained with the backdoored client in {history['seconds'][-1]:.1f} s")
+    states["retrain"], history = simulate(cfg, **{
+        "exclude-clients": str(client), "out": str(work / "retrain"),
+        "save-final": str(work / "retrain.safetensors")})  # fmt: skip
+    seconds["retrain"] = history["seconds"][-1]
+    trainings["retrain"] = client_trainings(history)
+    log(f"retrained without it in {seconds['retrain']:.1f} s")
 
-    start = time.perf_counter()
-    states["retrain"] = simulate(cfg, **{"exclude-clients": str(client),
-                                         "save-final": str(work / "retrain.safetensors")})
-    seconds["retrain"] = time.perf_counter() - start
-    log(f"retrained without it in {seconds['retrain']:.0f} s")
+    for mode, name in (("offline", "ugm"), ("online", "ugm-online")):
+        removed, repaired, report, repair = removal_run(cfg, ledger_dir, client, mode, work)
+        states[f"ugm-{mode}"], states[f"{name}-repair"] = removed, repaired
+        seconds[f"ugm-{mode}"] = report["removal_seconds"]
+        seconds[f"{name}-repair"] = report["seconds"]
+        trainings[f"ugm-{mode}"] = int(mode == "online")  # the removed client's fine-tuning
+        trainings[f"{name}-repair"] = trainings[f"ugm-{mode}"] + repair
+        log(f"{mode} removal in {report['removal_seconds']:.2f} s, + 1 repair round: "
+            f"{report['seconds']:.2f} s; {100 * report['reverted_fraction']:.1f} % reverted")
 
     ledger = Ledger(ledger_dir)
-    start = time.perf_counter()
-    states["ta-negation"] = task_arithmetic_negation(states["none"], ledger, client)
-    seconds["ta-negation"] = time.perf_counter() - start
-    start = time.perf_counter()
-    states["ugm-offline"], _ = remove_from_ledger(ledger, str(client))
-    seconds["ugm-offline"] = time.perf_counter() - start
-    start = time.perf_counter()
-    states["ugm-online"] = online_removal(cfg, states["none"], ledger, client, seed)
-    seconds["ugm-online"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    states["subtract-applied"], _ = subtract_applied(ledger, str(client))
-    seconds["subtract-applied"] = time.perf_counter() - start
-
-    for removed, repaired in (("ugm-offline", "ugm-repair"),
-                              ("subtract-applied", "applied-repair")):
+    for name, remove in (
+        ("ta-negation", lambda: task_arithmetic_negation(states["none"], ledger, client)),
+        ("eq13-offline", lambda: remove_from_ledger(ledger, str(client),
+                                                    revert_uninformed=False)[0]),
+        ("subtract-applied", lambda: subtract_applied(ledger, str(client))[0]),
+    ):
         start = time.perf_counter()
-        states[repaired] = repair_round(cfg, states[removed], client, work / repaired)
-        seconds[repaired] = seconds[removed] + time.perf_counter() - start
-    log("removed by every method")
-
+        states[name] = remove()
+        seconds[name] = time.perf_counter() - start
     return {
         name: {**evaluate(cfg, states[name], states["retrain"], client),
-               "seconds": seconds[name]}
+               "seconds": seconds[name], "client_trainings": trainings[name]}
         for name in METHODS
     }
 
@@ -182,12 +181,13 @@ def format_table(results: dict[str, dict[str, list[float]]]) -> str:
         return f"{scale * statistics.fmean(values):.2f} ± {scale * std:.2f}"
 
     lines = ["| method | test acc (%) | removed client clean acc (%) | backdoor ASR (%) | "
-             "L2 to retrain | seconds |", "|---|---|---|---|---|---|"]
+             "L2 to retrain | seconds | client trainings |", "|---|---|---|---|---|---|---|"]
     for name, metrics in results.items():
         lines.append(f"| {name} | {cell(metrics['test_accuracy'], 100)} | "
                      f"{cell(metrics['removed_accuracy'], 100)} | "
                      f"{cell(metrics['backdoor_asr'], 100)} | "
-                     f"{cell(metrics['dist_to_retrain'], 1)} | {cell(metrics['seconds'], 1)} |")
+                     f"{cell(metrics['dist_to_retrain'], 1)} | {cell(metrics['seconds'], 1)} | "
+                     f"{statistics.fmean(metrics['client_trainings']):.0f} |")
     return "\n".join(lines)
 
 

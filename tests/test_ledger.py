@@ -182,6 +182,10 @@ def test_cli_remove_writes_model_and_report(tmp_path, capsys):
                      "--out", str(missing)]) == 2
     assert "is not an fl_ugm ledger" in capsys.readouterr().err
 
+    before = Ledger(tmp_path / "ledger").rounds()[-1]
     assert cli_main(["remove", "--ledger", str(tmp_path / "ledger"), "--client", "c1",
                      "--out", str(out), "--forget"]) == 0
-    assert Ledger(tmp_path / "ledger").client_ids() == ["c0", "c2"]
+    ledger = Ledger(tmp_path / "ledger")
+    assert ledger.client_ids() == ["c0", "c2"]
+    round_, state = ledger.global_state()  # the ledger's newest global is the result
+    assert round_ == before + 1 and torch.equal(state["w"], load_file(str(out))["w"])

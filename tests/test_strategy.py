@@ -260,7 +260,7 @@ def test_error_reply_and_too_few_valid_replies_keep_the_global(caplog):
     replies = [ugm_reply(1, 10, state, seed=1), crashed, corrupted("NaN delta", state)]
     with caplog.at_level("WARNING", logger="flwr"):
         assert strategy.aggregate_train(3, replies) == (None, None)
-    assert "fewer than min_train_nodes=2; keeping the global model" in caplog.text
+    assert "fewer than the 2 needed (min_train_nodes=2); keeping the global" in caplog.text
     # every client bad, and no replies at all
     assert strategy.aggregate_train(4, [corrupted("Inf fisher", state)]) == (None, None)
     assert strategy.aggregate_train(5, []) == (None, None)
