@@ -232,16 +232,24 @@ BAD_REPLIES = [
 
 
 @pytest.mark.parametrize("bad", BAD_REPLIES)
-def test_bad_reply_is_dropped_and_the_rest_merged(bad, caplog):
+def test_bad_reply_is_dropped_and_the_rest_merged(bad, caplog, tmp_path):
+    """The bad client is dropped with a logged reason, the global is the merge of the valid
+    replies (finite), and the ledger records the valid clients only."""
+    from fl_ugm.ledger import Ledger
+
     state = global_state()
-    good = [ugm_reply(1, 40, state, seed=1), ugm_reply(2, 60, state, seed=2)]
+    good = [ugm_reply(n, 20 * (n + 1), state, seed=n,
+                      client=ConfigRecord({"client-id": f"good{n}"})) for n in (1, 2)]
     strategy = FedUGM(prior_precision=1.0, min_train_nodes=2)
     strategy._global = state
     expected = strategy.aggregate_train(1, good)[0].to_torch_state_dict()
 
-    replies = [good[0], corrupted(bad, state), good[1]]
+    bad_reply = corrupted(bad, state)
+    bad_reply.content["client"] = ConfigRecord({"client-id": "bad"})
+    strategy = FedUGM(prior_precision=1.0, min_train_nodes=2, ledger=tmp_path)
+    strategy._global = state
     with caplog.at_level("WARNING", logger="flwr"):
-        arrays, metrics = strategy.aggregate_train(2, replies)
+        arrays, metrics = strategy.aggregate_train(2, [good[0], bad_reply, good[1]])
 
     merged = arrays.to_torch_state_dict()
     for key in state:
@@ -249,6 +257,7 @@ def test_bad_reply_is_dropped_and_the_rest_merged(bad, caplog):
         assert torch.isfinite(merged[key].float()).all()
     assert "dropping node 99 in round 2" in caplog.text
     assert metrics["train-loss"] == pytest.approx(0.4 * 2 + 0.6 * 3)
+    assert Ledger(tmp_path).client_ids() == ["good1", "good2"]
 
 
 def test_error_reply_and_too_few_valid_replies_keep_the_global(caplog):
