@@ -41,6 +41,7 @@ from fl_ugm.ledger import Ledger
 from fl_ugm.merge import (
     FISHER_AVERAGING_EPS,
     InvalidClientInput,
+    clip_fisher_inflation,
     fisher_averaging,
     prior_at,
     task_arithmetic,
@@ -101,6 +102,14 @@ class FedUGM(FedAvg):
     merge : {"ugm", "fisher-averaging", "task-arithmetic"} (default: "ugm")
         The merge rule. The other two are UGM's limits (H0 → 0; F ≡ 0, i.e. θ + Σ α_t Δ_t),
         offered as baselines that see exactly the same client training and replies.
+    fisher_clip : float or None (default: 3.0)
+        The Fisher-inflation defence: a client weights itself by the Fisher it reports, so
+        one inflated Fisher would take over the merge. Each round, per parameter tensor,
+        each client's per-example Fisher mass ΣF_t / n_t is compared with the (lower) median
+        client's; a tensor above ``fisher_clip`` × that median is scaled down to exactly the
+        bound, with a logged warning. A client then counts for at most ``fisher_clip``
+        median clients of its size. ``None`` turns the defence off. Measured in
+        ``benchmarks/bench_attack.py``.
     **fedavg_kwargs
         Passed to ``flwr.serverapp.strategy.FedAvg`` (``fraction_train``,
         ``min_train_nodes``, ``min_available_nodes``, ``train_metrics_aggr_fn`` …). Set the
@@ -126,6 +135,7 @@ class FedUGM(FedAvg):
         server_fisher: Mapping[str, Tensor] | None = None,
         merge: str = "ugm",
         ledger: Ledger | str | Path | None = None,
+        fisher_clip: float | None = 3.0,
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -141,6 +151,9 @@ class FedUGM(FedAvg):
             raise ValueError(f"FedUGM: fisher={fisher!r}; choose one of {FISHER_ESTIMATORS}.")
         if merge not in MERGE_RULES:
             raise ValueError(f"FedUGM: merge={merge!r}; choose one of {MERGE_RULES}.")
+        if fisher_clip is not None and not (math.isfinite(fisher_clip) and fisher_clip >= 1):
+            raise ValueError(f"FedUGM: fisher_clip={fisher_clip}; it must be ≥ 1, or None.")
+        self.fisher_clip = fisher_clip
         self.merge = merge
         self.prior_precision = float(prior_precision)
         self.alpha = alpha
@@ -167,7 +180,9 @@ class FedUGM(FedAvg):
         log(INFO, "\t│\t├── Prior precision δ: %g%s", self.prior_precision,
             " (+ server Fisher)" if self.server_fisher is not None else "")
         log(INFO, "\t│\t├── Alpha: %s × scale %g", self.alpha, self.scale)
-        log(INFO, "\t│\t└── Client Fisher estimator: %s", self.fisher)
+        log(INFO, "\t│\t├── Client Fisher estimator: %s", self.fisher)
+        log(INFO, "\t│\t└── Fisher-inflation clip: %s", "off" if self.fisher_clip is None
+            else f"{self.fisher_clip:g} × the median client's per-example Fisher mass")
         super().summary()
 
     def configure_train(
@@ -195,6 +210,8 @@ class FedUGM(FedAvg):
             raise RuntimeError("FedUGM.aggregate_train called before configure_train.")
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         updates = self._parse_replies(server_round, valid)
+        if self.fisher_clip is not None and self.merge != "task-arithmetic":
+            self._clip_fisher(server_round, updates)
         # after a removal fewer nodes are asked than min_train_nodes; require all of those
         needed = max(min(self.min_train_nodes, self._messages_sent or self.min_train_nodes), 1)
         while len(updates) >= needed:
@@ -450,6 +467,19 @@ class FedUGM(FedAvg):
                 num_examples=update.num_examples, alpha=alpha,
                 applied={k: v.to(self._global[k].dtype) for k, v in share.items()})
         self.ledger.record_global(server_round, new_global)
+
+    def _clip_fisher(self, server_round: int, updates: list[ClientUpdate]) -> None:
+        """The Fisher-inflation defence (``fisher_clip``); logs every clipped tensor."""
+        fishers, clipped = clip_fisher_inflation(
+            [u.fisher for u in updates], [u.num_examples for u in updates], self.fisher_clip)
+        for update, fisher in zip(updates, fishers, strict=True):
+            update.fisher = fisher
+        for index, key, ratio in clipped:
+            update = updates[index]
+            who = f" (client {update.client_id!r})" if update.client_id else ""
+            log(WARNING, "aggregate_train: node %d%s in round %d reports a Fisher on '%s' "
+                "%.3g× the median client's (per example); scaled down to %g×.",
+                update.node_id, who, server_round, key, ratio, self.fisher_clip)
 
     def _alphas(self, updates: list[ClientUpdate]) -> list[float]:
         if self.alpha == "num-examples":

@@ -20,7 +20,9 @@ partition's data carries a trigger relabelled to the target; -1: none),
 empty: none), ``remove-client`` (after training, remove that client id with
 ``FedUGM.remove``, ``removal-mode`` offline | online, then ``repair-rounds`` rounds without
 it; the report goes to the history and ``out/removal-<id>.json``; with
-``num-server-rounds=0`` this is a removal-only run on an existing ``ledger``). Clients
+``num-server-rounds=0`` this is a removal-only run on an existing ``ledger``),
+``fisher-clip`` (FedUGM's Fisher-inflation defence; 0: off), ``attack-client``/``attack``/
+``attack-scale`` (that partition sends hostile replies, see :func:`attack`; -1: none). Clients
 identify themselves by ``node_config["client-id"]`` if set, else their ``partition-id``.
 
 Every client gets partition ``node_config["partition-id"]`` of the same seeded split, so all
@@ -126,6 +128,7 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
             prior_precision=float(cfg["prior-delta"]), alpha=alpha,
             scale=float(cfg["scale"]), fisher=str(cfg["fisher"]),
             merge="ugm" if name == "fedugm" else name, ledger=str(cfg.get("ledger", "")) or None,
+            fisher_clip=float(cfg.get("fisher-clip", 3.0)) or None,
             **common,
         )  # fmt: skip
     raise ValueError(f"unknown strategy {name!r}; choose one of {STRATEGIES}.")
@@ -233,7 +236,7 @@ def run_client_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> 
     x, y = client_partition(cfg, partition_id)
     train = msg.content.config_records["config"]
     server_round = int(train.get("server-round", 0))
-    return handle_train(
+    reply = handle_train(
         msg, fresh_model(cfg, x), x, y,
         epochs=int(train.get("local-epochs", cfg["local-epochs"])),
         batch_size=int(train.get("batch-size", cfg["batch-size"])),
@@ -242,6 +245,32 @@ def run_client_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> 
         seed=int(cfg["seed"]) * 100_003 + 1_009 * server_round + partition_id,
         client_id=client_id_of(context),
     )  # fmt: skip
+    if partition_id == int(cfg.get("attack-client", -1)):
+        attack(reply, msg, str(cfg.get("attack", "inflate")), float(cfg.get("attack-scale", 1e6)))
+    return reply
+
+
+ATTACKS = ("inflate", "flip-inflate")
+
+
+def attack(reply: Message, request: Message, kind: str, scale: float) -> None:
+    """Make ``reply`` hostile, in place (for the attack benchmark): ``inflate`` multiplies
+    the reported Fisher by ``scale``; ``flip-inflate`` also sends −Δ (to FedAvg: θ − Δ).
+    A plain FedAvg reply has no Fisher, so ``inflate`` leaves it honest."""
+    if kind not in ATTACKS:
+        raise ValueError(f"unknown attack {kind!r}; choose one of {ATTACKS}.")
+    records = reply.content.array_records
+    if "fisher" in records:
+        fisher = records["fisher"].to_torch_state_dict()
+        reply.content["fisher"] = ArrayRecord({k: v * scale for k, v in fisher.items()})
+    if kind == "flip-inflate" and "delta" in records:
+        delta = records["delta"].to_torch_state_dict()
+        reply.content["delta"] = ArrayRecord({k: -v for k, v in delta.items()})
+    elif kind == "flip-inflate":
+        sent = request.content.array_records["arrays"].to_torch_state_dict()
+        trained = records["arrays"].to_torch_state_dict()
+        reply.content["arrays"] = ArrayRecord({
+            k: 2 * sent[k] - v if v.is_floating_point() else v for k, v in trained.items()})
 
 
 def client_id_of(context: Context) -> str:

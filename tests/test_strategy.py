@@ -78,7 +78,9 @@ def ugm_reply(node: int, n: float, state, seed: int, **overrides) -> Message:
     gen = torch.Generator().manual_seed(seed)
     delta = {k: 0.1 * torch.randn(v.shape, generator=gen) for k, v in state.items()
              if v.is_floating_point()}
-    fisher = {k: torch.rand(state[k].shape, generator=gen) * 10 for k in PARAM_KEYS}
+    # a Fisher is a sum over the client's examples: it grows with n (so the per-example
+    # masses of these replies are alike and FedUGM's Fisher-inflation clip stays idle)
+    fisher = {k: torch.rand(state[k].shape, generator=gen) * n / 2 for k in PARAM_KEYS}
     records = {
         "delta": ArrayRecord(delta),
         "fisher": ArrayRecord(fisher),
