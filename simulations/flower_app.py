@@ -26,7 +26,8 @@ it; the report goes to the history and ``out/removal-<id>.json``; with
 identify themselves by ``node_config["client-id"]`` if set, else their ``partition-id``.
 
 Every client gets partition ``node_config["partition-id"]`` of the same seeded split, so all
-strategies see identical data.
+strategies see identical data, unless its ``node_config["data-path"]`` names its own data
+file (a deployment, see docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ def run_client_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> 
     partition_id = int(context.node_config["partition-id"])
     if partition_id in excluded_clients(cfg):
         raise ValueError(f"partition {partition_id} is excluded from this run (exclude-clients).")
-    x, y = client_partition(cfg, partition_id)
+    x, y = client_data(cfg, context)
     train = msg.content.config_records["config"]
     server_round = int(train.get("server-round", 0))
     reply = handle_train(
@@ -273,6 +274,24 @@ def attack(reply: Message, request: Message, kind: str, scale: float) -> None:
             k: 2 * sent[k] - v if v.is_floating_point() else v for k, v in trained.items()})
 
 
+def client_data(cfg: Mapping[str, Any], context: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    """This SuperNode's (inputs, labels): the safetensors file ``node_config["data-path"]``
+    (tensors ``inputs``, float32 [n, features], and ``labels``, int64 [n]; see
+    ``simulations.export_partitions``) if set, else partition ``partition-id`` of the run's
+    packaged dataset."""
+    path = context.node_config.get("data-path")
+    if not path:
+        return client_partition(cfg, int(context.node_config["partition-id"]))
+    if not Path(str(path)).is_file():
+        raise FileNotFoundError(f"node_config data-path {path!r} is not a file on this "
+                                "SuperNode's host.")
+    tensors = load_file(str(path))
+    if set(tensors) != {"inputs", "labels"} or len(tensors["inputs"]) != len(tensors["labels"]):
+        raise ValueError(f"{path} must hold exactly 'inputs' [n, features] and 'labels' [n] "
+                         f"(found {sorted(tensors)}).")
+    return tensors["inputs"].float(), tensors["labels"].long()
+
+
 def client_id_of(context: Context) -> str:
     """This SuperNode's stable client id: ``node_config["client-id"]``, else its partition."""
     return str(context.node_config.get("client-id", context.node_config["partition-id"]))
@@ -280,7 +299,7 @@ def client_id_of(context: Context) -> str:
 
 def run_client_evaluate(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Message:
     torch.set_num_threads(1)
-    x, y = client_partition(cfg, int(context.node_config["partition-id"]))
+    x, y = client_data(cfg, context)
     return handle_evaluate(msg, fresh_model(cfg, x), x, y)
 
 

@@ -137,3 +137,31 @@ def test_training_then_evaluate_on_digits():
     assert 0.0 <= before.accuracy < 0.3 and after.accuracy > 0.9
     assert after.loss < before.loss and 0 < loss < 0.5
     assert model.training  # evaluate restores the mode
+
+
+def test_a_supernode_reads_its_own_data_file_from_node_config(tmp_path):
+    """``data-path`` in node_config (a deployment) gives the same data as the exported
+    partition; a missing or malformed file is a clear error."""
+    from flwr.app import Context, RecordDict
+    from safetensors.torch import save_file
+
+    from simulations.compare import load_config
+    from simulations.export_partitions import main as export
+    from simulations.flower_app import client_data, client_partition
+
+    cfg = dict(load_config(["task=digits", "num-clients=3"]))
+    assert export([str(tmp_path), "task=digits", "num-clients=3"]) == 0
+
+    def context(**node_config):
+        return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                       run_config={})
+
+    x, y = client_data(cfg, context(**{"data-path": str(tmp_path / "client-2.safetensors")}))
+    expected_x, expected_y = client_partition(cfg, 2)
+    assert torch.equal(x, expected_x) and torch.equal(y, expected_y)
+    assert torch.equal(client_data(cfg, context(**{"partition-id": 2}))[1], expected_y)
+    with pytest.raises(FileNotFoundError, match="is not a file on this SuperNode"):
+        client_data(cfg, context(**{"data-path": str(tmp_path / "nope.safetensors")}))
+    save_file({"x": x}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="must hold exactly 'inputs'"):
+        client_data(cfg, context(**{"data-path": str(tmp_path / "bad.safetensors")}))

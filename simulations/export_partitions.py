@@ -1,0 +1,37 @@
+"""Write each client's partition of the run's packaged dataset to its own data file, the
+form a SuperNode loads through ``--node-config 'data-path="..."'`` (docs/deployment.md).
+
+    python -m simulations.export_partitions OUT_DIR [key=value ...]   # run-config overrides
+
+Writes ``OUT_DIR/client-<i>.safetensors`` (tensors ``inputs``, float32 [n, features], and
+``labels``, int64 [n]) for i < num-clients, with the same seeded split as the simulations.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from simulations.compare import load_config
+from simulations.flower_app import client_partition
+
+
+def main(argv: list[str]) -> int:
+    if not argv or "=" in argv[0]:
+        raise SystemExit("usage: python -m simulations.export_partitions OUT_DIR [key=value ...]")
+    out = Path(argv[0])
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = OmegaConf.to_container(load_config(argv[1:]), resolve=True)
+    for partition in range(int(cfg["num-clients"])):
+        x, y = client_partition(cfg, partition)
+        path = out / f"client-{partition}.safetensors"
+        save_file({"inputs": x.contiguous(), "labels": y.contiguous()}, str(path))
+        print(f"{path}: {len(y)} examples")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
