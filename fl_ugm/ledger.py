@@ -3,25 +3,30 @@
 Layout of a ledger directory (safetensors for tensors, one small JSON index)::
 
     index.json                      what is stored, with a SHA-256 per file
-    clients/<client-id>.safetensors latest contribution: "delta/<key>", "fisher/<key>"
+    clients/<client-id>.r000007.safetensors  latest contribution (from round 7): "delta/<key>",
+                                     "fisher/<key>", "applied/<key>"
     globals/round-000007.safetensors the global state after round 7 (the last ``keep_globals``)
 
 Each client is stored under a stable id (partition id in simulation, a configured id in a
 deployment; never Flower's ephemeral node id) with its latest Δ_t, F_t (a sum, float32),
-n_t, α_t and round. Every write goes to a temporary file in the same directory, is
-fsync'ed and then renamed over the old one, data files before the index, so a crash leaves
-either the old or the new state, never a torn one. Reads verify the checksums and say
-which file is corrupt.
+n_t, α_t and round. Data files are never overwritten: a new one is written (temporary file,
+fsync, rename), then the index, which is the commit point, then superseded files are
+deleted. Inside :meth:`Ledger.batch` (FedUGM records a round that way) the index is written
+once for everything, so a crash leaves the ledger at the previous round or the new one,
+never in between; leftover files from an interrupted write are deleted by the next writer's
+first commit (one writer at a time: the strategy, or ``fl-ugm remove --forget``). Reads
+verify the checksums and say which file is corrupt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +78,9 @@ class Ledger:
         (self.directory / "clients").mkdir(parents=True, exist_ok=True)
         (self.directory / "globals").mkdir(parents=True, exist_ok=True)
         self._index = self._read_index()
+        self._batch_depth = 0
+        self._superseded: list[str] = []
+        self._cleaned = False  # leftovers are removed by this object's first commit
 
     # ------------------------------------------------------------------ queries
 
@@ -151,13 +159,14 @@ class Ledger:
         tensors = {f"delta/{k}": v for k, v in delta.items()}
         tensors.update({f"fisher/{k}": v for k, v in fisher.items()})
         tensors.update({f"applied/{k}": v for k, v in (applied or {}).items()})
-        name = f"clients/{client_id}.safetensors"
+        name = f"clients/{client_id}.r{int(round_):06d}.safetensors"
         digest = self._write_tensors(name, tensors)
+        previous = self._index["clients"].get(client_id)
         self._index["clients"][client_id] = {
             "file": name, "sha256": digest, "round": int(round_),
             "num_examples": float(num_examples), "alpha": float(alpha),
         }  # fmt: skip
-        self._write_index()
+        self._commit([previous["file"]] if previous and previous["file"] != name else [])
 
     def record_global(self, round_: int, state: Mapping[str, Tensor]) -> None:
         """Store the global state after ``round_``; drop checkpoints beyond ``keep_globals``."""
@@ -167,19 +176,59 @@ class Ledger:
         entries.append({"round": int(round_), "file": name, "sha256": digest})
         entries.sort(key=lambda e: e["round"])
         dropped, self._index["globals"] = entries[:-self.keep_globals], entries[-self.keep_globals:]
-        self._write_index()
-        for entry in dropped:  # after the index no longer points at them
-            (self.directory / entry["file"]).unlink(missing_ok=True)
+        self._commit([entry["file"] for entry in dropped])
 
     def forget_client(self, client_id: str) -> None:
         """Delete a client's stored contribution (after its removal was applied)."""
         entry = self._index["clients"].pop(client_id, None)
         if entry is None:
             raise LedgerError(f"unknown client id {client_id!r}.")
-        self._write_index()
-        (self.directory / entry["file"]).unlink(missing_ok=True)
+        self._commit([entry["file"]])
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group writes into one commit: the index is written once, when the block ends
+        without an exception. If the block raises (or the process dies), the ledger stays
+        as it was before the block; the new data files are deleted on the next open."""
+        self._batch_depth += 1
+        try:
+            yield
+        except BaseException:
+            self._batch_depth -= 1
+            if self._batch_depth == 0:
+                self._superseded.clear()
+                self._index = self._read_index()  # back to the last commit
+            raise
+        self._batch_depth -= 1
+        self._commit([])
 
     # ------------------------------------------------------------------ internals
+
+    def _commit(self, superseded: list[str]) -> None:
+        """Write the index (outside a batch), then delete the files it no longer lists."""
+        self._superseded.extend(superseded)
+        if self._batch_depth:
+            return
+        self._write_index()
+        for name in self._superseded:
+            (self.directory / name).unlink(missing_ok=True)
+        self._superseded.clear()
+        if not self._cleaned:
+            self._remove_unreferenced_files()
+            self._cleaned = True
+
+    def _remove_unreferenced_files(self) -> None:
+        """Delete temporary files and data files the index does not list (left by a write
+        that was interrupted before its commit). Only a writer does this (at its first
+        commit), so a reader opening the ledger never touches a running writer's files."""
+        listed = {e["file"] for e in self._index["clients"].values()}
+        listed |= {e["file"] for e in self._index["globals"]}
+        for folder in ("clients", "globals"):
+            for path in (self.directory / folder).iterdir():
+                if f"{folder}/{path.name}" not in listed:
+                    path.unlink(missing_ok=True)
+        for path in self.directory.glob("*.tmp"):
+            path.unlink(missing_ok=True)
 
     def _read_index(self) -> dict:
         path = self.directory / INDEX

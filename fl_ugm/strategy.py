@@ -164,10 +164,28 @@ class FedUGM(FedAvg):
         self.excluded_clients: set[str] = set()
         self._node_of_client: dict[str, int] = {}
         self._messages_sent = 0  # in the current round, after excluding removed clients
+        self.round_offset = 0  # rounds completed before this run (see resume_from_ledger)
         self.ledger = Ledger(ledger) if isinstance(ledger, str | Path) else ledger
         if self.ledger is not None:
             self.ledger.set_meta(prior_precision=self.prior_precision, alpha=alpha,
                                  scale=self.scale, merge=merge)
+
+    def resume_from_ledger(self) -> tuple[int, ArrayRecord] | None:
+        """(last completed round, its global) from the ledger, or None if it holds none.
+
+        Sets ``round_offset`` so that this run's round r is round r + offset for the ledger
+        and for the clients (``server-round``, which seeds their training): a run killed
+        after round R and restarted on the same ledger continues with round R + 1, from the
+        global of round R and every client's contribution recorded up to it. Start
+        ``Strategy.start`` with the returned arrays and the rounds that remain.
+        """
+        if self.ledger is None:
+            raise RuntimeError("FedUGM.resume_from_ledger needs the strategy's ledger.")
+        if not self.ledger.rounds():
+            return None
+        round_, state = self.ledger.global_state()
+        self.round_offset = round_
+        return round_, ArrayRecord(state)
 
     def exclude_client(self, client_id: str) -> None:
         """Never sample ``client_id`` again, and drop any reply it still sends (after its
@@ -189,6 +207,7 @@ class FedUGM(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Remember the global arrays and ask the sampled clients for a UGM reply."""
+        server_round += self.round_offset
         self._global = arrays.to_torch_state_dict()
         if self.ledger is not None and server_round - 1 not in self.ledger.rounds():
             self.ledger.record_global(server_round - 1, self._global)
@@ -208,6 +227,7 @@ class FedUGM(FedAvg):
         """Validate the replies, drop bad ones, merge the rest with ``ugm_merge``."""
         if self._global is None:
             raise RuntimeError("FedUGM.aggregate_train called before configure_train.")
+        server_round += self.round_offset
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         updates = self._parse_replies(server_round, valid)
         if self.fisher_clip is not None and self.merge != "task-arithmetic":
@@ -290,10 +310,11 @@ class FedUGM(FedAvg):
             self._discover_clients(grid, timeout)  # so the removed client is not sampled
         for server_round in range(removal_round + 1, removal_round + 1 + repair_rounds):
             log(INFO, "[REPAIR ROUND %d/%d]", server_round - removal_round, repair_rounds)
-            messages = self.configure_train(server_round, arrays, ConfigRecord(
+            this_run = server_round - self.round_offset  # the two methods add the offset
+            messages = self.configure_train(this_run, arrays, ConfigRecord(
                 dict(train_config or {})), grid)
             replies = grid.send_and_receive(messages, timeout=timeout)
-            repaired, _ = self.aggregate_train(server_round, replies)
+            repaired, _ = self.aggregate_train(this_run, replies)
             arrays = repaired if repaired is not None else arrays
         final_round = removal_round + repair_rounds
         report.update(
@@ -430,7 +451,8 @@ class FedUGM(FedAvg):
         return out
 
     def _record(self, server_round: int, updates: list[ClientUpdate], new_global) -> None:
-        """Store each merged client's contribution and the new global in the ledger.
+        """Store each merged client's contribution and the new global in the ledger, as one
+        commit (a crash leaves the ledger at the previous round or at this one).
 
         Besides the latest Δ_t and F_t, each client's ``applied`` running sum grows by this
         round's share of the merged update that is due to it: α_t (H0 + F_t) Δ_t / (H0 +
@@ -445,6 +467,11 @@ class FedUGM(FedAvg):
             denominator = {k: _double(prior_at(prior, k)) + sum(a * u.fisher[k].double()
                                                      for a, u in zip(alphas, updates, strict=True))
                            for k in keys}
+        with self.ledger.batch():
+            self._record_shares(server_round, updates, alphas, keys, prior, denominator)
+            self.ledger.record_global(server_round, new_global)
+
+    def _record_shares(self, server_round, updates, alphas, keys, prior, denominator) -> None:
         for update, alpha in zip(updates, alphas, strict=True):
             if update.client_id is None:
                 log(WARNING, "ledger: node %d sent no client-id; its contribution is not "
@@ -466,7 +493,6 @@ class FedUGM(FedAvg):
                 update.client_id, round_=server_round, delta=update.delta, fisher=update.fisher,
                 num_examples=update.num_examples, alpha=alpha,
                 applied={k: v.to(self._global[k].dtype) for k, v in share.items()})
-        self.ledger.record_global(server_round, new_global)
 
     def _clip_fisher(self, server_round: int, updates: list[ClientUpdate]) -> None:
         """The Fisher-inflation defence (``fisher_clip``); logs every clipped tensor."""

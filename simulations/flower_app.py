@@ -22,7 +22,9 @@ empty: none), ``remove-client`` (after training, remove that client id with
 it; the report goes to the history and ``out/removal-<id>.json``; with
 ``num-server-rounds=0`` this is a removal-only run on an existing ``ledger``),
 ``fisher-clip`` (FedUGM's Fisher-inflation defence; 0: off), ``attack-client``/``attack``/
-``attack-scale`` (that partition sends hostile replies, see :func:`attack`; -1: none). Clients
+``attack-scale`` (that partition sends hostile replies, see :func:`attack`; -1: none),
+``resume`` (continue the run recorded in ``ledger`` after a crash, see
+:func:`resume_point`). Clients
 identify themselves by ``node_config["client-id"]`` if set, else their ``partition-id``.
 
 Every client gets partition ``node_config["partition-id"]`` of the same seeded split, so all
@@ -186,9 +188,11 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
         "batch-size": int(cfg["batch-size"]), "optimizer": str(cfg["optimizer"]),
     })  # fmt: skip
     arrays = ArrayRecord(model.state_dict())
-    if int(cfg["num-server-rounds"]) > 0:
-        arrays = strategy.start(grid=grid, initial_arrays=arrays,
-                                num_rounds=int(cfg["num-server-rounds"]),
+    rounds = int(cfg["num-server-rounds"])
+    if rounds > 0 and getattr(strategy, "ledger", None) is not None:
+        rounds, arrays = resume_point(strategy, cfg, rounds, arrays, history)
+    if rounds > 0:
+        arrays = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=rounds,
                                 train_config=train_config, evaluate_fn=central_evaluate).arrays
     if removed:
         arrays, history["removal"] = strategy.remove(
@@ -210,6 +214,26 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
             report.write_text(json.dumps(history["removal"], indent=1) + "\n")
             log(20, "removal report written to %s", report)
     return history
+
+
+def resume_point(strategy: FedUGM, cfg: Mapping[str, Any], rounds: int, arrays: ArrayRecord,
+                 history: dict[str, Any]) -> tuple[int, ArrayRecord]:
+    """(rounds still to run, arrays to start from) for a FedUGM run with a ledger. A ledger
+    that already holds rounds is continued only with ``resume=true`` (a run killed after
+    round R resumes at R + 1 and ends after ``num-server-rounds`` in all)."""
+    done = strategy.ledger.rounds()
+    if not done:
+        return rounds, arrays
+    if not cfg.get("resume", False):
+        raise ValueError(
+            f"the ledger {strategy.ledger.directory} already holds rounds up to {done[-1]}; "
+            "pass resume=true to continue that run, or give an empty ledger directory."
+        )
+    completed, arrays = strategy.resume_from_ledger()
+    history["resumed_from_round"] = completed
+    log(20, "resuming from round %d of %d (ledger %s)", completed, rounds,
+        strategy.ledger.directory)
+    return max(rounds - completed, 0), arrays
 
 
 def _record_replies(strategy: Strategy, history: dict[str, Any]) -> None:

@@ -261,24 +261,22 @@ class Deployment:
             "--node-config", f'partition-id={partition_id} client-id="c{partition_id}"',
         ])  # fmt: skip
 
-    def run_app(self, out: Path, rounds: int, timeout: float = 240.0) -> dict[str, Any]:
-        """``flwr run`` the repository's app on the default connection; the history JSON."""
-        config = {
-            **RUN_CONFIG,
-            "num-server-rounds": rounds,
-            "out": str(out),
-            "ledger": str(out / "ledger"),
-        }
-        run = self.flwr(
-            "flwr-run",
-            "run",
-            str(ROOT),
-            CONNECTION,
-            "--stream",
-            "--run-config",
-            toml_pairs(config),
-            timeout=timeout,
-        )
+    def start_app(self, name: str, out: Path, rounds: int, **extra: Any) -> Process:
+        """Start ``flwr run`` of the repository's app on the default connection (FedUGM with
+        a ledger under ``out``); returns at once."""
+        config = {**RUN_CONFIG, "num-server-rounds": rounds, "out": str(out),
+                  "ledger": str(out / "ledger"), **extra}
+        return self.start(name, [executable("flwr"), "run", str(ROOT), CONNECTION, "--stream",
+                                 "--run-config", toml_pairs(config)])
+
+    def run_app(self, out: Path, rounds: int, timeout: float = 240.0,
+                **extra: Any) -> dict[str, Any]:
+        """``flwr run`` to completion; the ServerApp's history JSON."""
+        run = self.start_app("flwr-run", out, rounds, **extra)
+        try:
+            run.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`flwr run` ran over {timeout} s\n{self.tails()}")
         history = out / f"history-{RUN_CONFIG['strategy']}-seed0.json"
         assert run.popen.returncode == 0 and history.exists(), self.tails()
         return json.loads(history.read_text())
@@ -476,3 +474,41 @@ def test_supernode_auth_admits_registered_keys_only(deployment, tmp_path):
     assert_refused(stranger, "Failed to activate SuperNode")
     history = deployment.run_app(tmp_path / "out", rounds=1)
     check_history(history, rounds=1, node_ids=registered)
+
+
+def test_server_killed_mid_run_resumes_from_the_ledger(deployment, tmp_path):
+    """SIGKILL the ServerApp process once round 1 of 3 is in the ledger; ``flwr run`` again
+    with ``resume=true`` on the same ledger continues with the next round and ends after
+    round 3, with every client's contribution recorded up to round 3."""
+    from fl_ugm.ledger import Ledger
+
+    deployment.start_superlink("--insecure")
+    deployment.write_connection()
+    node_ids = start_nodes(deployment, "--insecure")
+    out = tmp_path / "out"
+    first = deployment.start_app("flwr-run-killed", out, rounds=3)
+
+    def completed_rounds() -> int:
+        index = out / "ledger" / "index.json"
+        globals_ = json.loads(index.read_text())["globals"] if index.exists() else []
+        return max((g["round"] for g in globals_), default=-1)
+
+    assert wait_until(lambda: completed_rounds() >= 1, 180), deployment.tails()
+    serverapps = [pid for pid in tagged_pids(deployment.tag)
+                  if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(serverapps) == 1, describe(serverapps)
+    os.kill(serverapps[0], signal.SIGKILL)
+    killed_after = completed_rounds()
+    assert killed_after < 3
+    wait_until(lambda: first.popen.poll() is not None, 60)  # the CLI notices the failed run
+
+    history = deployment.run_app(out, rounds=3, resume=True)
+    assert history["resumed_from_round"] == killed_after
+    assert len(history["accuracy"]) == 3 - killed_after + 1
+    for round_log in history["replies"]:
+        assert set(round_log["nodes"]) == node_ids and round_log["errors"] == 0
+    ledger = Ledger(out / "ledger")
+    assert ledger.rounds()[-1] == 3
+    for client in ("c0", "c1", "c2"):
+        record = ledger.client(client)
+        assert record.round == 3 and all(bool(v.abs().sum() > 0) for v in record.applied.values())

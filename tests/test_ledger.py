@@ -70,11 +70,11 @@ def test_corruption_is_reported_with_the_file(tmp_path):
     ledger = Ledger(tmp_path)
     delta, fisher = contribution(3)
     ledger.record_client("a", round_=1, delta=delta, fisher=fisher, num_examples=5, alpha=1)
-    path = tmp_path / "clients" / "a.safetensors"
+    path = tmp_path / "clients" / "a.r000001.safetensors"
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(LedgerCorruptError, match=r"a\.safetensors: checksum mismatch"):
+    with pytest.raises(LedgerCorruptError, match=r"a\.r000001\.safetensors: checksum mismatch"):
         Ledger(tmp_path).client("a")
     path.unlink()
     with pytest.raises(LedgerCorruptError, match="listed in the index but missing"):
@@ -82,6 +82,33 @@ def test_corruption_is_reported_with_the_file(tmp_path):
     (tmp_path / "index.json").write_text('{"version": 1, "clients": {')
     with pytest.raises(LedgerCorruptError, match=r"index\.json is not valid JSON"):
         Ledger(tmp_path)
+
+
+def test_a_batch_commits_all_or_nothing_and_leftovers_are_cleaned(tmp_path):
+    """A round is one commit: an exception (or a crash) inside ``batch`` leaves the ledger
+    at the previous round; the files it wrote are deleted by the next writer's commit."""
+    ledger = Ledger(tmp_path)
+    delta, fisher = contribution(5)
+    with ledger.batch():
+        ledger.record_client("a", round_=1, delta=delta, fisher=fisher, num_examples=5, alpha=1)
+        ledger.record_global(1, {"w": torch.zeros(3, 2)})
+    index = (tmp_path / "index.json").read_text()
+    with pytest.raises(RuntimeError, match="crash"), ledger.batch():
+        ledger.record_client("a", round_=2, delta=delta, fisher=fisher, num_examples=5, alpha=1)
+        ledger.record_client("b", round_=2, delta=delta, fisher=fisher, num_examples=5, alpha=1)
+        assert (tmp_path / "index.json").read_text() == index  # nothing committed yet
+        raise RuntimeError("crash")
+    assert (tmp_path / "index.json").read_text() == index
+    assert ledger.client_ids() == ["a"] and ledger.client("a").round == 1
+    assert (tmp_path / "clients" / "b.r000002.safetensors").exists()  # orphan, for now
+    (tmp_path / "leftover.tmp").write_text("partial")
+    reopened = Ledger(tmp_path)  # a reader: touches nothing
+    assert reopened.client("a").round == 1 and reopened.rounds() == [1]
+    assert (tmp_path / "leftover.tmp").exists()
+    # a writer's first commit; a later round also supersedes the client's file
+    reopened.record_client("a", round_=3, delta=delta, fisher=fisher, num_examples=5, alpha=1)
+    assert sorted(p.name for p in (tmp_path / "clients").iterdir()) == ["a.r000003.safetensors"]
+    assert not (tmp_path / "leftover.tmp").exists()
 
 
 def test_bad_ids_and_arguments(tmp_path):
