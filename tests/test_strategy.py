@@ -192,8 +192,9 @@ def corrupted(name: str, state) -> Message:
         return ugm_reply(99, 20, state, seed=99, metrics=None)
     if name == "plain FedAvg reply":
         return message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), src=99)
-    if name in ("zero examples", "negative examples", "nan examples"):
-        value = {"zero examples": 0, "negative examples": -5, "nan examples": math.nan}[name]
+    if name in ("zero examples", "negative examples", "nan examples", "list examples"):
+        value = {"zero examples": 0, "negative examples": -5, "nan examples": math.nan,
+                 "list examples": [20.0, 1.0]}[name]
         return ugm_reply(99, 20, state, seed=99,
                          metrics=MetricRecord({"num-examples": value}))
     if name == "NaN delta":
@@ -226,7 +227,8 @@ def corrupted(name: str, state) -> Message:
 
 BAD_REPLIES = [
     "missing delta", "missing fisher", "missing metrics", "plain FedAvg reply",
-    "zero examples", "negative examples", "nan examples", "NaN delta", "Inf fisher",
+    "zero examples", "negative examples", "nan examples", "list examples", "NaN delta",
+    "Inf fisher",
     "negative fisher", "NaN buffer delta", "wrong delta shape", "wrong fisher shape",
     "float64 delta", "int fisher", "missing delta key", "extra delta key",
     "fisher covers other keys",
@@ -275,6 +277,26 @@ def test_error_reply_and_too_few_valid_replies_keep_the_global(caplog):
     # every client bad, and no replies at all
     assert strategy.aggregate_train(4, [corrupted("Inf fisher", state)]) == (None, None)
     assert strategy.aggregate_train(5, []) == (None, None)
+
+
+@pytest.mark.parametrize(("min_train_nodes", "merged"), [(2, True), (3, False)])
+def test_a_timeout_merges_the_replies_that_came_if_enough(min_train_nodes, merged):
+    """Three nodes asked, one never answers (timeout): the two replies are merged when
+    min_train_nodes allows it, else the global is kept."""
+    state = global_state()
+    strategy = FedUGM(prior_precision=1.0, min_train_nodes=min_train_nodes,
+                      min_available_nodes=3)
+    grid = FakeGrid({1: None, 2: None, 3: None}, Net)
+    assert len(list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), grid))) == 3
+    replies = [ugm_reply(1, 10, state, seed=1), ugm_reply(2, 30, state, seed=2)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    if not merged:
+        assert arrays is None
+        return
+    reference = reference_from(replies, state, ugm_merge, alphas=[0.25, 0.75],
+                               prior_precision=1.0)
+    for key in PARAM_KEYS:
+        torch.testing.assert_close(arrays.to_torch_state_dict()[key], reference[key])
 
 
 def test_an_odd_fisher_key_set_cannot_outvote_the_majority():
