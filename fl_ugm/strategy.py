@@ -294,8 +294,12 @@ class FedUGM(FedAvg):
             reply = self._online_contribution(grid, client_id, round_ + 1, timeout)
         prior = self.prior_precision if self.server_fisher is None else self._prior(
             self.server_fisher)
-        new_state, report = remove_from_ledger(self.ledger, client_id, prior_precision=prior,
-                                               client_reply=reply)
+        try:  # validates the client's Δ_t, F_t (finite, F ≥ 0) before anything is written
+            new_state, report = remove_from_ledger(self.ledger, client_id,
+                                                   prior_precision=prior, client_reply=reply)
+        except InvalidClientInput as err:
+            raise RemovalError(f"removing client {client_id!r} failed: {err} Nothing was "
+                               "changed.") from err
         removal_round = round_ + 1
         self.ledger.record_global(removal_round, new_state)
         self.ledger.forget_client(client_id)
@@ -350,11 +354,6 @@ class FedUGM(FedAvg):
             update = self._parse_reply(node, replies[0].content)
         except ValueError as err:
             raise RemovalError(f"client {client_id!r}'s removal reply is invalid: {err}") from err
-        for name, tensors in (("delta", update.delta), ("fisher", update.fisher)):
-            bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
-            if bad or (name == "fisher" and any(bool((v < 0).any()) for v in tensors.values())):
-                raise RemovalError(f"client {client_id!r}'s removal reply has a non-finite "
-                                   f"or negative {name} ({bad[:3]}); nothing was changed.")
         return {k: update.delta[k] for k in update.fisher}, update.fisher
 
     def _discover_clients(self, grid: Grid, timeout: float) -> None:
@@ -468,31 +467,28 @@ class FedUGM(FedAvg):
                                                      for a, u in zip(alphas, updates, strict=True))
                            for k in keys}
         with self.ledger.batch():
-            self._record_shares(server_round, updates, alphas, keys, prior, denominator)
+            for update, alpha in zip(updates, alphas, strict=True):
+                if update.client_id is None:
+                    log(WARNING, "ledger: node %d sent no client-id; its contribution is not "
+                        "recorded and it cannot be removed later.", update.node_id)
+                    continue
+                share = {}
+                for k in keys:
+                    delta = update.delta[k].double()
+                    if denominator is None:
+                        share[k] = alpha * delta
+                    else:
+                        weight = _double(prior_at(prior, k)) + update.fisher[k].double()
+                        share[k] = alpha * weight * delta / denominator[k]
+                if update.client_id in self.ledger.client_ids():
+                    previous = self.ledger.client(update.client_id).applied
+                    share = {k: v + previous[k].double() if k in previous else v
+                             for k, v in share.items()}
+                self.ledger.record_client(
+                    update.client_id, round_=server_round, delta=update.delta,
+                    fisher=update.fisher, num_examples=update.num_examples, alpha=alpha,
+                    applied={k: v.to(self._global[k].dtype) for k, v in share.items()})
             self.ledger.record_global(server_round, new_global)
-
-    def _record_shares(self, server_round, updates, alphas, keys, prior, denominator) -> None:
-        for update, alpha in zip(updates, alphas, strict=True):
-            if update.client_id is None:
-                log(WARNING, "ledger: node %d sent no client-id; its contribution is not "
-                    "recorded and it cannot be removed later.", update.node_id)
-                continue
-            share = {}
-            for k in keys:
-                delta = update.delta[k].double()
-                if denominator is None:
-                    share[k] = alpha * delta
-                else:
-                    weight = _double(prior_at(prior, k)) + update.fisher[k].double()
-                    share[k] = alpha * weight * delta / denominator[k]
-            if update.client_id in self.ledger.client_ids():
-                previous = self.ledger.client(update.client_id).applied
-                share = {k: v + previous[k].double() if k in previous else v
-                         for k, v in share.items()}
-            self.ledger.record_client(
-                update.client_id, round_=server_round, delta=update.delta, fisher=update.fisher,
-                num_examples=update.num_examples, alpha=alpha,
-                applied={k: v.to(self._global[k].dtype) for k, v in share.items()})
 
     def _clip_fisher(self, server_round: int, updates: list[ClientUpdate]) -> None:
         """The Fisher-inflation defence (``fisher_clip``); logs every clipped tensor."""

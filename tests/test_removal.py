@@ -29,8 +29,9 @@ class LinearGrid:
     """Nodes 1..T hold ½‖y − Xθ‖² (XᵀX diagonal); a TRAIN message is answered with the exact
     minimiser of that loss plus (δ/2)‖θ − θ_global‖²: Δ and F = diag(XᵀX)."""
 
-    def __init__(self, hessians, xty, *, failing: set[int] = frozenset()):
-        self.hessians, self.xty, self.failing = hessians, xty, failing
+    def __init__(self, hessians, xty, *, failing: set[int] = frozenset(),
+                 nan_nodes: set[int] = frozenset()):
+        self.hessians, self.xty, self.failing, self.nan_nodes = hessians, xty, failing, nan_nodes
         self.sent: list[tuple[str, list[int]]] = []  # (message type, destination nodes)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -53,6 +54,9 @@ class LinearGrid:
         theta = msg.content.array_records["arrays"].to_torch_state_dict()["w"]
         h, b = self.hessians[node - 1], self.xty[node - 1]
         delta = (float(config[PRIOR_KEY]) * theta + b) / (float(config[PRIOR_KEY]) + h) - theta
+        if node in self.nan_nodes:
+            delta = delta.clone()
+            delta[0] = float("nan")
         return Message(RecordDict({
             "delta": ArrayRecord({"w": delta}), "fisher": ArrayRecord({"w": h}),
             "metrics": MetricRecord({"num-examples": 10}),
@@ -175,6 +179,8 @@ def test_a_failed_online_removal_changes_nothing(tmp_path):
     strategy = new_strategy(tmp_path)
     with pytest.raises(RemovalError, match=r"client crashed.*Nothing was changed"):
         strategy.remove(LinearGrid(hessians, xty, failing={2}), "p1", mode="online")
+    with pytest.raises(RemovalError, match=r"removing client 'p1' failed: .*Nothing was"):
+        strategy.remove(LinearGrid(hessians, xty, nan_nodes={2}), "p1", mode="online")
     with pytest.raises(RemovalError, match="no connected node identifies as client 'p9'"):
         strategy.remove(LinearGrid(hessians, xty), "p9", mode="online")
     with pytest.raises(RemovalError, match="mode 'later'"):
