@@ -6,8 +6,9 @@ defence, without it, and of Flower's FedAvg under the same attack, each vs no at
 Ray simulations of the Flower app (``simulations.flower_app``) with the main comparison's
 settings (``configs/compare.yaml``: MNIST-5k, 10 clients, Dirichlet 0.1, 20 rounds); partition
 ``attack-client`` (default 1) multiplies the Fisher it reports by ``attack-scale`` (1e6),
-and in the second attack also sends −Δ. FedAvg has no Fisher to inflate, so against it the
-first attack is a no-op and the second is the flipped update alone. Prints final test
+and in the second attack also sends −Δ; the third sends −Δ with its honest Fisher. FedAvg
+has no Fisher to inflate, so against it the first attack is a no-op and the second is the
+flipped update alone. Prints final test
 accuracy (mean ± std over seeds) and what the attack costs; writes ``summary.json`` to
 ``out`` (default results/attack).
 """
@@ -37,6 +38,7 @@ from simulations.compare import (  # noqa: E402
 NO_CLIP = {"fisher-clip": 0}
 INFLATE = {"attack": "inflate"}
 FLIP = {"attack": "flip-inflate"}
+FLIP_ONLY = {"attack": "flip"}
 #: (label, strategy, run-config overrides, the no-attack label it is compared with)
 SCENARIOS = [
     ("FedAvg, no attack", "fedavg", {"attack-client": -1}, None),
@@ -44,6 +46,7 @@ SCENARIOS = [
     ("FedUGM, no attack", "fedugm", {"attack-client": -1}, None),
     ("FedUGM, Fisher ×1e6", "fedugm", INFLATE, "FedUGM, no attack"),
     ("FedUGM, flipped Δ + Fisher ×1e6", "fedugm", FLIP, "FedUGM, no attack"),
+    ("FedUGM, flipped Δ, honest Fisher", "fedugm", FLIP_ONLY, "FedUGM, no attack"),
     ("FedUGM no clip, no attack", "fedugm", {**NO_CLIP, "attack-client": -1}, None),
     ("FedUGM no clip, Fisher ×1e6", "fedugm", {**NO_CLIP, **INFLATE},
      "FedUGM no clip, no attack"),

@@ -275,23 +275,26 @@ def run_client_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> 
     return reply
 
 
-ATTACKS = ("inflate", "flip-inflate")
+ATTACKS = ("inflate", "flip-inflate", "flip")
 
 
 def attack(reply: Message, request: Message, kind: str, scale: float) -> None:
     """Make ``reply`` hostile, in place (for the attack benchmark): ``inflate`` multiplies
-    the reported Fisher by ``scale``; ``flip-inflate`` also sends −Δ (to FedAvg: θ − Δ).
-    A plain FedAvg reply has no Fisher, so ``inflate`` leaves it honest."""
+    the reported Fisher by ``scale``; ``flip-inflate`` also sends −Δ (to FedAvg: θ − Δ);
+    ``flip`` sends −Δ with the honest Fisher. A plain FedAvg reply has no Fisher, so
+    ``inflate`` leaves it honest."""
     if kind not in ATTACKS:
         raise ValueError(f"unknown attack {kind!r}; choose one of {ATTACKS}.")
     records = reply.content.array_records
-    if "fisher" in records:
+    if "fisher" in records and kind != "flip":
         fisher = records["fisher"].to_torch_state_dict()
         reply.content["fisher"] = ArrayRecord({k: v * scale for k, v in fisher.items()})
-    if kind == "flip-inflate" and "delta" in records:
+    if kind == "inflate":
+        return
+    if "delta" in records:
         delta = records["delta"].to_torch_state_dict()
         reply.content["delta"] = ArrayRecord({k: -v for k, v in delta.items()})
-    elif kind == "flip-inflate":
+    else:
         sent = request.content.array_records["arrays"].to_torch_state_dict()
         trained = records["arrays"].to_torch_state_dict()
         reply.content["arrays"] = ArrayRecord({
