@@ -107,3 +107,32 @@ def test_clip_fisher_inflation_scales_outliers_to_exactly_the_bound():
         clip_fisher_inflation(fishers, sizes, factor=0.5)
     with pytest.raises(ValueError, match=r"fisher_clip=0\.5"):
         FedUGM(fisher_clip=0.5)
+
+
+@pytest.mark.parametrize("kind", ["inflate", "flip-inflate", "flip"])
+def test_the_benchmark_attacks_do_what_they_say(kind):
+    from simulations.flower_app import attack
+
+    state = global_state()
+    honest = ugm_reply(1, 40, state, seed=1)
+    reply = ugm_reply(1, 40, state, seed=1)
+    attack(reply, honest, kind, 1e6)
+    before, after = honest.content.array_records, reply.content.array_records
+    fisher_scale = 1.0 if kind == "flip" else 1e6
+    delta_sign = 1.0 if kind == "inflate" else -1.0
+    for key in PARAM_KEYS:
+        torch.testing.assert_close(after["fisher"][key].numpy(),
+                                   fisher_scale * before["fisher"][key].numpy())
+        torch.testing.assert_close(after["delta"][key].numpy(),
+                                   delta_sign * before["delta"][key].numpy())
+    # a FedAvg reply (θ_t) has no Fisher: flipping sends 2θ − θ_t, inflating changes nothing
+    request = message(RecordDict({"arrays": ArrayRecord(state)}))
+    trained = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    plain = message(RecordDict({"arrays": ArrayRecord(trained)}))
+    attack(plain, request, kind, 1e6)
+    sent = plain.content.array_records["arrays"].to_torch_state_dict()
+    for key in PARAM_KEYS:
+        expected = trained[key] if kind == "inflate" else state[key] - 1
+        torch.testing.assert_close(sent[key], expected)
+    with pytest.raises(ValueError, match="unknown attack"):
+        attack(plain, request, "bribe", 1.0)
