@@ -189,7 +189,8 @@ class Ledger:
     def batch(self) -> Iterator[None]:
         """Group writes into one commit: the index is written once, when the block ends
         without an exception. If the block raises (or the process dies), the ledger stays
-        as it was before the block; the new data files are deleted on the next open."""
+        as it was before the block; the data files it wrote are deleted by the next writer's
+        first commit."""
         self._batch_depth += 1
         try:
             yield

@@ -99,7 +99,7 @@ def remove_from_ledger(
     round_, state = ledger.global_state()
     record = ledger.client(client_id)
     params = _matching_params(state, record.delta, record.fisher, client_id)
-    rest = fisher_of_others(ledger, client_id, state)
+    rest = fisher_of_others(ledger, client_id, state, like=record.fisher)
 
     recentered = False
     if client_reply is not None:
@@ -136,11 +136,11 @@ def remove_from_ledger(
 
 
 def fisher_of_others(
-    ledger: Ledger, client_id: str, state: Mapping[str, Tensor]
+    ledger: Ledger, client_id: str, state: Mapping[str, Tensor], like: Mapping[str, Tensor]
 ) -> dict[str, Tensor]:
-    """Σ_{s≠t} α_s F_s over the ledger's other clients (each checked against ``state``)."""
-    fisher = ledger.client(client_id).fisher
-    rest = {k: torch.zeros_like(v) for k, v in fisher.items()}
+    """Σ_{s≠t} α_s F_s over the ledger's other clients (each checked against ``state``), with
+    the keys, shapes and dtypes of ``like`` (client t's Fisher)."""
+    rest = {k: torch.zeros_like(v) for k, v in like.items()}
     for other in ledger.client_ids():
         if other != client_id:
             stored = ledger.client(other)
