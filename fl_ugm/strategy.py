@@ -292,8 +292,7 @@ class FedUGM(FedAvg):
         reply = None
         if mode == "online":
             reply = self._online_contribution(grid, client_id, round_ + 1, timeout)
-        prior = self.prior_precision if self.server_fisher is None else self._prior(
-            self.server_fisher)
+        prior = self._prior(self.server_fisher or ())  # δ, or δ + n0·F0 per tensor
         try:  # validates the client's Δ_t, F_t (finite, F ≥ 0) before anything is written
             new_state, report = remove_from_ledger(self.ledger, client_id,
                                                    prior_precision=prior, client_reply=reply)
