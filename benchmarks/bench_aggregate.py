@@ -55,7 +55,7 @@ def reply(node: int, content: RecordDict) -> Message:
 def strategies(state, clients: int):
     fedavg = FedAvg(min_train_nodes=clients)
     fedugm = FedUGM(prior_precision=0.1, min_train_nodes=clients)
-    fedugm._global = state  # what configure_train remembers each round
+    fedugm.current_arrays = state  # what configure_train remembers each round
     return fedavg, fedugm
 
 

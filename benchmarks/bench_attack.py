@@ -15,8 +15,6 @@ accuracy (mean ± std over seeds) and what the attack costs; writes ``summary.js
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import sys
 import time
@@ -27,12 +25,16 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from simulations.compare import (  # noqa: E402
-    OFFLINE_ENV,
+from simulations.compare import COMPARE_CONFIG  # noqa: E402
+from simulations.runner import (  # noqa: E402
     load_config,
     mean_std,
+    plain,
+    progress,
     quiet_flower_console,
-    run_one,
+    simulate,
+    simulation_layers,
+    write_json,
 )
 
 NO_CLIP = {"fisher-clip": 0}
@@ -56,8 +58,8 @@ SCENARIOS = [
 
 
 def main(argv: list[str]) -> int:
-    os.environ.update(OFFLINE_ENV)
-    cfg = load_config(["seeds=[0,1]", "out=results/attack", "attack-client=1", *argv])
+    cfg = load_config(["seeds=[0,1]", "out=results/attack", "attack-client=1", *argv],
+                      simulation_layers(COMPARE_CONFIG), prog="bench_attack", doc=__doc__)
     quiet_flower_console()
     out = Path(str(cfg.out))
     finals: dict[str, list[float]] = {}
@@ -66,11 +68,12 @@ def main(argv: list[str]) -> int:
         scenario = OmegaConf.merge(cfg, overrides)
         slug = label.lower().replace(" ", "-").replace(",", "").replace("×", "x")
         finals[label] = [
-            run_one(scenario, strategy, int(seed), out / slug)["accuracy"][-1]
+            simulate({**plain(scenario, "strategies", "seeds"), "strategy": strategy,
+                      "seed": int(seed), "out": str(out / slug)}, label=label)["accuracy"][-1]
             for seed in cfg.seeds
         ]
-        print(f"{label}: {mean_std(finals[label], 100)} % ({time.perf_counter() - start:.0f} s "
-              "elapsed)", file=sys.stderr, flush=True)
+        progress(f"{label}: {mean_std(finals[label], 100)} % ({time.perf_counter() - start:.0f} "
+                 "s elapsed)")
 
     print(f"\nattack-client {cfg['attack-client']}, scale {cfg['attack-scale']:g}, "
           f"{len(cfg.seeds)} seeds, {cfg['num-server-rounds']} rounds, {cfg['num-clients']} "
@@ -86,11 +89,9 @@ def main(argv: list[str]) -> int:
             per_seed = ", ".join(f"{d:.1f}" for d in diffs)
             cost = f"{statistics.fmean(diffs):.2f} (per seed {per_seed})"
         print(f"| {label} | {mean_std(finals[label], 100)} | {cost} |")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(
-        {"final_accuracy": finals, "attack_cost_points": costs,
-         "config": OmegaConf.to_container(cfg, resolve=True),
-         "wall_time_s": time.perf_counter() - start}, indent=2) + "\n")
+    write_json(out / "summary.json", {"final_accuracy": finals, "attack_cost_points": costs,
+                                      "config": plain(cfg),
+                                      "wall_time_s": time.perf_counter() - start})
     return 0
 
 

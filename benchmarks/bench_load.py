@@ -20,7 +20,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
+from simulations.flower_app import history_path  # noqa: E402
 
 #: runs simulations.compare in this process, then writes this process's peak RSS (KiB)
 _CHILD = """
@@ -46,8 +48,7 @@ def run(strategy: str, args: argparse.Namespace, out: Path) -> dict:
          f"out={out / strategy}"],
         cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    history = json.loads((out / strategy / "histories" / f"history-{strategy}-seed0.json")
-                         .read_text())
+    history = json.loads(history_path(out / strategy / "histories", strategy, 0).read_text())
     return {"history": history, "peak_bytes": 1024 * int(peak_file.read_text())}
 
 

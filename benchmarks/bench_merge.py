@@ -69,7 +69,7 @@ def plain_average(base, deltas, alphas):
 
 METHODS = {
     "plain average": lambda b, d, f, a: plain_average(b, d, a),
-    "weighted_average": lambda b, d, f, a: weighted_average(b, d, weights=a),
+    "weighted_average": lambda b, d, f, a: weighted_average(b, d, alphas=a),
     "ugm_merge": lambda b, d, f, a: ugm_merge(b, d, f, alphas=a, prior_precision=0.1),
     "ugm_merge torch": lambda b, d, f, a: ugm_merge(
         b, d, f, alphas=a, prior_precision=0.1, backend="torch"

@@ -31,20 +31,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     remove.add_argument("--client", required=True, help="stable client id to remove")
     remove.add_argument("--out", required=True, type=Path, help="output .safetensors file")
     remove.add_argument("--prior-precision", type=float, default=None,
-                        help="δ; default: the value stored in the ledger")
+                        help="H0; default: the run's, from the δ and merge rule stored in the "
+                        "ledger")
     remove.add_argument("--no-recenter", action="store_true",
                         help="use the stored delta as is (no re-centring to the current model)")
     remove.add_argument("--eq13-only", action="store_true",
                         help="do not revert the coordinates no remaining client informs")
     remove.add_argument("--forget", action="store_true",
-                        help="also store the result as the ledger's next global and delete "
-                        "the client's contribution from the ledger")
+                        help="also commit the removal to the ledger, in one step: the result "
+                        "becomes its next global, the client's record is deleted and the "
+                        "client is listed as removed (never sampled or recorded again by a "
+                        "FedUGM run that resumes on this ledger)")
     args = parser.parse_args(argv)
 
     try:
-        if not (args.ledger / "index.json").exists():
-            raise LedgerError(f"{args.ledger} is not an fl_ugm ledger (no index.json).")
-        ledger = Ledger(args.ledger)
+        ledger = Ledger(args.ledger, create=False)
         state, report = remove_from_ledger(ledger, args.client,
                                            prior_precision=args.prior_precision,
                                            recenter=not args.no_recenter,
@@ -54,8 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report_path = args.out.with_suffix(args.out.suffix + ".report.json")
         write_atomically(report_path, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
         if args.forget:
-            ledger.record_global(report["global_round"] + 1, state)
-            ledger.forget_client(args.client)
+            ledger.commit_removal(args.client, report["global_round"] + 1, state)
     except LedgerError as err:
         print(f"fl-ugm remove: {err}", file=sys.stderr)
         return 2

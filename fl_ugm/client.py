@@ -1,28 +1,34 @@
 """What a Flower ClientApp calls: fine-tune from the global model and build the reply.
 
-One ClientApp serves every strategy. When the server's train config carries ``"ugm": True``
-(FedUGM asks for it), the reply is DESIGN §4's UGM reply::
-
-    {"delta": ArrayRecord(Δ = θ_t − θ for every float entry of the state dict),
-     "fisher": ArrayRecord(F_t for every parameter; float32, a SUM over the n_t examples),
-     "metrics": MetricRecord({"num-examples": n_t, "train-loss": ...})}
-
-Float buffers (e.g. BatchNorm running statistics) appear in ``delta`` but not in ``fisher``;
-the server averages them by num-examples. Any other strategy (Flower's FedAvg, FedProx,
-FedAdam…) gets the standard ``{"arrays": ArrayRecord(θ_t), "metrics": ...}`` reply.
+One ClientApp serves every strategy. When the server's train config asks for a UGM reply
+(FedUGM does), :func:`handle_train` answers with ``fl_ugm.protocol``'s UGM reply: Δ for every
+float entry of the state dict, the Fisher of the parameters (float32, a SUM over the n_t
+examples), ``num-examples`` and the client's stable id. Float buffers (e.g. BatchNorm running
+statistics) appear in the delta but not in the Fisher; the server averages them by
+num-examples. Any other strategy (Flower's FedAvg, FedProx, FedAdam…) gets the standard
+``{"arrays": ArrayRecord(θ_t), "metrics": ...}`` reply.
 
 The proximal prior: FedUGM sends its δ as ``"ugm-prior"``; FedProx sends ``"proximal-mu"``
 (μ/2·‖w − θ‖² on a MEAN loss, i.e. precision μ·n_t on the summed loss). Both become the
 term (precision / 2n)·‖w − θ‖² added to the mean loss, the H0 = δ of the derivation.
 
-A QUERY message is answered by :func:`handle_query` with the client's stable id, so a server
-that has not heard from a client in this run (e.g. a removal run after a restart) can find
-its node.
+A complete ClientApp (the README has it too)::
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        x, y = load_my_data(context)
+        return handle_train(msg, build_model(), x, y, epochs=1, batch_size=32, lr=0.05,
+                            seed=0, client_id=str(context.node_config["client-id"]))
+
+    @app.query()      # lets the server find this client's node (removal, excluded clients)
+    def query(msg, context):
+        return handle_query(msg, str(context.node_config["client-id"]))
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -31,40 +37,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from torch import Tensor, nn
 
 from fl_ugm.fisher import TrainingFisher, diagonal_fisher, iterate_batches
+from fl_ugm.protocol import (
+    FISHER_ESTIMATORS,
+    FISHER_KEY,
+    NUM_EXAMPLES_KEY,
+    build_ugm_reply,
+    proximal_precision,
+    query_reply_content,
+    ugm_requested,
+)
 
-UGM_KEY = "ugm"
-FISHER_KEY = "ugm-fisher"
-PRIOR_KEY = "ugm-prior"
-FEDPROX_MU_KEY = "proximal-mu"
-#: UGM replies carry the client's stable id (for the server's ledger and client removal)
-#: as ConfigRecord CLIENT_RECORD = {CLIENT_ID_KEY: str}.
-CLIENT_RECORD = "client"
-CLIENT_ID_KEY = "client-id"
-#: Set in the train config of an online-removal request: the client fine-tunes from the
-#: current global as usual; its reply's Δ_t, F_t feed the removal update, not a merge.
-REMOVAL_KEY = "ugm-removal"
-#: Fisher estimators a client can be asked for: the two of ``diagonal_fisher`` and the
-#: cheap one accumulated during training (:class:`fl_ugm.fisher.TrainingFisher`).
-FISHER_ESTIMATORS = ("sampled", "empirical", "training")
 OPTIMIZERS = ("sgd", "adam")
-
-
-def ugm_requested(config: ConfigRecord) -> bool:
-    """True when the server (FedUGM) asks for a delta + Fisher reply."""
-    return bool(config.get(UGM_KEY, False))
-
-
-def proximal_precision(config: ConfigRecord, num_examples: int) -> float:
-    """Precision of the proximal prior on the SUMMED loss: δ (FedUGM), μ·n (FedProx), or 0."""
-    if ugm_requested(config):
-        value = float(config.get(PRIOR_KEY, 0.0))
-    elif FEDPROX_MU_KEY in config:
-        value = float(config[FEDPROX_MU_KEY]) * num_examples
-    else:
-        return 0.0
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"the server asked for a proximal precision of {value}; need ≥ 0.")
-    return value
 
 
 def train_classifier(
@@ -134,17 +117,21 @@ def handle_train(
     optimizer: str = "sgd",
     fisher_batch_size: int = 256,
     client_id: str | None = None,
+    arrayrecord_key: str = "arrays",
+    configrecord_key: str = "config",
 ) -> Message:
     """Answer a train message: load the global, fine-tune, reply (UGM or standard).
 
     ``client_id`` is this client's stable id (partition id in simulation, a configured id
     in a deployment); UGM replies carry it so the server can record and later remove this
-    client's contribution. Raises ``ValueError`` for a malformed request or empty local
-    data; inside a ClientApp,
-    Flower turns the exception into an error reply, which the strategy logs and skips.
+    client's contribution (without it, FedUGM merges the reply but cannot remove it later).
+    ``arrayrecord_key`` / ``configrecord_key`` are the strategy's record names (Flower's
+    defaults). Raises ``ValueError`` for a malformed request or empty local data; inside a
+    ClientApp, Flower turns the exception into an error reply, which the strategy logs and
+    skips.
     """
-    config = msg.content.config_records.get("config", ConfigRecord())
-    global_state = _load_global(msg, model)
+    config = msg.content.config_records.get(configrecord_key, ConfigRecord())
+    global_state = _load_global(msg, model, arrayrecord_key)
     n = int(targets.shape[0])
     if n == 0:
         raise ValueError("this client has no training examples.")
@@ -158,10 +145,10 @@ def handle_train(
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, optimizer=optimizer,
         prox_precision=proximal_precision(config, n), training_fisher=training_fisher,
     )  # fmt: skip
-    metrics = MetricRecord({"num-examples": n, "train-loss": loss})
+    metrics = MetricRecord({NUM_EXAMPLES_KEY: n, "train-loss": loss})
     new_state = {k: v.detach() for k, v in model.state_dict().items()}
     if not ugm:
-        content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": metrics})
+        content = RecordDict({arrayrecord_key: ArrayRecord(new_state), "metrics": metrics})
         return Message(content=content, reply_to=msg)
 
     if training_fisher is not None:
@@ -175,20 +162,12 @@ def handle_train(
         for key, value in new_state.items()
         if value.is_floating_point()
     }
-    content = RecordDict({
-        "delta": ArrayRecord(delta),
-        "fisher": ArrayRecord({k: v.float().contiguous() for k, v in fisher.items()}),
-        "metrics": metrics,
-    })  # fmt: skip
-    if client_id is not None:
-        content[CLIENT_RECORD] = ConfigRecord({CLIENT_ID_KEY: str(client_id)})
-    return Message(content=content, reply_to=msg)
+    return Message(content=build_ugm_reply(delta, fisher, metrics, client_id), reply_to=msg)
 
 
 def handle_query(msg: Message, client_id: str) -> Message:
-    """Answer the server's query with this client's stable id (``{CLIENT_RECORD: ...}``)."""
-    record = ConfigRecord({CLIENT_ID_KEY: str(client_id)})
-    return Message(content=RecordDict({CLIENT_RECORD: record}), reply_to=msg)
+    """Answer the server's QUERY with this client's stable id (``fl_ugm.protocol``)."""
+    return Message(content=query_reply_content(client_id), reply_to=msg)
 
 
 @torch.no_grad()
@@ -207,15 +186,15 @@ def handle_evaluate(
         total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
     metrics = MetricRecord(
-        {"num-examples": n, "eval-loss": total_loss / n, "eval-acc": correct / n}
+        {NUM_EXAMPLES_KEY: n, "eval-loss": total_loss / n, "eval-acc": correct / n}
     )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def _load_global(msg: Message, model: nn.Module) -> dict[str, Tensor]:
-    """Load the message's "arrays" into ``model``; return the global state (a copy)."""
-    if "arrays" not in msg.content.array_records:
-        raise ValueError("the server's message has no 'arrays' record (the global model).")
-    state = msg.content.array_records["arrays"].to_torch_state_dict()
+def _load_global(msg: Message, model: nn.Module, key: str = "arrays") -> dict[str, Tensor]:
+    """Load the message's global arrays into ``model``; return the global state (a copy)."""
+    if key not in msg.content.array_records:
+        raise ValueError(f"the server's message has no '{key}' record (the global model).")
+    state = msg.content.array_records[key].to_torch_state_dict()
     model.load_state_dict(state, strict=True)
     return {k: v.detach().clone() for k, v in state.items()}

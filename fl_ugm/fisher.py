@@ -2,7 +2,7 @@
 
 F = Σ_i (∇_θ ℓ_i(θ))², a SUM over examples of squared per-example gradients of the
 per-example negative log-likelihood ℓ_i, returned as float32 tensors keyed like
-``model.named_parameters()`` (DESIGN §1).
+``model.named_parameters()`` (docs/design.md §1).
 
 * ``kind="sampled"`` draws each example's target from the model's own predictive
   distribution: the true Fisher, what the paper's code uses (default).

@@ -1,8 +1,10 @@
 """On-disk ledger of client contributions and global checkpoints, for client removal.
 
-Layout of a ledger directory (safetensors for tensors, one small JSON index)::
+Layout of a ledger directory (safetensors for tensors, one small JSON index; docs/design.md
+§5 has the full format)::
 
-    index.json                      what is stored, with a SHA-256 per file
+    index.json                      what is stored, with a SHA-256 per file; the run settings
+                                     ("meta"); the removed clients and their removal rounds
     clients/<client-id>.r000007.safetensors  latest contribution (from round 7): "delta/<key>",
                                      "fisher/<key>", "applied/<key>"
     globals/round-000007.safetensors the global state after round 7 (the last ``keep_globals``)
@@ -16,6 +18,12 @@ once for everything, so a crash leaves the ledger at the previous round or the n
 never in between; leftover files from an interrupted write are deleted by the next writer's
 first commit (one writer at a time: the strategy, or ``fl-ugm remove --forget``). Reads
 verify the checksums and say which file is corrupt.
+
+A ledger belongs to one run: its settings (δ, α mode, scale, merge rule) and its model (the
+global's keys, shapes and dtypes) are stored on first use, and a run with other settings or
+another model is refused (:meth:`Ledger.ensure_meta`, :meth:`Ledger.record_global`). A client
+removal is one commit (:meth:`Ledger.commit_removal`): the new global, the deleted record and
+the client's id in the removed list; a removed client is never recorded again.
 """
 
 from __future__ import annotations
@@ -23,10 +31,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +55,10 @@ class LedgerCorruptError(LedgerError):
     """A ledger file is missing, truncated or was modified outside the ledger."""
 
 
+class LedgerMismatchError(LedgerError):
+    """The ledger was written by a run with other settings or another model."""
+
+
 @dataclass(frozen=True)
 class ClientRecord:
     """A client's latest stored contribution."""
@@ -59,6 +72,20 @@ class ClientRecord:
     applied: dict[str, Tensor]  # Σ over rounds of what the merges added for this client
 
 
+@dataclass(frozen=True)
+class Contribution:
+    """What one client's reply added in one round, as :meth:`Ledger.record_round` stores it:
+    its Δ_t and F_t (a sum over n_t examples), n_t, α_t, and its ``share`` of the merged
+    update (per parameter key; added to the client's ``applied`` sum)."""
+
+    client_id: str
+    num_examples: float
+    alpha: float
+    delta: Mapping[str, Tensor]
+    fisher: Mapping[str, Tensor]
+    share: Mapping[str, Tensor]
+
+
 class Ledger:
     """Persistent per-client contributions and the last ``keep_globals`` global states.
 
@@ -68,13 +95,21 @@ class Ledger:
         Created if missing. An existing ledger there is opened (and its index verified).
     keep_globals : int (default: 3)
         How many global checkpoints to keep on disk (the newest); ≥ 1.
+    create : bool (default: True)
+        Create the ledger if ``directory`` holds none. With ``False`` (readers such as
+        ``fl-ugm remove``) a missing directory or index is an error that says which.
     """
 
-    def __init__(self, directory: str | Path, *, keep_globals: int = 3) -> None:
+    def __init__(self, directory: str | Path, *, keep_globals: int = 3,
+                 create: bool = True) -> None:
         if keep_globals < 1:
             raise LedgerError(f"keep_globals must be ≥ 1, got {keep_globals}.")
         self.directory = Path(directory)
         self.keep_globals = keep_globals
+        if not create and not self.directory.is_dir():
+            raise LedgerError(f"the ledger directory {self.directory} does not exist.")
+        if not create and not (self.directory / INDEX).exists():
+            raise LedgerError(f"{self.directory} is not an fl_ugm ledger (it has no {INDEX}).")
         (self.directory / "clients").mkdir(parents=True, exist_ok=True)
         (self.directory / "globals").mkdir(parents=True, exist_ok=True)
         self._index = self._read_index()
@@ -90,12 +125,38 @@ class Ledger:
         return dict(self._index.get("meta", {}))
 
     def set_meta(self, **values: float | str | int) -> None:
-        """Store run settings (JSON scalars) that removal needs later, e.g. the prior δ."""
+        """Store run settings (JSON scalars) that removal needs later, e.g. the prior δ. Inside
+        :meth:`batch` they are committed with the batch."""
         self._index.setdefault("meta", {}).update(values)
-        self._write_index()
+        self._commit([])
+
+    def ensure_meta(self, **values: float | str | int) -> None:
+        """Refuse a run whose settings differ from the ones stored; store those not stored yet.
+
+        Raises :class:`LedgerMismatchError` naming every difference: removal needs the δ and
+        the merge rule the contributions were made with, so one ledger cannot serve two runs.
+        """
+        stored = self.meta
+        differ = [f"{key}: stored {stored[key]!r}, this run {value!r}"
+                  for key, value in values.items()
+                  if key in stored and not _same(stored[key], value)]
+        if differ:
+            raise LedgerMismatchError(
+                f"the ledger at {self.directory} was written by a run with other settings ("
+                + "; ".join(differ) + "). Run with the stored settings to continue it or to "
+                "remove a client from it, or give this run a new ledger directory."
+            )
+        missing = {k: v for k, v in values.items() if k not in stored}
+        if missing:
+            self.set_meta(**missing)
 
     def client_ids(self) -> list[str]:
         return sorted(self._index["clients"])
+
+    def removed_clients(self) -> dict[str, int]:
+        """Clients removed from this ledger's run, with the round whose global removed them;
+        they are never recorded (nor, by FedUGM, sampled) again."""
+        return dict(self._index.get("removed", {}))
 
     def rounds(self) -> list[int]:
         """Rounds whose global checkpoint is on disk, oldest first."""
@@ -109,6 +170,10 @@ class Ledger:
         """The latest contribution of ``client_id`` (checksum verified)."""
         entry = self._index["clients"].get(client_id)
         if entry is None:
+            if client_id in self.removed_clients():
+                raise LedgerError(
+                    f"client {client_id!r} was already removed from this ledger (by the global "
+                    f"of round {self.removed_clients()[client_id]}); nothing of it is left.")
             known = ", ".join(self.client_ids()[:20]) or "none"
             raise LedgerError(f"unknown client id {client_id!r}; the ledger has: {known}.")
         tensors = self._load(entry["file"], entry["sha256"])
@@ -154,6 +219,9 @@ class Ledger:
                 f"client id {client_id!r} must be 1-128 characters of letters, digits, '.', "
                 "'_' or '-' (it becomes a file name)."
             )
+        if client_id in self.removed_clients():
+            raise LedgerError(f"client {client_id!r} was removed from this run; its "
+                              "contributions are not recorded again.")
         if not set(fisher) <= set(delta):
             raise LedgerError("the Fisher's keys must be a subset of the delta's keys.")
         tensors = {f"delta/{k}": v for k, v in delta.items()}
@@ -168,8 +236,36 @@ class Ledger:
         }  # fmt: skip
         self._commit([previous["file"]] if previous and previous["file"] != name else [])
 
+    def record_round(self, round_: int, contributions: Sequence[Contribution],
+                     new_global: Mapping[str, Tensor]) -> None:
+        """Store one merged round as one commit: each contribution (its ``share`` added to the
+        client's ``applied`` sum, in float64) and the global after the round."""
+        with self.batch():
+            for item in contributions:
+                previous = (self.client(item.client_id).applied
+                            if item.client_id in self._index["clients"] else {})
+                applied = {k: (v.double() + previous[k].double() if k in previous else v)
+                           .to(new_global[k].dtype) for k, v in item.share.items()}
+                self.record_client(item.client_id, round_=round_, delta=item.delta,
+                                   fisher=item.fisher, num_examples=item.num_examples,
+                                   alpha=item.alpha, applied=applied)
+            self.record_global(round_, new_global)
+
+    def commit_removal(self, client_id: str, round_: int, state: Mapping[str, Tensor]) -> None:
+        """Apply a client's removal as one commit: ``state`` (the global without the client)
+        becomes round ``round_``'s global, the client's record is deleted and its id joins
+        the removed clients. A crash leaves the ledger before or after, never between."""
+        with self.batch():
+            self.record_global(round_, state)
+            self.forget_client(client_id)
+            self._index.setdefault("removed", {})[client_id] = int(round_)
+
     def record_global(self, round_: int, state: Mapping[str, Tensor]) -> None:
-        """Store the global state after ``round_``; drop checkpoints beyond ``keep_globals``."""
+        """Store the global state after ``round_``; drop checkpoints beyond ``keep_globals``.
+
+        The first global fixes the ledger's model (keys, shapes, dtypes); a state of another
+        model is refused with :class:`LedgerMismatchError`."""
+        self._check_model(state)
         name = f"globals/round-{int(round_):06d}.safetensors"
         digest = self._write_tensors(name, state)
         entries = [e for e in self._index["globals"] if e["round"] != round_]
@@ -179,7 +275,7 @@ class Ledger:
         self._commit([entry["file"] for entry in dropped])
 
     def forget_client(self, client_id: str) -> None:
-        """Delete a client's stored contribution (after its removal was applied)."""
+        """Delete a client's stored contribution (a removal uses :meth:`commit_removal`)."""
         entry = self._index["clients"].pop(client_id, None)
         if entry is None:
             raise LedgerError(f"unknown client id {client_id!r}.")
@@ -204,6 +300,28 @@ class Ledger:
         self._commit([])
 
     # ------------------------------------------------------------------ internals
+
+    def _check_model(self, state: Mapping[str, Tensor]) -> None:
+        """Store the model's signature with the first global; refuse another model later."""
+        signature = _model_signature(state)
+        stored = self.meta.get("model")
+        if stored is None:
+            self._index.setdefault("meta", {})["model"] = signature  # committed with the global
+            return
+        if stored == signature:
+            return
+        detail = ""
+        if self._index["globals"]:
+            _, previous = self.global_state()
+            missing = sorted(set(previous) - set(state))[:5]
+            extra = sorted(set(state) - set(previous))[:5]
+            reshaped = [k for k in previous if k in state and (
+                tuple(previous[k].shape) != tuple(state[k].shape)
+                or previous[k].dtype != state[k].dtype)][:5]
+            detail = f" (missing: {missing}, unexpected: {extra}, other shape or dtype: {reshaped})"
+        raise LedgerMismatchError(
+            f"the ledger at {self.directory} holds a different model than this run's global"
+            f"{detail}. Give this run a new ledger directory.")
 
     def _commit(self, superseded: list[str]) -> None:
         """Write the index (outside a batch), then delete the files it no longer lists."""
@@ -234,7 +352,8 @@ class Ledger:
     def _read_index(self) -> dict:
         path = self.directory / INDEX
         if not path.exists():
-            return {"version": FORMAT_VERSION, "clients": {}, "globals": [], "meta": {}}
+            return {"version": FORMAT_VERSION, "clients": {}, "globals": [], "meta": {},
+                    "removed": {}}
         try:
             index = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -247,12 +366,14 @@ class Ledger:
 
     def _load(self, name: str, sha256: str) -> dict[str, Tensor]:
         path = self.directory / name
+        restore = ("Restore the ledger directory from a backup; until then, what needs this "
+                   "file (resuming, removing a client) cannot run on this ledger.")
         if not path.exists():
-            raise LedgerCorruptError(f"{path} is listed in the index but missing.")
+            raise LedgerCorruptError(f"{path} is listed in the index but missing. {restore}")
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != sha256:
             raise LedgerCorruptError(f"{path}: checksum mismatch; the file was truncated or "
-                                     "modified outside the ledger.")
+                                     f"modified outside the ledger. {restore}")
         return load_file(str(path))
 
     def _write_tensors(self, name: str, tensors: Mapping[str, Tensor]) -> str:
@@ -265,6 +386,19 @@ class Ledger:
     def _write_index(self) -> None:
         text = json.dumps(self._index, indent=1, sort_keys=True)
         write_atomically(self.directory / INDEX, lambda tmp: tmp.write_text(text))
+
+
+def _model_signature(state: Mapping[str, Tensor]) -> str:
+    """A short fingerprint of a state dict's keys, shapes and dtypes."""
+    text = "\n".join(f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in sorted(state.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _same(stored: object, value: object) -> bool:
+    """Stored and given settings agree (floats up to JSON round-off)."""
+    if isinstance(stored, int | float) and isinstance(value, int | float):
+        return math.isclose(float(stored), float(value), rel_tol=1e-12, abs_tol=0.0)
+    return stored == value
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> bytes:

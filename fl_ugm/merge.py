@@ -2,7 +2,8 @@
 
 Every function takes models as ``Mapping[str, Tensor]`` (one entry per parameter tensor, the
 same keys and shapes everywhere) and returns a new ``dict[str, Tensor]``; inputs are never
-modified. Products and quotients are element-wise (diagonal curvature). Units (DESIGN §1):
+modified. Products and quotients are element-wise (diagonal curvature). Units
+(docs/design.md §1):
 
 * ``deltas[t]`` = θ_t − θ, the client's fine-tuned weights minus the weights it started from.
 * ``fishers[t]`` = F_t, the diagonal Fisher summed (not averaged) over the client's examples.
@@ -13,8 +14,10 @@ modified. Products and quotients are element-wise (diagonal curvature). Units (D
 Arithmetic is done in float32 or wider (the widest float dtype among the inputs); results
 come back in the dtype of ``base``. No Flower here: see ``fl_ugm.strategy`` for that.
 
-Bad input raises :class:`InvalidClientInput` (naming the client index and tensor key) or
-``ValueError``; nothing is ever partially written.
+Bad input raises :class:`InvalidClientInput` (a ``ValueError`` naming the client index and
+tensor key) when one client's delta, Fisher or α is at fault, and a plain ``ValueError``
+when the call as a whole is (the base model, the prior, the number of clients or alphas);
+nothing is ever partially written.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def ugm_merge(
     prior_precision: PriorPrecision,
     backend: Backend = "auto",
 ) -> dict[str, Tensor]:
-    """Merge client deltas with Fisher preconditioning (appendix Eq. 6).
+    """Merge client deltas with Fisher preconditioning (Eq. 6, docs/design.md §1).
 
     θ⁺ = θ + Σ_t α_t (H0 + F_t) / (H0 + Σ_s α_s F_s) · Δ_t
 
@@ -149,14 +152,41 @@ def task_arithmetic(
 
 
 def weighted_average(
-    base: Params, deltas: Sequence[Params], *, weights: Sequence[float]
+    base: Params, deltas: Sequence[Params], *, alphas: Sequence[float]
 ) -> dict[str, Tensor]:
-    """FedAvg arithmetic: θ⁺ = θ + Σ_t w_t Δ_t / Σ_s w_s (weights ≥ 0, e.g. n_t)."""
-    checked = _check_alphas("weighted_average", weights, len(deltas), allow_negative=False)
+    """FedAvg arithmetic: θ⁺ = θ + Σ_t α_t Δ_t / Σ_s α_s (α_t ≥ 0, e.g. n_t; normalised here)."""
+    checked = _check_alphas("weighted_average", alphas, len(deltas), allow_negative=False)
     total = math.fsum(checked)
     if total <= 0:
-        raise ValueError("weighted_average: the weights sum to 0; give at least one client > 0.")
-    return task_arithmetic(base, deltas, alphas=[w / total for w in checked])
+        raise ValueError("weighted_average: the alphas sum to 0; give at least one client > 0.")
+    return task_arithmetic(base, deltas, alphas=[a / total for a in checked])
+
+
+def ugm_shares(
+    base: Params,
+    deltas: Sequence[Params],
+    fishers: Sequence[Params],
+    *,
+    alphas: Sequence[float],
+    prior_precision: PriorPrecision,
+) -> list[dict[str, Tensor]]:
+    """Each client's term of Eq. 6: α_t (H0 + F_t) Δ_t / (H0 + Σ_s α_s F_s).
+
+    Σ_t of the shares is ``ugm_merge(...) − base`` (to round-off): what the merge added to
+    the global on each client's behalf (the ledger's ``applied`` sums). Computed in float64,
+    returned in ``base``'s dtypes. Same arguments and checks as :func:`ugm_merge`.
+    """
+    _check_clients("ugm_shares", base, deltas, fishers)
+    weights = _check_alphas("ugm_shares", alphas, len(deltas), allow_negative=False)
+    priors = _check_prior("ugm_shares", prior_precision, base)
+    shares: list[dict[str, Tensor]] = [{} for _ in deltas]
+    for key, theta in base.items():
+        h0 = _as_tensor(priors[key], torch.float64, theta.device)
+        denominator = h0 + sum(a * f[key].double() for a, f in zip(weights, fishers, strict=True))
+        for share, alpha, delta, fisher in zip(shares, weights, deltas, fishers, strict=True):
+            value = alpha * (h0 + fisher[key].double()) * delta[key].double() / denominator
+            share[key] = value.to(theta.dtype)
+    return shares
 
 
 def remove_client(
@@ -168,7 +198,7 @@ def remove_client(
     alpha: float,
     prior_precision: PriorPrecision,
 ) -> dict[str, Tensor]:
-    """Remove client t's contribution from a model that includes it (appendix Eq. 13).
+    """Remove client t's contribution from a model that includes it (Eq. 13, docs/design.md §1).
 
     θ₋t = θ − α_t (H0 + F_t) / (H0 + Σ_{s≠t} α_s F_s) · Δ_t
 
@@ -336,8 +366,10 @@ def _check_base(fn: str, base: Params) -> None:
         if not isinstance(theta, Tensor) or not theta.is_floating_point():
             kind = theta.dtype if isinstance(theta, Tensor) else type(theta).__name__
             raise ValueError(
-                f"{fn}: base['{key}'] is {kind}; only float tensors can be merged (handle "
-                "integer buffers outside the merge)."
+                f"{fn}: base['{key}'] is {kind}; only float tensors can be merged. Pass the "
+                "parameters (dict(model.named_parameters())) or the float entries of a "
+                "state_dict ({k: v for k, v in state.items() if v.is_floating_point()}); "
+                "integer buffers such as BatchNorm's num_batches_tracked are not merged."
             )
 
 

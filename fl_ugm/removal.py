@@ -2,7 +2,7 @@
 
 Two parts, both per coordinate (parameter entry):
 
-1. **Eq. 13** (appendix §1.3), where the remaining clients' data informs the coordinate:
+1. **Eq. 13** (docs/design.md §1), where the remaining clients' data informs the coordinate:
 
        θ₋t = θ − α_t (H0 + F_t) / (H0 + Σ_{s≠t} α_s F_s) · Δ_t
 
@@ -34,8 +34,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from fl_ugm.ledger import Ledger, LedgerError
+from fl_ugm.ledger import Ledger, LedgerCorruptError, LedgerError
 from fl_ugm.merge import PriorPrecision, prior_at, remove_client
+from fl_ugm.merge_rules import merge_rule
 
 #: Σ_{s≠t} α_s F_s at or below this × H0 counts as "no remaining client informs it".
 #: Measured on the unlearning benchmark: 1e-6 to 1e-3 give the same result.
@@ -86,14 +87,16 @@ def remove_from_ledger(
 
     ``client_reply``: (Δ_t, F_t) the client just computed by fine-tuning from the newest
     checkpoint (online removal); without it the stored contribution is used (offline).
-    ``prior_precision`` defaults to the ledger's stored ``meta["prior_precision"]``. Nothing
-    on disk changes: the caller decides whether to save the result and forget the client.
+    ``prior_precision`` (H0) defaults to the one the run merged with: the ledger's stored δ
+    through its stored merge rule (``fl_ugm.merge_rules``). Nothing on disk changes: the
+    caller decides whether to save the result and commit it (``Ledger.commit_removal``).
     """
     if prior_precision is None:
         if "prior_precision" not in ledger.meta:
             raise LedgerError("no prior precision given and none stored in the ledger's meta; "
                               "pass the δ the run used.")
-        prior_precision = float(ledger.meta["prior_precision"])
+        rule = merge_rule(str(ledger.meta.get("merge", "ugm")))
+        prior_precision = rule.prior(float(ledger.meta["prior_precision"]))
     if not ledger.client_ids():
         raise LedgerError(f"the ledger at {ledger.directory} holds no client contributions.")
     round_, state = ledger.global_state()
@@ -143,7 +146,12 @@ def fisher_of_others(
     rest = {k: torch.zeros_like(v) for k, v in like.items()}
     for other in ledger.client_ids():
         if other != client_id:
-            stored = ledger.client(other)
+            try:
+                stored = ledger.client(other)
+            except LedgerCorruptError as err:
+                raise LedgerCorruptError(
+                    f"removing client {client_id!r} needs the stored Fisher of every remaining "
+                    f"client, and client {other!r}'s record cannot be read: {err}") from err
             _matching_params(state, stored.delta, stored.fisher, other)
             for key in rest:
                 rest[key] += stored.alpha * stored.fisher[key].to(rest[key].dtype)

@@ -3,14 +3,15 @@
     python -m simulations.compare                                   # multi-round (default)
     python -m simulations.compare configs/compare_one_shot.yaml     # one-shot merging
     python -m simulations.compare dirichlet-alpha=0.5 seeds=[0] out=results/a05
+    python -m simulations.compare --help                            # every key, with defaults
 
-Each (seed, strategy) is one Flower simulation (``flwr.simulation.run_simulation``, Ray
-backend, one CPU per client) of the app in ``simulations.flower_app``; the server evaluates
-the global model on the held-out test split before training and after every round.
+Each (seed, strategy) is one Flower simulation (Ray backend, one CPU per client) of the app
+in ``simulations.flower_app``; the server evaluates the global model on the held-out test
+split before training and after every round.
 
 Config: the app's run config (``[tool.flwr.app.config]`` in pyproject.toml), then
-``configs/compare.yaml``, then an optional overlay YAML, then ``key=value`` overrides; an
-unknown key is an error. Writes to ``out``: ``rounds.csv`` (strategy, seed, round,
+``configs/adversaries.yaml`` and ``configs/compare.yaml``, then an optional overlay YAML,
+then ``key=value`` overrides. Writes to ``out``: ``rounds.csv`` (strategy, seed, round,
 accuracy, loss, seconds), ``summary.json`` (``{"strategies": {name: {"final_accuracy":
 [one per seed], "rounds_to_fedavg_final": [...], "seconds": [...]}}, "config": {...}}``)
 and ``accuracy_vs_round.png``; prints a table.
@@ -19,73 +20,30 @@ and ``accuracy_vs_round.png``; prints a table.
 from __future__ import annotations
 
 import csv
-import json
-import logging
-import os
 import statistics
 import sys
 import time
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError
+from simulations.runner import (
+    CONFIGS,
+    figure,
+    load_config,
+    mean_std,
+    plain,
+    progress,
+    quiet_flower_console,
+    save_figure,
+    simulate,
+    simulation_layers,
+    write_json,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-COMPARE_CONFIG = ROOT / "configs" / "compare.yaml"
-OFFLINE_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-}
-
-
-def load_config(argv: Sequence[str], overlay: Path | None = None) -> DictConfig:
-    """Run config < compare.yaml < ``overlay`` < YAML given as first arg < key=value."""
-    app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    layers = [OmegaConf.create(app), OmegaConf.load(COMPARE_CONFIG)]
-    if overlay is not None:
-        layers.append(OmegaConf.load(overlay))
-    args = list(argv)
-    if args and args[0].endswith((".yaml", ".yml")):
-        layers.append(OmegaConf.load(args.pop(0)))
-    default = OmegaConf.merge(*layers)
-    OmegaConf.set_struct(default, True)
-    try:
-        return OmegaConf.merge(default, OmegaConf.from_cli(args))
-    except ConfigKeyError as err:
-        known = ", ".join(sorted(str(k) for k in default))
-        raise SystemExit(f"compare: unknown config key {err.key!r}; known keys: {known}") from None
-
-
-def quiet_flower_console() -> None:
-    """Show only Flower's warnings and errors: our own progress lines are the log here."""
-    from flwr.supercore.logger import update_console_handler
-
-    update_console_handler(level=logging.WARNING)
-
-
-def run_one(cfg: DictConfig, strategy: str, seed: int, out: Path) -> dict:
-    """One Flower simulation on Ray; returns the history the ServerApp wrote."""
-    from flwr.simulation import run_simulation
-
-    from simulations.flower_app import make_apps
-
-    run_config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-                  if k not in ("strategies", "seeds")}
-    run_config.update({"strategy": strategy, "seed": seed, "out": str(out / "histories")})
-    server_app, client_app = make_apps(run_config)
-    run_simulation(
-        server_app=server_app, client_app=client_app, num_supernodes=int(cfg["num-clients"]),
-        backend_config={"client_resources": {"num_cpus": 1},
-                        "init_args": {"logging_level": "ERROR", "log_to_driver": False}},
-    )  # fmt: skip
-    path = out / "histories" / f"history-{strategy}-seed{seed}.json"
-    if not path.exists():
-        raise RuntimeError(f"the {strategy} simulation (seed {seed}) wrote no history; "
-                           "see the Flower log above.")
-    return json.loads(path.read_text())
+COMPARE_CONFIG = CONFIGS / "compare.yaml"
+#: line style and marker per strategy, so coinciding curves stay visible
+STYLES = {"fedavg": ("-", "o"), "fedprox": ("--", "s"), "fedugm": ("-", "^"),
+          "task-arithmetic": (":", "x"), "fisher-averaging": ("-.", "d")}
 
 
 def rounds_to_reach(accuracy: list[float], target: float) -> int | None:
@@ -94,11 +52,6 @@ def rounds_to_reach(accuracy: list[float], target: float) -> int | None:
         if value >= target:
             return round_index
     return None
-
-
-def mean_std(values: list[float], scale: float = 1.0) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{scale * statistics.fmean(values):.2f} ± {scale * std:.2f}"
 
 
 def summarize(histories: dict[str, list[dict]]) -> dict[str, dict[str, list]]:
@@ -119,45 +72,46 @@ def summarize(histories: dict[str, list[dict]]) -> dict[str, dict[str, list]]:
 
 
 def format_table(summary: dict, num_rounds: int) -> str:
-    lines = ["| strategy | final accuracy (%) | rounds to FedAvg's final | wall s / run |",
-             "|---|---|---|---|"]
+    """Markdown table; the rounds column lists one value per seed ("—": not reached)."""
+    lines = ["| strategy | final accuracy (%) | rounds to FedAvg's final, per seed | "
+             "wall s / run |", "|---|---|---|---|"]
     for name, s in summary.items():
-        reached = [r for r in s["rounds_to_fedavg_final"] if r is not None]
-        rounds = (f"{statistics.fmean(reached):.1f} (reached in {len(reached)}/"
-                  f"{len(s['rounds_to_fedavg_final'])} seeds)" if reached
-                  else f"not within {num_rounds}")
+        rounds = " / ".join("—" if r is None else str(r) for r in s["rounds_to_fedavg_final"])
         lines.append(f"| {name} | {mean_std(s['final_accuracy'], 100)} | {rounds} | "
                      f"{statistics.fmean(s['seconds']):.1f} |")
+    lines.append(f"\nmean ± std over seeds; rounds: the first round at which the strategy "
+                 f"reaches FedAvg's round-{num_rounds} accuracy of the same seed (—: not within "
+                 f"{num_rounds} rounds).")
     return "\n".join(lines)
 
 
 def plot(histories: dict[str, list[dict]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, runs in histories.items():
+    fig, ax = figure()
+    for order, (name, runs) in enumerate(histories.items()):
         acc = 100 * np.array([h["accuracy"] for h in runs])
         mean, std = acc.mean(0), acc.std(0)
         rounds = np.arange(len(mean))
-        ax.plot(rounds, mean, marker="o", markersize=3, label=name)
-        ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
+        style, marker = STYLES.get(name, ("-", "."))
+        # each later curve thinner, with smaller hollow markers: coinciding curves stay visible
+        (line,) = ax.plot(rounds, mean, style, marker=marker, label=name,
+                          linewidth=max(3.0 - 0.6 * order, 1.0),
+                          markersize=max(9 - 2 * order, 4), markerfacecolor="none")
+        ax.fill_between(rounds, mean - std, mean + std, alpha=0.15, color=line.get_color())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
+    ax.set_title(f"{title}\nlines: mean over seeds; bands: ± 1 std", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.update(OFFLINE_ENV)
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(sys.argv[1:] if argv is None else argv,
+                      simulation_layers(COMPARE_CONFIG), prog="compare", doc=__doc__)
     quiet_flower_console()
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
@@ -165,11 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = [(seed, name) for seed in cfg.seeds for name in cfg.strategies]
     start = time.perf_counter()
     for done, (seed, name) in enumerate(runs, start=1):
-        history = run_one(cfg, str(name), int(seed), out)
-        histories[str(name)].append(history)
-        print(f"[{done}/{len(runs)}] seed {seed} {name}: final accuracy "
-              f"{100 * history['accuracy'][-1]:.2f}% ({time.perf_counter() - start:.0f} s "
-              "elapsed)", file=sys.stderr, flush=True)
+        run_config = {**plain(cfg, "strategies", "seeds"), "strategy": str(name),
+                      "seed": int(seed), "out": str(out / "histories")}
+        histories[str(name)].append(simulate(run_config, label=f"[{done}/{len(runs)}] {name}"))
 
     with open(out / "rounds.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -180,15 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                    strict=True)):
                     writer.writerow([name, h["seed"], r, f"{a:.4f}", f"{lo:.4f}", f"{s:.2f}"])
     summary = summarize(histories)
-    (out / "summary.json").write_text(json.dumps(
-        {"strategies": summary, "config": OmegaConf.to_container(cfg, resolve=True),
-         "wall_time_s": time.perf_counter() - start}, indent=2) + "\n")
+    write_json(out / "summary.json", {"strategies": summary, "config": plain(cfg),
+                                      "wall_time_s": time.perf_counter() - start})
     title = (f"{cfg.task}, {cfg['num-clients']} clients, {cfg.partition} "
              f"{cfg['dirichlet-alpha']}, {len(cfg.seeds)} seeds")
     plot(histories, out / "accuracy_vs_round.png", title)
     print(format_table(summary, int(cfg["num-server-rounds"])))
-    print(f"\n{len(runs)} simulations in {time.perf_counter() - start:.0f} s; results in {out}",
-          file=sys.stderr)
+    progress(f"\n{len(runs)} simulations in {time.perf_counter() - start:.0f} s; results in {out}")
     return 0
 
 

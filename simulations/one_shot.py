@@ -1,4 +1,4 @@
-"""One-shot merging of non-IID clients (DESIGN §7), as a plain loop without Flower.
+"""One-shot merging of non-IID clients, as a plain loop without Flower.
 
 Per seed: the server pretrains the global model θ on its own split; every client fine-tunes
 from θ under the proximal prior δ (``prior_delta``), sends Δ_t = θ_t − θ and its sampled
@@ -10,6 +10,7 @@ Usage::
 
     python -m simulations.one_shot                      # configs/one_shot.yaml
     python -m simulations.one_shot prior_delta=[0.1,1,100] seeds=[0] out=results/sweep
+    python -m simulations.one_shot --help                # every key, with defaults
 
 Progress goes to stderr, a table of test accuracy (mean ± std over seeds, %) to stdout, and
 ``summary.json`` to ``out``.
@@ -17,8 +18,6 @@ Progress goes to stderr, a table of test accuracy (mean ± std over seeds, %) to
 
 from __future__ import annotations
 
-import json
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,15 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError
+from omegaconf import DictConfig, ListConfig
 
 from fl_ugm.client import OPTIMIZERS, train_classifier
 from fl_ugm.fisher import diagonal_fisher, iterate_batches
 from fl_ugm.merge import fisher_averaging, task_arithmetic, ugm_merge, weighted_average
-from simulations import tasks
+from simulations import runner, tasks
+from simulations.runner import mean_std, plain, progress, write_json
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "one_shot.yaml"
+DEFAULT_CONFIG = runner.CONFIGS / "one_shot.yaml"
 CHOICES = {
     "task": tasks.TASKS,
     "model": tasks.MODELS,
@@ -45,18 +44,13 @@ CHOICES = {
 
 
 def load_config(
-    argv: Sequence[str] | None = None, paths: Sequence[Path] = (DEFAULT_CONFIG,)
+    argv: Sequence[str] | None = None, paths: Sequence[Path] = (DEFAULT_CONFIG,),
+    doc: str | None = __doc__,
 ) -> DictConfig:
     """The YAML defaults (later files override earlier ones) with ``key=value`` overrides
-    merged on top; unknown keys are errors."""
-    default = OmegaConf.merge(*(OmegaConf.load(path) for path in paths))
-    OmegaConf.set_struct(default, True)
-    overrides = OmegaConf.from_cli(list(sys.argv[1:] if argv is None else argv))
-    try:
-        cfg = OmegaConf.merge(default, overrides)
-    except ConfigKeyError as err:
-        known = ", ".join(sorted(str(k) for k in default))
-        raise SystemExit(f"one_shot: unknown config key {err.key!r}; known keys: {known}") from None
+    merged on top (``simulations.runner.load_config``), checked."""
+    cfg = runner.load_config(sys.argv[1:] if argv is None else argv, paths,
+                             prog=Path(paths[-1]).stem, doc=doc)
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
             raise SystemExit(f"one_shot: {key}={cfg[key]!r}; choose one of {allowed}.")
@@ -93,7 +87,7 @@ def one_shot_merges(
     """The strategies compared in one shot, keyed by their result names."""
     alphas = [n / sum(sizes) for n in sizes]
     return {
-        "fedavg": weighted_average(base, deltas, weights=sizes),
+        "fedavg": weighted_average(base, deltas, alphas=sizes),
         "task-arithmetic": task_arithmetic(base, deltas, alphas=[1.0] * len(deltas)),
         "fisher-averaging": fisher_averaging(base, deltas, fishers, alphas=alphas),
         "fedugm": ugm_merge(base, deltas, fishers, alphas=alphas, prior_precision=prior_delta),
@@ -123,7 +117,7 @@ def run_seed(
         min_partition_size=cfg.min_partition_size,
     )
     sizes = [len(p) for p in parts]
-    log(f"[seed {seed}] client sizes {sizes}")
+    progress(f"[seed {seed}] client sizes {sizes}")
 
     torch.manual_seed(seed)
     model = tasks.build_model(cfg.model, inputs.shape[1], int(labels.max()) + 1)
@@ -134,7 +128,8 @@ def run_seed(
     )  # fmt: skip
     base = tasks.get_params(model)
     results = {"pretrained": tasks.evaluate(model, x_test, y_test)}
-    log(f"[seed {seed}] pretrained on {len(split.server)}: {results['pretrained'].accuracy:.3f}")
+    progress(f"[seed {seed}] pretrained on {len(split.server)}: "
+             f"{results['pretrained'].accuracy:.3f}")
 
     union = torch.as_tensor(np.sort(np.concatenate(parts)), dtype=torch.long)
     train_classifier(
@@ -163,7 +158,8 @@ def run_seed(
                 )
             )
             client_deltas.append(subtract(tasks.get_params(model), base))
-            log(f"[seed {seed}] δ={delta:g} client {t}: n={len(part)}, train loss {loss:.3f}")
+            progress(f"[seed {seed}] δ={delta:g} client {t}: n={len(part)}, train loss "
+                     f"{loss:.3f}")
 
         merged = merges(base, client_deltas, fishers, sizes, delta)
         suffix = f"@delta={delta:g}" if len(deltas_swept) > 1 else ""
@@ -176,20 +172,12 @@ def run_seed(
 def format_table(per_seed: list[dict[str, tasks.Evaluation]]) -> str:
     """Markdown table of test accuracy and loss, mean ± std over seeds."""
 
-    def mean_std(values: list[float], scale: float, digits: int) -> str:
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{scale * statistics.fmean(values):.{digits}f} ± {scale * std:.{digits}f}"
-
     lines = ["| strategy | test accuracy (%) | test loss (nats) |", "|---|---|---|"]
     for name in per_seed[0]:
         acc = [r[name].accuracy for r in per_seed]
         loss = [r[name].loss for r in per_seed]
         lines.append(f"| {name} | {mean_std(acc, 100, 2)} | {mean_std(loss, 1, 3)} |")
     return "\n".join(lines)
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -200,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_seed = []
     for seed in cfg.seeds:
         per_seed.append(run_seed(cfg, int(seed), inputs, labels))
-        log(f"[seed {seed}] done at {time.perf_counter() - start:.1f} s")
+        progress(f"[seed {seed}] done at {time.perf_counter() - start:.1f} s")
     wall = time.perf_counter() - start
 
     out = Path(cfg.out)
@@ -213,10 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
             for name in per_seed[0]
         },
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": plain(cfg),
         "wall_time_s": wall,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     print(format_table(per_seed))
     print(f"\n{len(per_seed)} seeds in {wall:.1f} s; summary: {out / 'summary.json'}")
     return 0

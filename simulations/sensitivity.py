@@ -14,18 +14,16 @@ seeds, with the spread max − min over λ) to stdout.
 
 from __future__ import annotations
 
-import json
 import statistics
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from fl_ugm.merge import task_arithmetic, ugm_merge
 from simulations import tasks
-from simulations.one_shot import DEFAULT_CONFIG, Merges, load_config, log, run_seed
+from simulations.one_shot import DEFAULT_CONFIG, Merges, load_config, prior_deltas, run_seed
+from simulations.runner import figure, plain, progress, save_figure, write_json
 
 SENSITIVITY_CONFIG = DEFAULT_CONFIG.parent / "sensitivity.yaml"
 METHODS = ("task-arithmetic", "fedugm")
@@ -76,12 +74,7 @@ def format_tables(accuracy, scales) -> str:
 
 
 def plot(accuracy, scales, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figure()
     for method, style in zip(METHODS, ("--", "-"), strict=True):
         for delta, by_scale in accuracy[method].items():
             means = [100 * statistics.fmean(v) for v in by_scale.values()]
@@ -89,33 +82,29 @@ def plot(accuracy, scales, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("λ (α_t = λ·n_t/Σn)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("One-shot merging: sensitivity to λ and δ")
+    ax.set_title("One-shot merging: sensitivity to λ and δ (mean over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = load_config(argv, paths=(DEFAULT_CONFIG, SENSITIVITY_CONFIG))
+    cfg = load_config(argv, paths=(DEFAULT_CONFIG, SENSITIVITY_CONFIG), doc=__doc__)
     scales = [float(s) for s in cfg.scales]
-    deltas = [float(d) for d in (cfg.prior_delta if OmegaConf.is_list(cfg.prior_delta)
-                                 else [cfg.prior_delta])]
+    deltas = prior_deltas(cfg)
     torch.set_num_threads(cfg.threads)
     inputs, labels = tasks.load_task(cfg.task)
     per_seed = []
     for seed in cfg.seeds:
         per_seed.append(run_seed(cfg, int(seed), inputs, labels, scaled_merges(scales)))
-        log(f"[seed {seed}] done")
+        progress(f"[seed {seed}] done")
     accuracy = collect(per_seed, deltas, scales)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sensitivity.json").write_text(json.dumps(
-        {"accuracy": accuracy, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
+    write_json(out / "sensitivity.json", {"accuracy": accuracy, "config": plain(cfg)})
     plot(accuracy, scales, out / "sensitivity.png")
     print(format_tables(accuracy, scales))
-    print(f"\nwritten: {out / 'sensitivity.json'}, {out / 'sensitivity.png'}", file=sys.stderr)
+    progress(f"\nwritten: {out / 'sensitivity.json'}, {out / 'sensitivity.png'}")
     return 0
 
 

@@ -170,15 +170,6 @@ def partition(
         ]
 
 
-def add_trigger(inputs: Tensor, patch: int = 4) -> Tensor:
-    """A copy of square flat images with a white ``patch``x``patch`` square in the
-    bottom-right corner: the backdoor trigger of ``simulations.unlearn``."""
-    side = math.isqrt(inputs.shape[1])
-    images = inputs.clone().reshape(-1, side, side)
-    images[:, side - patch :, side - patch :] = 1.0
-    return images.reshape(inputs.shape)
-
-
 # --------------------------------------------------------------------------- models
 
 

@@ -34,7 +34,6 @@ cost). Writes ``unlearn.json`` (``{"methods": {name: {metric:
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
 import sys
@@ -43,60 +42,62 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from fl_ugm.ledger import Ledger
 from fl_ugm.removal import remove_from_ledger, subtract_applied
 from simulations import tasks
-from simulations.compare import OFFLINE_ENV, ROOT, load_config, quiet_flower_console
-from simulations.flower_app import client_partition, experiment_for, fresh_model, make_apps
+from simulations.adversaries import add_trigger
+from simulations.flower_app import client_partition, experiment_for, fresh_model
+from simulations.runner import (
+    CONFIGS,
+    figure,
+    load_config,
+    mean_std,
+    plain,
+    progress,
+    quiet_flower_console,
+    save_figure,
+    simulate,
+    simulation_layers,
+    write_json,
+)
 
-UNLEARN_CONFIG = ROOT / "configs" / "unlearn.yaml"
+UNLEARN_CONFIG = CONFIGS / "unlearn.yaml"
 METHODS = ("none", "ta-negation", "eq13-offline", "ugm-offline", "ugm-online", "ugm-repair",
            "ugm-online-repair", "subtract-applied", "retrain")
 METRICS = ("test_accuracy", "removed_accuracy", "backdoor_asr", "dist_to_retrain", "seconds",
            "client_trainings")
 
 
-def simulate(cfg: dict, **overrides) -> tuple[dict[str, torch.Tensor], dict]:
+def simulate_to(cfg: dict, label: str, **overrides) -> tuple[dict[str, torch.Tensor], dict]:
     """One Flower simulation on Ray; returns (final global state, the run's history)."""
-    from flwr.simulation import run_simulation
-
     run_config = {**cfg, **overrides}
-    server_app, client_app = make_apps(run_config)
-    run_simulation(server_app=server_app, client_app=client_app,
-                   num_supernodes=int(run_config["num-clients"]),
-                   backend_config={"client_resources": {"num_cpus": 1},
-                                   "init_args": {"logging_level": "ERROR",
-                                                 "log_to_driver": False}})
-    path = Path(run_config["save-final"])
-    history = (Path(run_config["out"])
-               / f"history-{run_config['strategy']}-seed{int(run_config['seed'])}.json")
-    if not (path.exists() and history.exists()):
-        raise RuntimeError(f"the simulation wrote no final model to {path} or no history to "
-                           f"{history}; see the log above.")
-    return load_file(str(path)), json.loads(history.read_text())
+    history = simulate(run_config, label=f"[seed {cfg['seed']}] {label}")
+    return load_file(str(run_config["save-final"])), history
 
 
-def client_trainings(history: dict) -> int:
-    """Fine-tuning jobs the clients ran in a Flower run: replies over all its train rounds."""
-    return sum(len(r["nodes"]) for r in history["replies"])
+def client_trainings(history: dict, key: str = "replies") -> int:
+    """Fine-tuning jobs the clients ran in a Flower run: train replies over all its rounds
+    (``key="removal_requests"``: the online-removal requests)."""
+    return sum(len(r["nodes"]) for r in history.get(key, []))
 
 
 def removal_run(cfg: dict, ledger_dir: Path, client: int, mode: str, work: Path):
     """A removal-only Flower run (no training rounds) on a copy of the ledger: FedUGM.remove
-    then one repair round. Returns (removed state, repaired state, report, repair trainings)."""
+    then one repair round. Returns (removed state, repaired state, report, client trainings
+    of the removal, of the repair round)."""
     ledger_copy = work / f"ledger-{mode}"
     shutil.rmtree(ledger_copy, ignore_errors=True)
     shutil.copytree(ledger_dir, ledger_copy)
-    repaired, history = simulate(cfg, **{
+    repaired, history = simulate_to(cfg, f"{mode} removal + 1 repair round", **{
         "num-server-rounds": 0, "ledger": str(ledger_copy), "remove-client": str(client),
         "removal-mode": mode, "repair-rounds": 1, "out": str(work / mode),
         "save-final": str(work / f"{mode}-repair.safetensors")})  # fmt: skip
     report = history["removal"]
     _, removed = Ledger(ledger_copy).global_state(report["removal_round"])
-    return removed, repaired, report, client_trainings(history)
+    return (removed, repaired, report, client_trainings(history, "removal_requests"),
+            client_trainings(history))
 
 
 def task_arithmetic_negation(state, ledger: Ledger, client: int):
@@ -111,9 +112,9 @@ def evaluate(cfg: dict, state, retrained, client: int) -> dict[str, float]:
     x_test, y_test = inputs[split.test], labels[split.test]
     target = int(cfg["backdoor-target"])
     keep = y_test != target
-    triggered = tasks.evaluate(model, tasks.add_trigger(x_test[keep]),
+    triggered = tasks.evaluate(model, add_trigger(x_test[keep]),
                                torch.full_like(y_test[keep], target))
-    x_clean, y_clean = client_partition(cfg, client, poisoned=False)
+    x_clean, y_clean = client_partition(cfg, client)
     params = [k for k, _ in model.named_parameters()]
     distance = torch.sqrt(sum(((state[k] - retrained[k]).double() ** 2).sum() for k in params))
     return {
@@ -133,30 +134,27 @@ def run_seed(cfg: dict, seed: int, out: Path) -> dict[str, dict[str, float]]:
     seconds, states = {}, {}
     trainings = dict.fromkeys(METHODS, 0)
 
-    def log(message: str) -> None:
-        print(f"[seed {seed}] {message}", file=sys.stderr, flush=True)
-
-    states["none"], history = simulate(cfg, **{
+    states["none"], _ = simulate_to(cfg, "FedUGM with the backdoored client", **{
         "ledger": str(ledger_dir), "out": str(work / "train"),
         "save-final": str(work / "full.safetensors")})  # fmt: skip
     seconds["none"] = 0.0
-    log(f"trained with the backdoored client in {history['seconds'][-1]:.1f} s")
-    states["retrain"], history = simulate(cfg, **{
+    states["retrain"], history = simulate_to(cfg, "retraining without it", **{
         "exclude-clients": str(client), "out": str(work / "retrain"),
         "save-final": str(work / "retrain.safetensors")})  # fmt: skip
     seconds["retrain"] = history["seconds"][-1]
     trainings["retrain"] = client_trainings(history)
-    log(f"retrained without it in {seconds['retrain']:.1f} s")
 
     for mode, name in (("offline", "ugm"), ("online", "ugm-online")):
-        removed, repaired, report, repair = removal_run(cfg, ledger_dir, client, mode, work)
+        removed, repaired, report, removal, repair = removal_run(cfg, ledger_dir, client, mode,
+                                                                 work)
         states[f"ugm-{mode}"], states[f"{name}-repair"] = removed, repaired
         seconds[f"ugm-{mode}"] = report["removal_seconds"]
         seconds[f"{name}-repair"] = report["seconds"]
-        trainings[f"ugm-{mode}"] = int(mode == "online")  # the removed client's fine-tuning
-        trainings[f"{name}-repair"] = trainings[f"ugm-{mode}"] + repair
-        log(f"{mode} removal in {report['removal_seconds']:.2f} s, + 1 repair round: "
-            f"{report['seconds']:.2f} s; {100 * report['reverted_fraction']:.1f} % reverted")
+        trainings[f"ugm-{mode}"] = removal  # the removed client's fine-tuning, if online
+        trainings[f"{name}-repair"] = removal + repair
+        progress(f"[seed {seed}] {mode} removal: {report['removal_seconds']:.2f} s, + 1 repair "
+                 f"round {report['seconds']:.2f} s; {100 * report['reverted_fraction']:.1f} % "
+                 "of the entries reverted")
 
     ledger = Ledger(ledger_dir)
     for name, remove in (
@@ -176,28 +174,20 @@ def run_seed(cfg: dict, seed: int, out: Path) -> dict[str, dict[str, float]]:
 
 
 def format_table(results: dict[str, dict[str, list[float]]]) -> str:
-    def cell(values: list[float], scale: float) -> str:
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{scale * statistics.fmean(values):.2f} ± {scale * std:.2f}"
-
     lines = ["| method | test acc (%) | removed client clean acc (%) | backdoor ASR (%) | "
              "L2 to retrain | seconds | client trainings |", "|---|---|---|---|---|---|---|"]
     for name, metrics in results.items():
-        lines.append(f"| {name} | {cell(metrics['test_accuracy'], 100)} | "
-                     f"{cell(metrics['removed_accuracy'], 100)} | "
-                     f"{cell(metrics['backdoor_asr'], 100)} | "
-                     f"{cell(metrics['dist_to_retrain'], 1)} | {cell(metrics['seconds'], 1)} | "
+        lines.append(f"| {name} | {mean_std(metrics['test_accuracy'], 100)} | "
+                     f"{mean_std(metrics['removed_accuracy'], 100)} | "
+                     f"{mean_std(metrics['backdoor_asr'], 100)} | "
+                     f"{mean_std(metrics['dist_to_retrain'], 1)} | "
+                     f"{mean_std(metrics['seconds'], 1)} | "
                      f"{statistics.fmean(metrics['client_trainings']):.0f} |")
     return "\n".join(lines)
 
 
 def plot(results, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    fig, axes = figure(3, (12, 3.8))
     for ax, metric, label in zip(axes, ("test_accuracy", "backdoor_asr", "dist_to_retrain"),
                                  ("test accuracy (%)", "backdoor ASR (%)", "L2 to retrain"),
                                  strict=True):
@@ -205,29 +195,23 @@ def plot(results, path: Path) -> None:
         means = [scale * statistics.fmean(results[m][metric]) for m in METHODS]
         ax.bar(range(len(METHODS)), means)
         ax.set_xticks(range(len(METHODS)), METHODS, rotation=35, ha="right", fontsize=8)
-        ax.set_title(label)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        ax.set_title(f"{label}, mean over seeds", fontsize=10)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import os
-
-    os.environ.update(OFFLINE_ENV)
-    cfg = load_config(sys.argv[1:] if argv is None else argv, overlay=UNLEARN_CONFIG)
+    cfg = load_config(sys.argv[1:] if argv is None else argv,
+                      simulation_layers(CONFIGS / "compare.yaml", UNLEARN_CONFIG),
+                      prog="unlearn", doc=__doc__)
     quiet_flower_console()
     if int(cfg["backdoor-client"]) < 0:
         raise SystemExit("unlearn: set backdoor-client to the partition id to remove.")
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
-    plain = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-             if k not in ("strategies", "seeds")}
-    per_seed = [run_seed(plain, int(seed), out) for seed in cfg.seeds]
+    per_seed = [run_seed(plain(cfg, "strategies", "seeds"), int(seed), out) for seed in cfg.seeds]
     results = {name: {metric: [r[name][metric] for r in per_seed] for metric in METRICS}
                for name in METHODS}
-    (out / "unlearn.json").write_text(json.dumps(
-        {"methods": results, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
+    write_json(out / "unlearn.json", {"methods": results, "config": plain(cfg)})
     plot(results, out / "unlearn.png")
     print(format_table(results))
     return 0

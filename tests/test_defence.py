@@ -8,16 +8,12 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from test_strategy import (  # noqa: F401  (server_identity: autouse fixture)
-    PARAM_KEYS,
-    global_state,
-    message,
-    server_identity,
-    ugm_reply,
-)
+from helpers import PARAM_KEYS, global_state, message, ugm_reply
 
 from fl_ugm import FedUGM
 from fl_ugm.merge import clip_fisher_inflation
+
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def params_l2(a, b) -> float:
@@ -52,7 +48,7 @@ def fedavg_of(replies, state):
 
 def ugm_of(replies, state, **kwargs):
     strategy = FedUGM(prior_precision=1.0, min_train_nodes=1, **kwargs)
-    strategy._global = state
+    strategy.current_arrays = state
     return strategy.aggregate_train(1, replies)[0].to_torch_state_dict()
 
 
@@ -111,7 +107,7 @@ def test_clip_fisher_inflation_scales_outliers_to_exactly_the_bound():
 
 @pytest.mark.parametrize("kind", ["inflate", "flip-inflate", "flip"])
 def test_the_benchmark_attacks_do_what_they_say(kind):
-    from simulations.flower_app import attack
+    from simulations.adversaries import attack
 
     state = global_state()
     honest = ugm_reply(1, 40, state, seed=1)
@@ -136,3 +132,20 @@ def test_the_benchmark_attacks_do_what_they_say(kind):
         torch.testing.assert_close(sent[key], expected)
     with pytest.raises(ValueError, match="unknown attack"):
         attack(plain, request, "bribe", 1.0)
+
+
+def test_honest_clips_are_info_and_large_ones_warnings(caplog):
+    """A client 4× the median (honest variation reaches that) is clipped with an INFO line;
+    one 1e6× the median with a WARNING."""
+    state = global_state()
+    replies = [ugm_reply(node, 40, state, seed=node) for node in range(1, 6)]
+    mild = attacked(replies[0], 4.0 * 2, flip=False)  # ≈ 4–8× the others' masses
+    with caplog.at_level("INFO", logger="flwr"):
+        ugm_of([mild, *replies[1:]], state)
+    clips = [r for r in caplog.records if "reports a Fisher on" in r.getMessage()]
+    assert clips and {r.levelname for r in clips} == {"INFO"}
+    caplog.clear()
+    with caplog.at_level("INFO", logger="flwr"):
+        ugm_of([attacked(replies[0], 1e6, flip=False), *replies[1:]], state)
+    clips = [r for r in caplog.records if "reports a Fisher on" in r.getMessage()]
+    assert clips and {r.levelname for r in clips} == {"WARNING"}

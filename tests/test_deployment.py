@@ -36,6 +36,8 @@ from typing import Any
 
 import pytest
 
+from simulations.flower_app import history_path
+
 pytestmark = [
     pytest.mark.deployment,
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux /proc"),
@@ -277,7 +279,7 @@ class Deployment:
             run.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pytest.fail(f"`flwr run` ran over {timeout} s\n{self.tails()}")
-        history = out / f"history-{RUN_CONFIG['strategy']}-seed0.json"
+        history = history_path(out, RUN_CONFIG["strategy"], 0)
         assert run.popen.returncode == 0 and history.exists(), self.tails()
         return json.loads(history.read_text())
 
@@ -476,17 +478,21 @@ def test_supernode_auth_admits_registered_keys_only(deployment, tmp_path):
     check_history(history, rounds=1, node_ids=registered)
 
 
-def test_server_killed_mid_run_resumes_from_the_ledger(deployment, tmp_path):
-    """SIGKILL the ServerApp process once round 1 of 3 is in the ledger; ``flwr run`` again
-    with ``resume=true`` on the same ledger continues with the next round and ends after
-    round 3, with every client's contribution recorded up to round 3."""
+def test_server_killed_mid_run_resumes_from_the_ledger_without_a_removed_client(deployment,
+                                                                              tmp_path):
+    """SIGKILL the ServerApp process once round 1 of 4 is in the ledger; remove client c1
+    offline (``fl-ugm remove --forget``); ``flwr run`` again with ``resume=true`` on the same
+    ledger continues after the removal's global and ends after round 4. c1's SuperNode is
+    still connected but is never asked to train again, and c1 is never recorded again."""
     from fl_ugm.ledger import Ledger
 
     deployment.start_superlink("--insecure")
     deployment.write_connection()
-    node_ids = start_nodes(deployment, "--insecure")
+    nodes = {f"c{i}": deployment.start_supernode(f"supernode-{i}", i, "--insecure")
+             for i in range(3)}
+    node_of = {c: int(node.wait_for_output(NODE_ID, 60).group(1)) for c, node in nodes.items()}
     out = tmp_path / "out"
-    first = deployment.start_app("flwr-run-killed", out, rounds=3)
+    first = deployment.start_app("flwr-run-killed", out, rounds=4)
 
     def completed_rounds() -> int:
         index = out / "ledger" / "index.json"
@@ -502,13 +508,21 @@ def test_server_killed_mid_run_resumes_from_the_ledger(deployment, tmp_path):
     assert killed_after < 3
     wait_until(lambda: first.popen.poll() is not None, 60)  # the CLI notices the failed run
 
-    history = deployment.run_app(out, rounds=3, resume=True)
-    assert history["resumed_from_round"] == killed_after
-    assert len(history["accuracy"]) == 3 - killed_after + 1
+    remove = deployment.start("fl-ugm-remove", [
+        executable("fl-ugm"), "remove", "--ledger", str(out / "ledger"), "--client", "c1",
+        "--out", str(tmp_path / "without-c1.safetensors"), "--forget"])  # fmt: skip
+    remove.popen.wait(timeout=120)
+    assert remove.popen.returncode == 0, remove.tail()
+    history = deployment.run_app(out, rounds=4, resume=True)
+    assert history["resumed_from_round"] == killed_after + 1  # the removal's global
+    assert len(history["accuracy"]) == 4 - (killed_after + 1) + 1
+    assert history["replies"], "no round ran after the resume"
     for round_log in history["replies"]:
-        assert set(round_log["nodes"]) == node_ids and round_log["errors"] == 0
+        assert set(round_log["nodes"]) == {node_of["c0"], node_of["c2"]}, round_log
+        assert round_log["errors"] == 0
     ledger = Ledger(out / "ledger")
-    assert ledger.rounds()[-1] == 3
-    for client in ("c0", "c1", "c2"):
+    assert ledger.rounds()[-1] == 4 and ledger.removed_clients() == {"c1": killed_after + 1}
+    assert ledger.client_ids() == ["c0", "c2"]
+    for client in ("c0", "c2"):
         record = ledger.client(client)
-        assert record.round == 3 and all(bool(v.abs().sum() > 0) for v in record.applied.values())
+        assert record.round == 4 and all(bool(v.abs().sum() > 0) for v in record.applied.values())

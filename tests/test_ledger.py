@@ -207,12 +207,101 @@ def test_cli_remove_writes_model_and_report(tmp_path, capsys):
     assert not missing.exists()
     assert cli_main(["remove", "--ledger", str(tmp_path / "nowhere"), "--client", "c1",
                      "--out", str(missing)]) == 2
-    assert "is not an fl_ugm ledger" in capsys.readouterr().err
+    assert "nowhere does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()  # a reader creates nothing
+    assert cli_main(["remove", "--ledger", str(tmp_path / "out"), "--client", "c1",
+                     "--out", str(missing)]) == 2
+    assert "out is not an fl_ugm ledger (it has no index.json)" in capsys.readouterr().err
 
     before = Ledger(tmp_path / "ledger").rounds()[-1]
     assert cli_main(["remove", "--ledger", str(tmp_path / "ledger"), "--client", "c1",
                      "--out", str(out), "--forget"]) == 0
     ledger = Ledger(tmp_path / "ledger")
     assert ledger.client_ids() == ["c0", "c2"]
+    assert ledger.removed_clients() == {"c1": before + 1}  # one commit with the new global
     round_, state = ledger.global_state()  # the ledger's newest global is the result
     assert round_ == before + 1 and torch.equal(state["w"], load_file(str(out))["w"])
+    assert cli_main(["remove", "--ledger", str(tmp_path / "ledger"), "--client", "c1",
+                     "--out", str(missing)]) == 2
+    assert "client 'c1' was already removed from this ledger" in capsys.readouterr().err
+
+
+def test_a_removal_is_one_commit_before_or_after_never_between(tmp_path, monkeypatch):
+    """commit_removal writes the new global, deletes the record and lists the client as
+    removed in one commit: a failure between the steps leaves the ledger as it was."""
+    ledger, _, retrain = linear_run(tmp_path)
+    index = (tmp_path / "index.json").read_text()
+    state, _ = remove_from_ledger(ledger, "c1")
+
+    def fail(self, client_id):
+        raise OSError("crash between the new global and the deleted record")
+
+    monkeypatch.setattr(Ledger, "forget_client", fail)
+    with pytest.raises(OSError, match="crash between"):
+        ledger.commit_removal("c1", 2, state)
+    monkeypatch.undo()
+    assert (tmp_path / "index.json").read_text() == index
+    for reopened in (ledger, Ledger(tmp_path)):  # in memory and on disk: before
+        assert reopened.client_ids() == ["c0", "c1", "c2"] and reopened.removed_clients() == {}
+        assert reopened.rounds() == [0, 1]
+    # then the same removal without the failure: after, all three steps at once
+    ledger.commit_removal("c1", 2, state)
+    reopened = Ledger(tmp_path)
+    assert reopened.client_ids() == ["c0", "c2"] and reopened.removed_clients() == {"c1": 2}
+    torch.testing.assert_close(reopened.global_state()[1]["w"], retrain(1), rtol=0, atol=1e-10)
+    assert sorted(p.name for p in (tmp_path / "clients").iterdir()) == [
+        "c0.r000001.safetensors", "c2.r000001.safetensors"]  # the orphaned file is gone
+    with pytest.raises(LedgerError, match=r"client 'c1' was already removed from this ledger "
+                       r"\(by the global of round 2\)"):
+        remove_from_ledger(reopened, "c1")
+    delta, fisher = contribution(0)
+    with pytest.raises(LedgerError, match="'c1' was removed from this run; its contributions"):
+        reopened.record_client("c1", round_=3, delta=delta, fisher=fisher, num_examples=1,
+                               alpha=1)
+
+
+def test_set_meta_commits_with_its_batch(tmp_path):
+    ledger = Ledger(tmp_path)
+    ledger.set_meta(prior_precision=1.0)
+    index = (tmp_path / "index.json").read_text()
+    with pytest.raises(RuntimeError, match="crash"), ledger.batch():
+        ledger.set_meta(merge="ugm")
+        assert (tmp_path / "index.json").read_text() == index  # not written yet
+        raise RuntimeError("crash")
+    assert Ledger(tmp_path).meta == {"prior_precision": 1.0} == ledger.meta
+    with ledger.batch():
+        ledger.set_meta(merge="ugm")
+    assert Ledger(tmp_path).meta == {"prior_precision": 1.0, "merge": "ugm"}
+
+
+def test_a_ledger_refuses_a_run_with_other_settings_or_another_model(tmp_path):
+    from fl_ugm import FedUGM
+    from fl_ugm.ledger import LedgerMismatchError
+
+    FedUGM(prior_precision=1.0, ledger=tmp_path)
+    meta = Ledger(tmp_path).meta
+    assert meta == {"prior_precision": 1.0, "alpha": "num-examples", "scale": 1.0,
+                    "merge": "ugm"}
+    FedUGM(prior_precision=1.0, ledger=tmp_path)  # the same settings: accepted
+    with pytest.raises(LedgerMismatchError, match=r"other settings \(prior_precision: stored "
+                       r"1\.0, this run 10\.0; merge: stored 'ugm', this run "
+                       r"'fisher-averaging'\)\. Run with the stored settings"):
+        FedUGM(prior_precision=10.0, merge="fisher-averaging", ledger=tmp_path)
+    assert Ledger(tmp_path).meta == meta  # nothing overwritten
+
+    ledger = Ledger(tmp_path)
+    ledger.record_global(0, {"w": torch.zeros(3), "b": torch.zeros(2)})
+    with pytest.raises(LedgerMismatchError, match=r"different model than this run's global "
+                       r"\(missing: \['b'\], unexpected: \[\], other shape or dtype: \['w'\]\)"):
+        ledger.record_global(1, {"w": torch.zeros(4)})
+    assert Ledger(tmp_path).rounds() == [0]
+
+
+def test_corrupt_files_say_how_to_recover_and_what_they_block(tmp_path):
+    linear_run(tmp_path)
+    path = tmp_path / "clients" / "c2.r000001.safetensors"
+    path.write_bytes(path.read_bytes()[:-1] + b"!")
+    with pytest.raises(LedgerCorruptError, match=r"removing client 'c0' needs the stored Fisher "
+                       r"of every remaining client, and client 'c2''s record cannot be read: "
+                       r".*checksum mismatch.*Restore the ledger directory from a backup"):
+        remove_from_ledger(Ledger(tmp_path), "c0")

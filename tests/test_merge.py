@@ -78,12 +78,32 @@ def test_tiny_prior_is_fisher_averaging():
     base, deltas, fishers = make_clients(3, dtype=torch.float64)
     alphas = [0.2, 0.3, 0.5]
     merged = ugm_merge(base, deltas, fishers, alphas=alphas, prior_precision=1e-12)
-    averaged = fisher_averaging(base, deltas, fishers, alphas=alphas)
     for key in base:
         num = sum(a * f[key] * d[key] for a, d, f in zip(alphas, deltas, fishers))
         den = sum(a * f[key] for a, f in zip(alphas, fishers))
         torch.testing.assert_close(merged[key], base[key] + num / den, rtol=1e-8, atol=1e-10)
-        torch.testing.assert_close(averaged[key], merged[key], rtol=1e-8, atol=1e-10)
+
+
+def test_fisher_averaging_against_its_formula():
+    """θ + Σ α_t F_t Δ_t / Σ α_s F_s written out independently; where every client's Fisher
+    is zero (no 0/0), Σ α_t Δ_t; where one client alone has Fisher, its delta."""
+    base, deltas, fishers = make_clients(3, dtype=torch.float64)
+    alphas = [0.2, 0.3, 0.5]
+    for fisher in fishers:
+        fisher["w"][0, 0] = 0.0  # nobody informs w[0, 0]
+    fishers[0]["b"][1] = fishers[2]["b"][1] = 0.0  # only client 1 informs b[1]
+    averaged = fisher_averaging(base, deltas, fishers, alphas=alphas)
+    for key in base:
+        num = sum(a * f[key] * d[key] for a, d, f in zip(alphas, deltas, fishers))
+        den = sum(a * f[key] for a, f in zip(alphas, fishers))
+        expected = base[key] + torch.where(den > 0, num / den.clamp_min(1e-300), 0.0)
+        informed = den > 0
+        torch.testing.assert_close(averaged[key][informed], expected[informed], rtol=1e-8,
+                                   atol=1e-10)
+    plain_sum = base["w"][0, 0] + sum(a * d["w"][0, 0] for a, d in zip(alphas, deltas))
+    torch.testing.assert_close(averaged["w"][0, 0], plain_sum, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(averaged["b"][1], base["b"][1] + deltas[1]["b"][1], rtol=1e-8,
+                               atol=1e-10)
 
 
 def test_huge_prior_is_task_arithmetic_and_prior_changes_result():
@@ -99,7 +119,7 @@ def test_huge_prior_is_task_arithmetic_and_prior_changes_result():
 
 def test_weighted_average_normalises_weights():
     base, deltas, _ = make_clients(2)
-    merged = weighted_average(base, deltas, weights=[30, 10])
+    merged = weighted_average(base, deltas, alphas=[30, 10])
     for key in base:
         torch.testing.assert_close(merged[key], base[key] + 0.75 * deltas[0][key]
                                    + 0.25 * deltas[1][key])
@@ -252,8 +272,8 @@ def test_task_arithmetic_allows_negative_alpha_but_not_nan_delta():
     deltas[1]["b"][2] = math.nan
     with pytest.raises(InvalidClientInput, match=r"deltas\[1\]\['b'\] contains NaN"):
         task_arithmetic(base, deltas, alphas=[1, 1])
-    with pytest.raises(ValueError, match="weights sum to 0"):
-        weighted_average(base, deltas[:1], weights=[0])
+    with pytest.raises(ValueError, match="alphas sum to 0"):
+        weighted_average(base, deltas[:1], alphas=[0])
 
 
 @pytest.mark.parametrize(

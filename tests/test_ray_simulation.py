@@ -28,7 +28,7 @@ def run_config():
 def test_simulation_on_ray(strategy, run_config, tmp_path):
     from flwr.simulation import run_simulation
 
-    from simulations.flower_app import make_apps
+    from simulations.flower_app import history_path, make_apps
 
     ledger = str(tmp_path / "ledger") if strategy == "fedugm" else ""
     config = dict(run_config, strategy=strategy, out=str(tmp_path), ledger=ledger)
@@ -36,7 +36,7 @@ def test_simulation_on_ray(strategy, run_config, tmp_path):
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=3,
                    backend_config={"client_resources": {"num_cpus": 1}})
 
-    history = json.loads((tmp_path / f"history-{strategy}-seed0.json").read_text())
+    history = json.loads(history_path(tmp_path, strategy, 0).read_text())
     assert len(history["accuracy"]) == 3  # initial model + 2 rounds
     assert [r["round"] for r in history["replies"]] == [1, 2]
     for round_log in history["replies"]:

@@ -8,96 +8,18 @@ QUERY (their stable client id, ``fl_ugm.client.handle_query``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common import Error, MessageType
-from test_strategy import message, server_identity  # noqa: F401  (autouse fixture)
+from flwr.app import MetricRecord
+from flwr.common import MessageType
+from helpers import H0, LinearGrid, linear_problem, new_strategy, retrained, train
 
-from fl_ugm import FedUGM
-from fl_ugm.client import CLIENT_RECORD, PRIOR_KEY, REMOVAL_KEY, handle_query
+from fl_ugm import FedUGM, RemovalError
 from fl_ugm.ledger import Ledger
+from fl_ugm.protocol import PRIOR_KEY, REMOVAL_KEY
 from fl_ugm.removal import remove_from_ledger
-from fl_ugm.strategy import RemovalError
 
-H0 = 0.6
-
-
-class LinearGrid:
-    """Nodes 1..T hold ½‖y − Xθ‖² (XᵀX diagonal); a TRAIN message is answered with the exact
-    minimiser of that loss plus (δ/2)‖θ − θ_global‖²: Δ and F = diag(XᵀX)."""
-
-    def __init__(self, hessians, xty, *, failing: set[int] = frozenset(),
-                 nan_nodes: set[int] = frozenset()):
-        self.hessians, self.xty, self.failing, self.nan_nodes = hessians, xty, failing, nan_nodes
-        self.sent: list[tuple[str, list[int]]] = []  # (message type, destination nodes)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(range(1, len(self.hessians) + 1))
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
-        messages = list(messages)
-        self.sent.append((messages[0].metadata.message_type,
-                          [m.metadata.dst_node_id for m in messages]))
-        return [self._answer(m) for m in messages]
-
-    def _answer(self, msg: Message) -> Message:
-        node = msg.metadata.dst_node_id
-        incoming = message(msg.content, src=0, dst=node, kind=msg.metadata.message_type)
-        if msg.metadata.message_type == MessageType.QUERY:
-            return handle_query(incoming, f"p{node - 1}")
-        if node in self.failing:
-            return Message(Error(code=0, reason="client crashed"), reply_to=incoming)
-        config = msg.content.config_records["config"]
-        theta = msg.content.array_records["arrays"].to_torch_state_dict()["w"]
-        h, b = self.hessians[node - 1], self.xty[node - 1]
-        delta = (float(config[PRIOR_KEY]) * theta + b) / (float(config[PRIOR_KEY]) + h) - theta
-        if node in self.nan_nodes:
-            delta = delta.clone()
-            delta[0] = float("nan")
-        return Message(RecordDict({
-            "delta": ArrayRecord({"w": delta}), "fisher": ArrayRecord({"w": h}),
-            "metrics": MetricRecord({"num-examples": 10}),
-            CLIENT_RECORD: ConfigRecord({"client-id": f"p{node - 1}"}),
-        }), reply_to=incoming)  # fmt: skip
-
-
-def linear_problem(seed: int, dim: int = 5, clients: int = 3, *, silent: dict | None = None):
-    """Hessians (diag XᵀX) and Xᵀy per client; ``silent={client: coordinate}`` zeroes that
-    coordinate for every OTHER client (only ``client``'s data informs it)."""
-    gen = torch.Generator().manual_seed(seed)
-    hessians = [0.5 + 3 * torch.rand(dim, generator=gen, dtype=torch.float64)
-                for _ in range(clients)]
-    xty = [torch.randn(dim, generator=gen, dtype=torch.float64) for _ in range(clients)]
-    for owner, coordinate in (silent or {}).items():
-        for t in range(clients):
-            if t != owner:
-                hessians[t][coordinate] = xty[t][coordinate] = 0.0
-    theta0 = torch.randn(dim, generator=gen, dtype=torch.float64)
-    return hessians, xty, theta0
-
-
-def train(strategy: FedUGM, grid, theta, rounds: int, first_round: int = 1):
-    arrays = ArrayRecord({"w": theta})
-    for server_round in range(first_round, first_round + rounds):
-        messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-        arrays, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages))
-    return arrays.to_torch_state_dict()["w"]
-
-
-def retrained(hessians, xty, theta0, keep):
-    """The kept clients' exact joint MAP with the weights they had in the merge (α = n/Σn =
-    1/3: every client reports num-examples = 10)."""
-    alpha = 1.0 / len(hessians)
-    return (H0 * theta0 + sum(alpha * xty[t] for t in keep)) / (
-        H0 + sum(alpha * hessians[t] for t in keep))
-
-
-def new_strategy(ledger_dir, nodes: int = 3) -> FedUGM:
-    return FedUGM(prior_precision=H0, min_train_nodes=nodes, min_available_nodes=nodes,
-                  ledger=ledger_dir)
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 @pytest.mark.parametrize("mode", ["online", "offline"])
@@ -187,7 +109,7 @@ def test_a_failed_online_removal_changes_nothing(tmp_path):
         strategy.remove(LinearGrid(hessians, xty), "p1", mode="later")
     assert (tmp_path / "index.json").read_text() == index
     assert Ledger(tmp_path).client_ids() == before.client_ids() == ["p0", "p1", "p2"]
-    assert strategy.excluded_clients == set()
+    assert strategy.roster.excluded == set()
     with pytest.raises(RemovalError, match="needs the strategy's ledger"):
         FedUGM().remove(LinearGrid(hessians, xty), "p1")
 
@@ -211,3 +133,59 @@ def test_uninformed_coordinates_revert_to_before_the_client_over_many_rounds(tmp
     stuck = abs(float(eq13_only["w"][0] - theta0[0]))
     assert stuck > 0.5 * abs(float(trained[0] - theta0[0])) > 0
     torch.testing.assert_close(state["w"][1:], eq13_only["w"][1:])  # informed: Eq. 13 only
+
+
+def test_a_removal_interrupted_between_its_steps_changes_nothing(tmp_path, monkeypatch):
+    """A failure after the new global is written but before the client's record is deleted
+    (injected) leaves the ledger and the strategy as they were; retrying then removes it
+    exactly once."""
+    hessians, xty, theta0 = linear_problem(seed=13)
+    grid = LinearGrid(hessians, xty)
+    train(new_strategy(tmp_path), grid, theta0, rounds=2)
+    index = (tmp_path / "index.json").read_text()
+    strategy = new_strategy(tmp_path)
+
+    def crash(self, client_id):
+        raise OSError("killed between the steps")
+
+    monkeypatch.setattr(Ledger, "forget_client", crash)
+    with pytest.raises(OSError, match="killed between the steps"):
+        strategy.remove(grid, "p1", mode="offline")
+    monkeypatch.undo()
+    assert (tmp_path / "index.json").read_text() == index
+    assert Ledger(tmp_path).client_ids() == ["p0", "p1", "p2"]
+    assert strategy.roster.excluded == set() and Ledger(tmp_path).removed_clients() == {}
+
+    arrays, _ = new_strategy(tmp_path).remove(grid, "p1", mode="offline")
+    ledger = Ledger(tmp_path)
+    assert ledger.removed_clients() == {"p1": 3} and ledger.client_ids() == ["p0", "p2"]
+    with pytest.raises(RemovalError, match=r"client 'p1' was already removed from this run "
+                       r"\(by the global of round 3\); nothing to do"):
+        new_strategy(tmp_path).remove(grid, "p1", mode="offline")
+    assert torch.equal(Ledger(tmp_path).global_state()[1]["w"], arrays.to_torch_state_dict()["w"])
+
+
+def test_an_online_reply_must_come_from_the_client_asked(tmp_path):
+    hessians, xty, theta0 = linear_problem(seed=14)
+    grid = LinearGrid(hessians, xty)
+    strategy = new_strategy(tmp_path)
+    train(strategy, grid, theta0, rounds=1)
+    strategy.roster.learn("p1", 3)  # stale routing: node 3 serves p2
+    index = (tmp_path / "index.json").read_text()
+    with pytest.raises(RemovalError, match="node 3 answered the removal request of client 'p1' "
+                       "as client 'p2'; nothing was changed"):
+        strategy.remove(grid, "p1", mode="online")
+    assert (tmp_path / "index.json").read_text() == index
+
+
+def test_repair_rounds_log_the_nodes_they_sample(tmp_path, caplog):
+    """The sampling log counts the eligible nodes only: no "Sampled 3 (out of 3)" followed by
+    two replies after a removal."""
+    hessians, xty, theta0 = linear_problem(seed=15)
+    grid = LinearGrid(hessians, xty)
+    train(new_strategy(tmp_path), grid, theta0, rounds=1)
+    with caplog.at_level("INFO", logger="flwr"):
+        new_strategy(tmp_path).remove(grid, "p0", mode="offline", repair_rounds=1)
+    assert ("configure_train: Sampled 2 nodes (out of 2; 1 excluded clients left out)"
+            in caplog.text)
+    assert "Received 2 results and 0 failures" in caplog.text

@@ -3,12 +3,14 @@ with nothing lost (in-process; the real SIGKILL test is in test_deployment.py)."
 
 from __future__ import annotations
 
+import pytest
 import torch
 from flwr.app import ConfigRecord
-from test_removal import LinearGrid, linear_problem, new_strategy, train
-from test_strategy import server_identity  # noqa: F401  (autouse fixture)
+from helpers import LinearGrid, linear_problem, new_strategy, train
 
 from fl_ugm.ledger import Ledger
+
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
@@ -36,3 +38,32 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
 def test_nothing_to_resume_on_an_empty_ledger(tmp_path):
     strategy = new_strategy(tmp_path)
     assert strategy.resume_from_ledger() is None and strategy.round_offset == 0
+
+
+def test_a_removed_client_is_never_sampled_or_recorded_after_a_resume(tmp_path):
+    """Train, remove p1 (committed to the ledger), restart: the new strategy reads the
+    removed client from the ledger, finds its node with a QUERY, never asks it to train,
+    drops any reply it still sends, and never records it again."""
+    from fl_ugm.ledger import Ledger
+
+    hessians, xty, theta0 = linear_problem(seed=16)
+    grid = LinearGrid(hessians, xty)
+    train(new_strategy(tmp_path), grid, theta0, rounds=2)
+    new_strategy(tmp_path).remove(grid, "p1", mode="offline")
+
+    strategy = new_strategy(tmp_path)  # a server restart on the same ledger
+    assert strategy.roster.excluded == {"p1"}
+    completed, arrays = strategy.resume_from_ledger()
+    sent_before = len(grid.sent)
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+    assert [kind for kind, _ in grid.sent[sent_before:]] == ["query"]  # p1's node located
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 3]  # p1 is node 2
+    everyone = grid.send_and_receive([*messages, *strategy._construct_messages(
+        messages[0].content, [2], "train")])  # p1 answers anyway
+    strategy.aggregate_train(1, everyone)
+    resumed = train(strategy, grid, strategy.current_arrays["w"], rounds=1, first_round=2)
+    ledger = Ledger(tmp_path)
+    assert ledger.client_ids() == ["p0", "p2"] and ledger.removed_clients() == {"p1": 3}
+    assert ledger.rounds()[-1] == completed + 2
+    assert all(2 not in nodes for kind, nodes in grid.sent[sent_before + 2:])
+    torch.testing.assert_close(ledger.global_state()[1]["w"], resumed, rtol=0, atol=0)

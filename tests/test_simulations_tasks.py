@@ -145,11 +145,11 @@ def test_a_supernode_reads_its_own_data_file_from_node_config(tmp_path):
     from flwr.app import Context, RecordDict
     from safetensors.torch import save_file
 
-    from simulations.compare import load_config
     from simulations.export_partitions import main as export
     from simulations.flower_app import client_data, client_partition
+    from simulations.runner import app_run_config
 
-    cfg = dict(load_config(["task=digits", "num-clients=3"]))
+    cfg = {**app_run_config(), "task": "digits", "num-clients": 3}
     assert export([str(tmp_path), "task=digits", "num-clients=3"]) == 0
 
     def context(**node_config):
@@ -165,3 +165,24 @@ def test_a_supernode_reads_its_own_data_file_from_node_config(tmp_path):
     save_file({"x": x}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="must hold exactly 'inputs'"):
         client_data(cfg, context(**{"data-path": str(tmp_path / "bad.safetensors")}))
+
+
+@pytest.mark.parametrize("module", ["compare", "unlearn", "one_shot", "sensitivity",
+                                    "export_partitions"])
+def test_every_experiment_has_help_and_creates_nothing(module, capsys, tmp_path, monkeypatch):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    main = importlib.import_module(f"simulations.{module}").main
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert f"python -m simulations.{module}" in out  # the usage lines of the docstring
+    assert "config keys (key=value overrides them):" in out and "  seed" in out
+    assert list(tmp_path.iterdir()) == []  # no folder named --help, no results
+    with pytest.raises(SystemExit, match=r"unknown config key 'sedes'; known keys: .*seed"):
+        main(["out-dir", "sedes=[0]"] if module == "export_partitions" else ["sedes=[0]"])
+    if module != "export_partitions":
+        with pytest.raises(SystemExit, match=r"arguments must be key=value, got \['seeds'\]"):
+            main(["seeds"])

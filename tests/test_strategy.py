@@ -4,141 +4,34 @@ full strategy loop on a fake in-process grid with the real ClientApp logic."""
 from __future__ import annotations
 
 import math
-import time
-import uuid
-from collections.abc import Iterable
 
 import pytest
 import torch
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Error,
-    Message,
-    MessageType,
-    Metadata,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedProx
-from flwr.supercore.task_identity import TaskIdentity
-from torch import nn
+from helpers import (
+    FLOAT_BUFFERS,
+    PARAM_KEYS,
+    FakeGrid,
+    Net,
+    global_state,
+    linear_replies,
+    message,
+    reference_from,
+    ugm_reply,
+)
 
 from fl_ugm import FedUGM
-from fl_ugm.client import handle_evaluate, handle_train, proximal_precision
 from fl_ugm.merge import fisher_averaging, task_arithmetic, ugm_merge
+from fl_ugm.protocol import proximal_precision
 
-
-@pytest.fixture(autouse=True)
-def server_identity():
-    """Outside a Flower runtime, Message() needs the process's run/node identity set."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-class Net(nn.Module):
-    """Parameters plus a BatchNorm: float buffers (running stats) and an int64 counter."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 3)
-        self.bn = nn.BatchNorm1d(3)
-
-    def forward(self, x):
-        return self.bn(self.fc(x))
-
-
-PARAM_KEYS = ["fc.weight", "fc.bias", "bn.weight", "bn.bias"]
-FLOAT_BUFFERS = ["bn.running_mean", "bn.running_var"]
-
-
-def message(
-    content: RecordDict, *, src: int = 0, dst: int = 1, kind: str = MessageType.TRAIN
-) -> Message:
-    """A Message outside a Flower runtime needs explicit Metadata (DESIGN §5)."""
-    metadata = Metadata(
-        run_id=1, message_id=uuid.uuid4().hex, src_node_id=src, dst_node_id=dst,
-        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600.0,
-        message_type=kind,
-    )  # fmt: skip
-    return Message(content=content, metadata=metadata)
-
-
-def global_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    net = Net()
-    net.bn.running_mean.uniform_()
-    net.bn.num_batches_tracked.fill_(7)
-    return {k: v.clone() for k, v in net.state_dict().items()}
-
-
-def ugm_reply(node: int, n: float, state, seed: int, **overrides) -> Message:
-    gen = torch.Generator().manual_seed(seed)
-    delta = {k: 0.1 * torch.randn(v.shape, generator=gen) for k, v in state.items()
-             if v.is_floating_point()}
-    # a Fisher is a sum over the client's examples: it grows with n (so the per-example
-    # masses of these replies are alike and FedUGM's Fisher-inflation clip stays idle)
-    fisher = {k: torch.rand(state[k].shape, generator=gen) * n / 2 for k in PARAM_KEYS}
-    records = {
-        "delta": ArrayRecord(delta),
-        "fisher": ArrayRecord(fisher),
-        "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0 + seed}),
-    }
-    for key, value in overrides.items():
-        if value is None:
-            records.pop(key)
-        else:
-            records[key] = value
-    return message(RecordDict(records), src=node)
-
-
-class FakeGrid:
-    """In-process stand-in for Flower's Grid: each node runs the real ClientApp handlers."""
-
-    def __init__(self, datasets: dict[int, tuple[torch.Tensor, torch.Tensor]], build_model):
-        self.datasets = datasets
-        self.build_model = build_model
-        self.rounds: list[list[str]] = []  # per train round, the record names each node sent
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.datasets)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
-        replies, kinds = [], []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            incoming = message(msg.content, src=0, dst=node, kind=msg.metadata.message_type)
-            x, y = self.datasets[node]
-            model = self.build_model()
-            if msg.metadata.message_type == MessageType.TRAIN:
-                reply = handle_train(incoming, model, x, y, epochs=2, batch_size=16, lr=0.1,
-                                     seed=node)
-                kinds.append(sorted(reply.content.keys()))
-            else:
-                reply = handle_evaluate(incoming, model, x, y)
-            replies.append(reply)
-        if kinds:
-            self.rounds.append(kinds)
-        return replies
-
-
-def reference_from(replies: list[Message], state, merge, **kwargs) -> dict[str, torch.Tensor]:
-    """``merge`` (an fl_ugm.merge function) applied directly to the replies' parameters."""
-    deltas = [r.content.array_records["delta"].to_torch_state_dict() for r in replies]
-    fishers = [r.content.array_records["fisher"].to_torch_state_dict() for r in replies]
-    params = {k: state[k] for k in PARAM_KEYS}
-    deltas = [{k: d[k] for k in PARAM_KEYS} for d in deltas]
-    if merge is task_arithmetic:
-        return merge(params, deltas, **kwargs)
-    return merge(params, deltas, fishers, **kwargs)
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def test_aggregate_train_is_ugm_merge_plus_buffer_average():
     state = global_state()
     strategy = FedUGM(prior_precision=0.5, min_train_nodes=2)
-    strategy._global = state  # what configure_train remembers
+    strategy.current_arrays = state  # what configure_train remembers
     replies = [ugm_reply(10 + i, n, state, seed=i) for i, n in enumerate([30, 10, 60])]
 
     arrays, metrics = strategy.aggregate_train(1, replies)
@@ -169,7 +62,7 @@ def test_aggregate_train_is_ugm_merge_plus_buffer_average():
 def test_alpha_modes_and_scale(alpha, scale, expected):
     state = global_state()
     strategy = FedUGM(prior_precision=2.0, alpha=alpha, scale=scale, min_train_nodes=1)
-    strategy._global = state
+    strategy.current_arrays = state
     replies = [ugm_reply(1, 10, state, seed=1), ugm_reply(2, 30, state, seed=2)]
     merged = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()
     reference = reference_from(replies, state, ugm_merge, alphas=expected, prior_precision=2.0)
@@ -245,13 +138,13 @@ def test_bad_reply_is_dropped_and_the_rest_merged(bad, caplog, tmp_path):
     good = [ugm_reply(n, 20 * (n + 1), state, seed=n,
                       client=ConfigRecord({"client-id": f"good{n}"})) for n in (1, 2)]
     strategy = FedUGM(prior_precision=1.0, min_train_nodes=2)
-    strategy._global = state
+    strategy.current_arrays = state
     expected = strategy.aggregate_train(1, good)[0].to_torch_state_dict()
 
     bad_reply = corrupted(bad, state)
     bad_reply.content["client"] = ConfigRecord({"client-id": "bad"})
     strategy = FedUGM(prior_precision=1.0, min_train_nodes=2, ledger=tmp_path)
-    strategy._global = state
+    strategy.current_arrays = state
     with caplog.at_level("WARNING", logger="flwr"):
         arrays, metrics = strategy.aggregate_train(2, [good[0], bad_reply, good[1]])
 
@@ -267,7 +160,7 @@ def test_bad_reply_is_dropped_and_the_rest_merged(bad, caplog, tmp_path):
 def test_error_reply_and_too_few_valid_replies_keep_the_global(caplog):
     state = global_state()
     strategy = FedUGM(prior_precision=1.0, min_train_nodes=2)
-    strategy._global = state
+    strategy.current_arrays = state
     crashed = Message(error=Error(code=1, reason="client crashed"),
                       reply_to=message(RecordDict(), src=0, dst=5))
     replies = [ugm_reply(1, 10, state, seed=1), crashed, corrupted("NaN delta", state)]
@@ -281,54 +174,43 @@ def test_error_reply_and_too_few_valid_replies_keep_the_global(caplog):
 
 @pytest.mark.parametrize(("min_train_nodes", "merged"), [(2, True), (3, False)])
 def test_a_timeout_merges_the_replies_that_came_if_enough(min_train_nodes, merged):
-    """Three nodes asked, one never answers (timeout): the two replies are merged when
-    min_train_nodes allows it, else the global is kept."""
-    state = global_state()
+    """Flower's start sends a round to three nodes with a 5 s timeout; node 3 needs 30 s, so
+    its reply never arrives. The two replies are merged when min_train_nodes allows it, else
+    the global is kept."""
+    data, _ = separable_task()
+    grid = FakeGrid(data, Net, latency={3: 30.0})
     strategy = FedUGM(prior_precision=1.0, min_train_nodes=min_train_nodes,
-                      min_available_nodes=3)
-    grid = FakeGrid({1: None, 2: None, 3: None}, Net)
-    assert len(list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), grid))) == 3
-    replies = [ugm_reply(1, 10, state, seed=1), ugm_reply(2, 30, state, seed=2)]
-    arrays, _ = strategy.aggregate_train(1, replies)
-    if not merged:
-        assert arrays is None
+                      min_available_nodes=3, fraction_evaluate=0.0)
+    torch.manual_seed(0)
+    initial = {k: v.clone() for k, v in Net().state_dict().items()}
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=1,
+                            timeout=5.0)
+    assert grid.timeouts and set(grid.timeouts) == {5.0}  # train (and empty evaluate) round
+    assert sorted(r.metadata.src_node_id for r in grid.delivered) == [1, 2]
+    if not merged:  # no round produced a global: Flower's Result holds no arrays
+        assert len(result.arrays) == 0 and result.train_metrics_clientapp == {}
         return
-    reference = reference_from(replies, state, ugm_merge, alphas=[0.25, 0.75],
+    sizes = [len(data[node][1]) for node in (1, 2)]
+    reference = reference_from(grid.delivered, initial, ugm_merge,
+                               alphas=[n / sum(sizes) for n in sizes], prior_precision=1.0)
+    for key in PARAM_KEYS:
+        torch.testing.assert_close(result.arrays.to_torch_state_dict()[key], reference[key])
+
+
+def test_an_odd_fisher_key_set_cannot_outvote_the_majority(caplog):
+    state = global_state()
+    strategy = FedUGM(prior_precision=1.0, min_train_nodes=2)
+    strategy.current_arrays = state
+    odd = corrupted("fisher covers other keys", state)
+    agreeing = [ugm_reply(1, 10, state, seed=1), ugm_reply(2, 10, state, seed=2)]
+    with caplog.at_level("WARNING", logger="flwr"):
+        arrays, _ = strategy.aggregate_train(1, [odd, *agreeing])
+    assert "dropping node 99 in round 1: its Fisher covers 3 tensors, the other clients' 4" \
+        in caplog.text
+    reference = reference_from(agreeing, state, ugm_merge, alphas=[0.5, 0.5],
                                prior_precision=1.0)
     for key in PARAM_KEYS:
         torch.testing.assert_close(arrays.to_torch_state_dict()[key], reference[key])
-
-
-def test_an_odd_fisher_key_set_cannot_outvote_the_majority():
-    state = global_state()
-    strategy = FedUGM(prior_precision=1.0, min_train_nodes=2)
-    strategy._global = state
-    odd = corrupted("fisher covers other keys", state)
-    arrays, _ = strategy.aggregate_train(1, [odd, ugm_reply(1, 10, state, seed=1),
-                                             ugm_reply(2, 10, state, seed=2)])
-    assert arrays is not None  # the two agreeing clients were merged, the odd one dropped
-
-
-def linear_replies(gen, theta0, h0: float, sizes: list[int], *, client_ids: bool = False):
-    """Clients that solve ½‖y − Xθ‖² + ½·h0‖θ − θ0‖² exactly, with XᵀX diagonal: their UGM
-    replies (Fisher = the exact Hessian diag(XᵀX)), Hessians and Xᵀy."""
-    replies, hessians, xty = [], [], []
-    for t, n in enumerate(sizes):
-        q, _ = torch.linalg.qr(torch.randn(n, len(theta0), generator=gen, dtype=torch.float64))
-        x = q * (0.5 + 2 * torch.rand(len(theta0), generator=gen, dtype=torch.float64))
-        y = torch.randn(n, generator=gen, dtype=torch.float64)
-        h, b = (x * x).sum(0), x.T @ y
-        hessians.append(h)
-        xty.append(b)
-        records = {
-            "delta": ArrayRecord({"w": (h0 * theta0 + b) / (h0 + h) - theta0}),
-            "fisher": ArrayRecord({"w": h}),
-            "metrics": MetricRecord({"num-examples": n}),
-        }
-        if client_ids:
-            records["client"] = ConfigRecord({"client-id": f"p{t}"})
-        replies.append(message(RecordDict(records), src=t + 1))
-    return replies, hessians, xty
 
 
 def test_linear_regression_oracle_through_the_strategy():
@@ -339,7 +221,7 @@ def test_linear_regression_oracle_through_the_strategy():
     theta0 = torch.randn(dim, generator=gen, dtype=torch.float64)
     state = {"w": theta0.clone()}
     strategy = FedUGM(prior_precision=delta_prior, min_train_nodes=3)
-    strategy._global = state
+    strategy.current_arrays = state
     replies, hessians, xty = linear_replies(gen, theta0, delta_prior, sizes)
     merged = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()["w"]
     alphas = [n / sum(sizes) for n in sizes]
@@ -360,7 +242,7 @@ def test_configure_train_asks_for_ugm_and_remembers_the_global():
     assert (config["ugm"], config["ugm-fisher"], config["ugm-prior"]) == (True, "empirical", 0.25)
     assert config["server-round"] == 4 and config["lr"] == 0.1
     assert proximal_precision(config, num_examples=123) == 0.25
-    assert set(strategy._global) == set(state)
+    assert set(strategy.current_arrays) == set(state)
 
 
 def test_constructor_rejects_bad_settings():
@@ -433,7 +315,7 @@ def test_server_fisher_is_added_to_the_prior():
     state = global_state()
     server_fisher = {k: torch.full_like(state[k], 3.0) for k in PARAM_KEYS}
     strategy = FedUGM(prior_precision=0.5, server_fisher=server_fisher, min_train_nodes=2)
-    strategy._global = state
+    strategy.current_arrays = state
     replies = [ugm_reply(1, 10, state, seed=1), ugm_reply(2, 30, state, seed=2)]
     merged = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()
     reference = reference_from(replies, state, ugm_merge, alphas=[0.25, 0.75],
@@ -449,7 +331,7 @@ def test_server_fisher_is_added_to_the_prior():
 def test_baseline_merge_rules_see_the_same_replies(rule):
     state = global_state()
     strategy = FedUGM(prior_precision=0.5, merge=rule, alpha="ones", min_train_nodes=2)
-    strategy._global = state
+    strategy.current_arrays = state
     replies = [ugm_reply(1, 10, state, seed=1), ugm_reply(2, 30, state, seed=2)]
     merged = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()
     merge = fisher_averaging if rule == "fisher-averaging" else task_arithmetic
@@ -474,7 +356,7 @@ def test_ledger_through_the_strategy_gives_exact_removal_on_the_linear_oracle(tm
     grid = FakeGrid({1: None, 2: None, 3: None}, Net)
     strategy.configure_train(1, ArrayRecord({"w": theta0}), ConfigRecord(), grid)
     replies, hessians, xty = linear_replies(gen, theta0, h0, sizes, client_ids=True)
-    assert strategy.aggregate_train(1, replies)[0] is not None
+    merged = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()["w"]
 
     ledger = Ledger(tmp_path / "ledger")
     assert ledger.client_ids() == ["p0", "p1", "p2"] and ledger.rounds() == [0, 1]
@@ -483,6 +365,10 @@ def test_ledger_through_the_strategy_gives_exact_removal_on_the_linear_oracle(tm
     keep = [0, 2]
     retrained = (h0 * theta0 + sum(alphas[t] * xty[t] for t in keep)) / (
         h0 + sum(alphas[t] * hessians[t] for t in keep))
+    everyone = (h0 * theta0 + sum(a * b for a, b in zip(alphas, xty))) / (
+        h0 + sum(a * h for a, h in zip(alphas, hessians)))
+    torch.testing.assert_close(merged, everyone, rtol=0, atol=1e-10)
+    torch.testing.assert_close(ledger.global_state()[1]["w"], merged, rtol=0, atol=0)
     state, report = remove_from_ledger(ledger, "p1")
     torch.testing.assert_close(state["w"], retrained, rtol=0, atol=1e-10)
     assert report["alpha"] == pytest.approx(alphas[1])
@@ -496,12 +382,12 @@ def test_an_excluded_client_is_not_sampled_and_its_replies_are_dropped(caplog):
     replies = [ugm_reply(node, 10, state, seed=node,
                          client=ConfigRecord({"client-id": f"p{node}"})) for node in (1, 2, 3)]
     strategy.aggregate_train(1, replies)
-    strategy.exclude_client("p2")
+    strategy.roster.exclude("p2")
     sent = strategy.configure_train(2, ArrayRecord(state), ConfigRecord(), grid)
     assert sorted(m.metadata.dst_node_id for m in sent) == [1, 3]
     with caplog.at_level("WARNING", logger="flwr"):
         strategy.aggregate_train(2, replies)
-    assert "client 'p2' was removed; its reply is ignored" in caplog.text
+    assert "client 'p2' was removed or excluded from this run; its reply is ignored" in caplog.text
 
 
 @pytest.mark.parametrize("rule", ["ugm", "fisher-averaging", "task-arithmetic"])
@@ -510,7 +396,7 @@ def test_ledger_applied_shares_add_up_to_the_merged_update(rule, tmp_path):
 
     state = global_state()
     strategy = FedUGM(prior_precision=0.5, merge=rule, min_train_nodes=3, ledger=tmp_path)
-    strategy._global = state
+    strategy.current_arrays = state
     replies = [ugm_reply(n, 10 * n, state, seed=n, client=ConfigRecord({"client-id": f"p{n}"}))
                for n in (1, 2, 3)]
     merged = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()
@@ -532,7 +418,7 @@ def test_subtract_applied_removes_a_clients_accumulated_updates(tmp_path):
 
     state = global_state()
     strategy = FedUGM(prior_precision=0.5, min_train_nodes=2, ledger=tmp_path)
-    strategy._global = state
+    strategy.current_arrays = state
     replies = [ugm_reply(n, 10, state, seed=n, client=ConfigRecord({"client-id": f"p{n}"}))
                for n in (1, 2)]
     merged = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()

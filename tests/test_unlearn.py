@@ -7,6 +7,7 @@ import math
 
 
 def test_unlearn_runs_every_method_and_writes_results(tmp_path):
+    from simulations.flower_app import history_path
     from simulations.unlearn import METHODS, METRICS, main
 
     out = tmp_path / "unlearn"
@@ -26,7 +27,7 @@ def test_unlearn_runs_every_method_and_writes_results(tmp_path):
     online = json.loads((out / "seed0" / "online" / "removal-1.json").read_text())
     assert online["mode"] == "online" and online["client"] == "1"
     assert online["remaining_clients"] == ["0", "2"] and online["repair_rounds"] == 1
-    history = json.loads((out / "seed0" / "online" / "history-fedugm-seed0.json").read_text())
+    history = json.loads(history_path(out / "seed0" / "online", "fedugm", 0).read_text())
     (repair,) = history["replies"]  # the repair round: every node but the removed client's
     assert len(repair["nodes"]) == 2 and repair["errors"] == 0
     trainings = {name: results[name]["client_trainings"][0] for name in METHODS}

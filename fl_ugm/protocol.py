@@ -1,0 +1,300 @@
+"""The message contract between FedUGM and its clients (docs/design.md §4).
+
+Every record and config key the two sides exchange is defined here, with the pure builder
+and parser of a UGM reply; the client helpers (``fl_ugm.client``), the strategy
+(``fl_ugm.strategy``) and the removal code (``fl_ugm.server_removal``) all use them.
+
+Server → client, ``train`` (Flower's FedAvg layout; the record names follow the strategy's
+``arrayrecord_key`` and ``configrecord_key``, "arrays" and "config" by default)::
+
+    {"arrays": ArrayRecord(the global state dict),
+     "config": ConfigRecord({"server-round": r, UGM_KEY: True, FISHER_KEY: "sampled",
+                             PRIOR_KEY: δ, [REMOVAL_KEY: True], ...the run's train config})}
+
+Client → server, the UGM reply::
+
+    {DELTA_RECORD:   ArrayRecord(Δ = θ_t − θ for every float entry of the global, its dtype),
+     FISHER_RECORD:  ArrayRecord(F_t for the parameters: a SUM over the n_t examples, ≥ 0),
+     "metrics":      MetricRecord({NUM_EXAMPLES_KEY: n_t, ...}),   # the only MetricRecord
+     CLIENT_RECORD:  ConfigRecord({CLIENT_ID_KEY: "<stable id>"})}  # for the ledger
+
+Delta entries without a Fisher are buffers (e.g. BatchNorm running statistics). A QUERY
+message is answered with ``{CLIENT_RECORD: ConfigRecord({CLIENT_ID_KEY: ...})}`` so that
+the server can find a client's node. These names are stable across versions: deployed
+clients and servers of different fl_ugm versions must still talk.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from torch import Tensor
+
+# --------------------------------------------------------------------------- server → client
+#: The train config asks for a UGM reply (delta + Fisher) instead of FedAvg's "arrays".
+UGM_KEY = "ugm"
+#: Which Fisher estimator the client should use (one of FISHER_ESTIMATORS).
+FISHER_KEY = "ugm-fisher"
+#: δ, the precision of the prior centred on the global, on the SUMMED loss (a Fisher's units).
+PRIOR_KEY = "ugm-prior"
+#: Set in an online-removal request: fine-tune from the global as usual; the reply feeds the
+#: removal update, not a merge.
+REMOVAL_KEY = "ugm-removal"
+#: FedProx's μ (Flower's FedProx sends it): a proximal term on the MEAN loss.
+FEDPROX_MU_KEY = "proximal-mu"
+#: Flower's FedAvg puts the server round in every train config; clients may seed with it.
+SERVER_ROUND_KEY = "server-round"
+#: Fisher estimators a client can be asked for: the two of ``fl_ugm.fisher.diagonal_fisher``
+#: and the cheap one accumulated during training (``fl_ugm.fisher.TrainingFisher``).
+FISHER_ESTIMATORS = ("sampled", "empirical", "training")
+
+# --------------------------------------------------------------------------- client → server
+DELTA_RECORD = "delta"
+FISHER_RECORD = "fisher"
+METRICS_RECORD = "metrics"
+#: Flower's default ``weighted_by_key``: the client's number of training examples.
+NUM_EXAMPLES_KEY = "num-examples"
+#: UGM and QUERY replies carry the client's stable id as ConfigRecord CLIENT_RECORD =
+#: {CLIENT_ID_KEY: str}: the ledger keys contributions by it (Flower's node ids change when
+#: a SuperNode restarts).
+CLIENT_RECORD = "client"
+CLIENT_ID_KEY = "client-id"
+
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+class InvalidReply(ValueError):
+    """A client's reply breaks the contract; the message says how."""
+
+
+@dataclass
+class ClientUpdate:
+    """One validated UGM reply: float tensors keyed like the global state dict."""
+
+    node_id: int
+    client_id: str | None  # the stable id the reply carried (CLIENT_ID_KEY), if any
+    num_examples: float  # n_t, from the reply's weighting metric
+    delta: dict[str, Tensor]  # Δ_t for every float entry of the global (params + buffers)
+    fisher: dict[str, Tensor]  # F_t (a sum over n_t examples) for the parameters
+    content: RecordDict  # the reply, for Flower's metric aggregation
+
+
+@dataclass(frozen=True)
+class DroppedReply:
+    """A reply that was not merged, and why."""
+
+    node_id: int
+    client_id: str | None
+    reason: str
+
+
+# --------------------------------------------------------------------------- server side
+
+
+def ugm_train_config(
+    config: ConfigRecord, *, fisher: str, prior_precision: float, removal: bool = False
+) -> ConfigRecord:
+    """``config`` plus the keys that ask a client for a UGM reply (in place; returned)."""
+    config[UGM_KEY] = True
+    config[FISHER_KEY] = fisher
+    config[PRIOR_KEY] = float(prior_precision)
+    if removal:
+        config[REMOVAL_KEY] = True
+    return config
+
+
+def parse_ugm_reply(
+    content: RecordDict,
+    global_state: Mapping[str, Tensor],
+    *,
+    node_id: int,
+    weighted_by_key: str = NUM_EXAMPLES_KEY,
+) -> ClientUpdate:
+    """Check a reply against the contract and the global it answers; raise
+    :class:`InvalidReply` with the reason if it breaks it.
+
+    Checked here: the records are present, there is one MetricRecord whose
+    ``weighted_by_key`` is a finite number > 0, the delta covers exactly the global's float
+    entries in their dtypes, the Fisher covers a non-empty subset of them, shapes match and
+    every array is a float. Values (NaN, Inf, a negative Fisher) are checked during the merge,
+    for free, by the fused kernel. The tensors are zero-copy views of the message bytes.
+    """
+    arrays = content.array_records
+    for key in (DELTA_RECORD, FISHER_RECORD):
+        if key not in arrays:
+            raise InvalidReply(
+                f"the reply has no '{key}' ArrayRecord (records: {sorted(content)}); is the "
+                "ClientApp using fl_ugm.client.handle_train?"
+            )
+    metric_records = content.metric_records
+    if len(metric_records) != 1:
+        raise InvalidReply(f"expected one MetricRecord, got {len(metric_records)}.")
+    num_examples = next(iter(metric_records.values())).get(weighted_by_key)
+    if not isinstance(num_examples, int | float) or isinstance(num_examples, bool):
+        raise InvalidReply(f"'{weighted_by_key}' is {num_examples!r}, not a number.")
+    if not (math.isfinite(num_examples) and num_examples > 0):
+        raise InvalidReply(f"'{weighted_by_key}' = {num_examples}; it must be > 0.")
+
+    float_keys = {k for k, v in global_state.items() if v.is_floating_point()}
+    delta_record, fisher_record = arrays[DELTA_RECORD], arrays[FISHER_RECORD]
+    if set(delta_record.keys()) != float_keys:
+        raise InvalidReply(
+            "delta keys differ from the global model's float entries (missing: "
+            f"{sorted(float_keys - set(delta_record.keys()))[:5]}, unexpected: "
+            f"{sorted(set(delta_record.keys()) - float_keys)[:5]})."
+        )
+    if not fisher_record.keys() or not set(fisher_record.keys()) <= float_keys:
+        raise InvalidReply("the Fisher must cover a non-empty subset of the delta's keys.")
+    delta = _checked_tensors(DELTA_RECORD, delta_record, global_state, same_dtype=True)
+    fisher = _checked_tensors(FISHER_RECORD, fisher_record, global_state, same_dtype=False)
+    client_id = content.config_records.get(CLIENT_RECORD, {}).get(CLIENT_ID_KEY)
+    return ClientUpdate(node_id, None if client_id is None else str(client_id),
+                        float(num_examples), delta, fisher, content)
+
+
+def parse_ugm_replies(
+    replies: Iterable[Message],
+    global_state: Mapping[str, Tensor],
+    *,
+    weighted_by_key: str = NUM_EXAMPLES_KEY,
+) -> tuple[list[ClientUpdate], list[DroppedReply]]:
+    """(valid updates, dropped replies with their reasons) of one round's error-free replies.
+
+    Besides :func:`parse_ugm_reply`, every update must have the same Fisher key set (the
+    keys it has are the parameters; the other delta keys are buffers). The key set sent by
+    the most replies wins, so one odd client cannot drop the others. **Tie rule:** between
+    key sets sent by equally many replies, the one whose replies hold more examples (Σ
+    ``weighted_by_key``) wins; if that ties too, the larger key set, then the first in
+    sorted order, so the choice never depends on the order the replies arrived in.
+    """
+    updates: list[ClientUpdate] = []
+    dropped: list[DroppedReply] = []
+    for message in replies:
+        node = message.metadata.src_node_id
+        try:
+            updates.append(parse_ugm_reply(message.content, global_state, node_id=node,
+                                           weighted_by_key=weighted_by_key))
+        except InvalidReply as err:
+            client_id = message.content.config_records.get(CLIENT_RECORD, {}).get(CLIENT_ID_KEY)
+            dropped.append(DroppedReply(node, None if client_id is None else str(client_id),
+                                        str(err)))
+    if not updates:
+        return updates, dropped
+    count = Counter(frozenset(u.fisher) for u in updates)
+    examples: dict[frozenset[str], float] = defaultdict(float)
+    for update in updates:
+        examples[frozenset(update.fisher)] += update.num_examples
+    expected = min(count, key=lambda keys: (-count[keys], -examples[keys], -len(keys),
+                                            sorted(keys)))
+    kept = []
+    for update in updates:
+        if frozenset(update.fisher) == expected:
+            kept.append(update)
+        else:
+            dropped.append(DroppedReply(update.node_id, update.client_id,
+                                        f"its Fisher covers {len(update.fisher)} tensors, the "
+                                        f"other clients' {len(expected)}."))
+    return kept, dropped
+
+
+def client_id_of_query_reply(reply: Message) -> str | None:
+    """The stable client id a QUERY reply carries, or None (an error or no id)."""
+    if reply.has_error():
+        return None
+    client_id = reply.content.config_records.get(CLIENT_RECORD, {}).get(CLIENT_ID_KEY)
+    return None if client_id is None else str(client_id)
+
+
+# --------------------------------------------------------------------------- client side
+
+
+def ugm_requested(config: ConfigRecord) -> bool:
+    """True when the server (FedUGM) asks for a delta + Fisher reply."""
+    return bool(config.get(UGM_KEY, False))
+
+
+def proximal_precision(config: ConfigRecord, num_examples: int) -> float:
+    """Precision of the proximal prior on the SUMMED loss: δ (FedUGM), μ·n (FedProx), or 0."""
+    if ugm_requested(config):
+        value = float(config.get(PRIOR_KEY, 0.0))
+    elif FEDPROX_MU_KEY in config:
+        value = float(config[FEDPROX_MU_KEY]) * num_examples
+    else:
+        return 0.0
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"the server asked for a proximal precision of {value}; need ≥ 0.")
+    return value
+
+
+def build_ugm_reply(
+    delta: Mapping[str, Tensor],
+    fisher: Mapping[str, Tensor],
+    metrics: MetricRecord,
+    client_id: str | None,
+) -> RecordDict:
+    """The content of a UGM reply (see the module docstring); the Fisher is sent as float32."""
+    content = RecordDict({
+        DELTA_RECORD: ArrayRecord({k: v.detach() for k, v in delta.items()}),
+        FISHER_RECORD: ArrayRecord({k: v.detach().float().contiguous() for k, v in fisher.items()}),
+        METRICS_RECORD: metrics,
+    })  # fmt: skip
+    if client_id is not None:
+        content[CLIENT_RECORD] = ConfigRecord({CLIENT_ID_KEY: str(client_id)})
+    return content
+
+
+def query_reply_content(client_id: str) -> RecordDict:
+    """The content of the answer to a QUERY: the client's stable id."""
+    return RecordDict({CLIENT_RECORD: ConfigRecord({CLIENT_ID_KEY: str(client_id)})})
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _checked_tensors(name: str, record: ArrayRecord, global_state: Mapping[str, Tensor], *,
+                     same_dtype: bool) -> dict[str, Tensor]:
+    out = {}
+    for key, array in record.items():
+        expected = global_state[key]
+        if tuple(array.shape) != tuple(expected.shape):
+            raise InvalidReply(f"{name}['{key}'] has shape {tuple(array.shape)}, the global "
+                               f"{tuple(expected.shape)}.")
+        wanted = str(expected.dtype).removeprefix("torch.")
+        if same_dtype and array.dtype != wanted:
+            raise InvalidReply(f"{name}['{key}'] has dtype {array.dtype}, the global {wanted}.")
+        if array.dtype not in _FLOAT_DTYPES:
+            raise InvalidReply(f"{name}['{key}'] has dtype {array.dtype}; expected a float.")
+        out[key] = tensor_view(array)
+    return out
+
+
+def tensor_view(array: Array) -> Tensor:
+    """A read-only tensor over the bytes of a serialized NumPy ``Array``, without a copy.
+
+    ``Array.numpy()`` deserializes into a fresh array; the strategy holds every reply's
+    delta and Fisher at once, so a copy would double the memory of a round.
+    """
+    if array.stype != "numpy.ndarray":
+        raise InvalidReply(f"unsupported array serialization {array.stype!r}.")
+    header = io.BytesIO(array.data)
+    version = np.lib.format.read_magic(header)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0,
+               (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        return torch.from_numpy(array.numpy())
+    shape, fortran_order, dtype = readers[version](header)
+    if fortran_order or dtype.hasobject:
+        return torch.from_numpy(array.numpy())
+    count = int(np.prod(shape, dtype=np.int64))
+    flat = np.frombuffer(array.data, dtype=dtype, count=count, offset=header.tell())
+    with warnings.catch_warnings():  # read-only buffer: fl_ugm never writes to inputs
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(flat.reshape(shape))
