@@ -42,8 +42,10 @@ def report_peak_growth(run: Callable[[], object]) -> None:
     print(json.dumps({"extra": 1024 * (_status_kib("VmHWM") - before)}))
 
 
-def peak_growth_in_subprocess(script: str, args: list[str]) -> int:
-    """Run ``script`` with ``args`` in a fresh interpreter; return its reported growth."""
+def peak_growth_in_subprocess(script: str, method: str, clients: int, params: int) -> int:
+    """Run ``script --memory-of METHOD --clients K --params P`` in a fresh interpreter (it
+    calls :func:`report_peak_growth`); return the growth it reports, in bytes."""
+    args = ["--memory-of", method, "--clients", str(clients), "--params", str(params)]
     proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
                           check=True)
     return int(json.loads(proc.stdout.strip().splitlines()[-1])["extra"])

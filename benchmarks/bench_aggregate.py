@@ -87,8 +87,7 @@ def main() -> None:
     }, args.repeats)  # fmt: skip
     print(f"{'strategy':26} {'median s':>9} {'x FedAvg':>9} {'peak extra MiB':>15}")
     for name, label in (("fedavg", "Flower FedAvg"), ("fedugm", "FedUGM")):
-        extra = peak_growth_in_subprocess(__file__, [
-            "--memory-of", name, "--clients", str(args.clients), "--params", str(args.params)])
+        extra = peak_growth_in_subprocess(__file__, name, args.clients, args.params)
         print(f"{label:26} {medians[name]:9.3f} {medians[name] / medians['fedavg']:8.2f}x "
               f"{extra / 2**20:15.1f}")
 

@@ -109,8 +109,7 @@ def main() -> None:
           f"{'x model':>8}")
     for name in METHODS:
         median = medians[name]
-        extra = peak_growth_in_subprocess(__file__, [
-            "--memory-of", name, "--clients", str(args.clients), "--params", str(args.params)])
+        extra = peak_growth_in_subprocess(__file__, name, args.clients, args.params)
         print(f"{name:18} {1e3 * median:10.1f} {median / baseline:11.2f}x "
               f"{extra / 2**20:15.1f} {extra / model_bytes:7.2f}x")
 

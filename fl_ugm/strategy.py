@@ -34,9 +34,11 @@ from fl_ugm.protocol import (
 )
 from fl_ugm.roster import ClientRoster
 
-#: Fisher clips up to this many times the bound are honest variation (logged at INFO);
+#: Fisher clips up to this many times the median are honest variation (logged at INFO);
 #: beyond it, a client is likely inflating its Fisher (logged as a WARNING).
 CLIP_WARNING_RATIO = 10.0
+#: The round's aggregated train metrics carry how many client tensors the clip scaled down.
+FISHER_CLIPPED_METRIC = "fisher-clipped-tensors"
 
 
 class FedUGM(FedAvg):
@@ -75,7 +77,8 @@ class FedUGM(FedAvg):
         each client's per-example Fisher mass ΣF_t / n_t is compared with the (lower) median
         client's; a tensor above ``fisher_clip`` × that median is scaled down to exactly the
         bound. Clips up to ``CLIP_WARNING_RATIO`` × the median are logged at INFO (honest
-        clients get there), larger ones as warnings. ``None`` turns the defence off.
+        clients get there), larger ones as warnings; the round's train metrics count them
+        (``FISHER_CLIPPED_METRIC``). ``None`` turns the defence off.
     excluded_clients : iterable of str (default: ())
         Client ids never sampled in this run (e.g. to retrain without them); like removed
         clients, they count against ``min_train_nodes`` and ``min_available_nodes``.
@@ -220,8 +223,7 @@ class FedUGM(FedAvg):
         updates, dropped = parse_ugm_replies(valid, self.current_arrays,
                                              weighted_by_key=self.weighted_by_key)
         updates = self._admit(updates, dropped)
-        if self.fisher_clip is not None and self.rule.uses_fisher:
-            self._clip_fisher(server_round, updates)
+        clipped = self._clip_fisher(server_round, updates)
         merged = self._merge(updates, dropped)
         for reply in dropped:
             log(WARNING, "aggregate_train: dropping node %d in round %d%s: %s", reply.node_id,
@@ -236,6 +238,8 @@ class FedUGM(FedAvg):
         if self.ledger is not None:
             self._record(server_round, updates, alphas, shares, new_state)
         metrics = self.train_metrics_aggr_fn([u.content for u in updates], self.weighted_by_key)
+        if clipped is not None:
+            metrics[FISHER_CLIPPED_METRIC] = clipped
         return ArrayRecord(new_state), metrics
 
     def remove(self, grid: Grid, client_id: str, **options) -> tuple[ArrayRecord, dict]:
@@ -275,8 +279,11 @@ class FedUGM(FedAvg):
                 admitted.append(update)
         return admitted
 
-    def _clip_fisher(self, server_round: int, updates: list[ClientUpdate]) -> None:
-        """The Fisher-inflation defence (``fisher_clip``); logs every clipped tensor."""
+    def _clip_fisher(self, server_round: int, updates: list[ClientUpdate]) -> int | None:
+        """The Fisher-inflation defence (``fisher_clip``): logs every clipped tensor and
+        returns how many were clipped (None when the defence is off or moot)."""
+        if self.fisher_clip is None or not self.rule.uses_fisher:
+            return None
         fishers, clipped = clip_fisher_inflation(
             [u.fisher for u in updates], [u.num_examples for u in updates], self.fisher_clip)
         for update, fisher in zip(updates, fishers, strict=True):
@@ -287,6 +294,7 @@ class FedUGM(FedAvg):
             log(level, "aggregate_train: node %d%s in round %d reports a Fisher on '%s' %.3g× "
                 "the median client's (per example); scaled down to %g×.", update.node_id,
                 _who(update.client_id), server_round, key, ratio, self.fisher_clip)
+        return len(clipped)
 
     def _replies_needed(self) -> int:
         """min_train_nodes, or every node asked when fewer were (after removals)."""

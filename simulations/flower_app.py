@@ -32,7 +32,7 @@ import functools
 import json
 import time
 from collections.abc import Iterable, Mapping
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -170,16 +170,22 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout_s: float = NODE_WAIT_SECONDS) -> None:
-    """Wait until ``expected`` SuperNodes are connected; fail clearly instead of forever."""
-    deadline = time.monotonic() + timeout_s
+    """Wait until ``expected`` SuperNodes are connected; say at once what is missing and
+    how to fix it, and fail clearly after ``timeout_s`` instead of waiting forever."""
+    started = time.monotonic()
+    warned = False
     while (connected := len(list(grid.get_node_ids()))) < expected:
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"only {connected} SuperNode(s) connected after {timeout_s:.0f} s but the run "
-                f"config has num-clients={expected}. Start {expected} SuperNodes; for the local "
-                f"simulation give the connection {expected} SuperNodes (README: `flwr run`), "
-                f"or run with --run-config 'num-clients={connected}'."
-            )
+        fix = (f"Start {expected} SuperNodes, or for the local simulation run `flwr run . "
+               f"--federation-config 'num-supernodes={expected}'`, or set --run-config "
+               f"'num-clients={connected}'.")
+        waited = time.monotonic() - started
+        if waited > timeout_s:
+            raise RuntimeError(f"only {connected} SuperNode(s) connected after {timeout_s:.0f} "
+                               f"s but the run config has num-clients={expected}. {fix}")
+        if waited > 3 and not warned:
+            log(WARNING, "%d of the run config's num-clients=%d SuperNodes are connected; "
+                "waiting up to %.0f s. %s", connected, expected, timeout_s, fix)
+            warned = True
         time.sleep(0.5)
 
 
@@ -267,8 +273,11 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
     if rounds > 0 and getattr(strategy, "ledger", None) is not None:
         rounds, arrays = resume_point(strategy, cfg, rounds, arrays, history)
     if rounds > 0:
-        arrays = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=rounds,
-                                train_config=train_config, evaluate_fn=central_evaluate).arrays
+        result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=rounds,
+                                train_config=train_config, evaluate_fn=central_evaluate)
+        arrays = result.arrays if len(result.arrays) else arrays
+        history["train_metrics"] = {str(r): dict(m) for r, m in
+                                    result.train_metrics_clientapp.items()}
     if removed:
         arrays, history["removal"] = strategy.remove(
             grid, removed, mode=str(cfg.get("removal-mode", "offline")),

@@ -2,6 +2,7 @@
 
     python -m simulations.unlearn                        # configs/unlearn.yaml
     python -m simulations.unlearn seeds=[0] num-server-rounds=10 out=results/unlearn_quick
+    python -m simulations.unlearn --help                 # every key, with defaults
 
 Per seed: FedUGM trains all clients on Ray (Flower simulation of ``simulations.flower_app``)
 with a ledger; the ``backdoor-client`` stamps a trigger on all its examples and relabels them
@@ -19,7 +20,8 @@ with a ledger; the ``backdoor-client`` stamps a trigger on all its examples and 
   clients (``repair-rounds=1``), in the same Flower run;
 * ``subtract-applied``: subtract everything the merges added on the client's behalf over all
   its rounds (the ledger's running sum; ``fl_ugm.removal.subtract_applied``);
-* ``retrain``: FL from scratch without the client, same rounds (Ray): the gold standard.
+* ``retrain``: FL from scratch without the client, same rounds (Ray; FedUGM never samples
+  it, ``exclude-clients``): the gold standard.
 
 For each: test accuracy, accuracy on the removed client's clean data, backdoor attack
 success rate (ASR: triggered test images not of the target class that are classified as the
@@ -27,9 +29,10 @@ target), L2 distance to the retrained model, seconds of server-side work inside 
 Flower run (the strategy's rounds for retraining, ``FedUGM.remove`` for the removals; Ray's
 start-up is not counted for either, but the first message to each simulated client pays for
 starting its ClientApp, ~10 s on 2 cores, in the retraining's round 1 and in the removal
-runs alike), and client trainings (fine-tuning jobs run by clients: the hardware-independent
-cost). Writes ``unlearn.json`` (``{"methods": {name: {metric:
-[one per seed]}}, "config": {...}}``) and ``unlearn.png`` to ``out``; prints a table.
+runs alike), and client trainings (fine-tuning jobs run by clients, counted from the
+run's train replies and online-removal requests: the hardware-independent cost). Writes
+``unlearn.json`` (``{"methods": {name: {metric: [one per seed]}}, "config": {...}}``) and
+``unlearn.png`` to ``out``; prints a table.
 """
 
 from __future__ import annotations
@@ -46,24 +49,12 @@ from safetensors.torch import load_file
 
 from fl_ugm.ledger import Ledger
 from fl_ugm.removal import remove_from_ledger, subtract_applied
-from simulations import tasks
+from simulations import runner, tasks
 from simulations.adversaries import add_trigger
 from simulations.flower_app import client_partition, experiment_for, fresh_model
-from simulations.runner import (
-    CONFIGS,
-    figure,
-    load_config,
-    mean_std,
-    plain,
-    progress,
-    quiet_flower_console,
-    save_figure,
-    simulate,
-    simulation_layers,
-    write_json,
-)
+from simulations.runner import mean_std, plain, progress
 
-UNLEARN_CONFIG = CONFIGS / "unlearn.yaml"
+UNLEARN_CONFIG = runner.CONFIGS / "unlearn.yaml"
 METHODS = ("none", "ta-negation", "eq13-offline", "ugm-offline", "ugm-online", "ugm-repair",
            "ugm-online-repair", "subtract-applied", "retrain")
 METRICS = ("test_accuracy", "removed_accuracy", "backdoor_asr", "dist_to_retrain", "seconds",
@@ -73,7 +64,7 @@ METRICS = ("test_accuracy", "removed_accuracy", "backdoor_asr", "dist_to_retrain
 def simulate_to(cfg: dict, label: str, **overrides) -> tuple[dict[str, torch.Tensor], dict]:
     """One Flower simulation on Ray; returns (final global state, the run's history)."""
     run_config = {**cfg, **overrides}
-    history = simulate(run_config, label=f"[seed {cfg['seed']}] {label}")
+    history = runner.simulate(run_config, label=f"[seed {cfg['seed']}] {label}")
     return load_file(str(run_config["save-final"])), history
 
 
@@ -187,7 +178,7 @@ def format_table(results: dict[str, dict[str, list[float]]]) -> str:
 
 
 def plot(results, path: Path) -> None:
-    fig, axes = figure(3, (12, 3.8))
+    fig, axes = runner.figure(3, (12, 3.8))
     for ax, metric, label in zip(axes, ("test_accuracy", "backdoor_asr", "dist_to_retrain"),
                                  ("test accuracy (%)", "backdoor ASR (%)", "L2 to retrain"),
                                  strict=True):
@@ -196,14 +187,14 @@ def plot(results, path: Path) -> None:
         ax.bar(range(len(METHODS)), means)
         ax.set_xticks(range(len(METHODS)), METHODS, rotation=35, ha="right", fontsize=8)
         ax.set_title(f"{label}, mean over seeds", fontsize=10)
-    save_figure(fig, path)
+    runner.save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = load_config(sys.argv[1:] if argv is None else argv,
-                      simulation_layers(CONFIGS / "compare.yaml", UNLEARN_CONFIG),
-                      prog="unlearn", doc=__doc__)
-    quiet_flower_console()
+    layers = runner.simulation_layers(runner.CONFIGS / "compare.yaml", UNLEARN_CONFIG)
+    cfg = runner.load_config(sys.argv[1:] if argv is None else argv, layers, prog="unlearn",
+                             doc=__doc__)
+    runner.quiet_flower_console()
     if int(cfg["backdoor-client"]) < 0:
         raise SystemExit("unlearn: set backdoor-client to the partition id to remove.")
     out = Path(str(cfg.out))
@@ -211,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_seed = [run_seed(plain(cfg, "strategies", "seeds"), int(seed), out) for seed in cfg.seeds]
     results = {name: {metric: [r[name][metric] for r in per_seed] for metric in METRICS}
                for name in METHODS}
-    write_json(out / "unlearn.json", {"methods": results, "config": plain(cfg)})
+    runner.write_json(out / "unlearn.json", {"methods": results, "config": plain(cfg)})
     plot(results, out / "unlearn.png")
     print(format_table(results))
     return 0

@@ -12,6 +12,7 @@ from helpers import PARAM_KEYS, global_state, message, ugm_reply
 
 from fl_ugm import FedUGM
 from fl_ugm.merge import clip_fisher_inflation
+from fl_ugm.strategy import FISHER_CLIPPED_METRIC
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -140,10 +141,16 @@ def test_honest_clips_are_info_and_large_ones_warnings(caplog):
     state = global_state()
     replies = [ugm_reply(node, 40, state, seed=node) for node in range(1, 6)]
     mild = attacked(replies[0], 4.0 * 2, flip=False)  # ≈ 4–8× the others' masses
+    strategy = FedUGM(prior_precision=1.0, min_train_nodes=1)
+    strategy.current_arrays = state
     with caplog.at_level("INFO", logger="flwr"):
-        ugm_of([mild, *replies[1:]], state)
+        _, metrics = strategy.aggregate_train(1, [mild, *replies[1:]])
     clips = [r for r in caplog.records if "reports a Fisher on" in r.getMessage()]
     assert clips and {r.levelname for r in clips} == {"INFO"}
+    assert metrics[FISHER_CLIPPED_METRIC] == len(clips)  # the round's train metrics count them
+    unclipped = FedUGM(prior_precision=1.0, min_train_nodes=1, fisher_clip=None)
+    unclipped.current_arrays = state
+    assert FISHER_CLIPPED_METRIC not in unclipped.aggregate_train(1, [mild, *replies[1:]])[1]
     caplog.clear()
     with caplog.at_level("INFO", logger="flwr"):
         ugm_of([attacked(replies[0], 1e6, flip=False), *replies[1:]], state)
