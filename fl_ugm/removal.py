@@ -91,11 +91,14 @@ def remove_from_ledger(
     through its stored merge rule (``fl_ugm.merge_rules``). Nothing on disk changes: the
     caller decides whether to save the result and commit it (``Ledger.commit_removal``).
     """
+    rule = merge_rule(str(ledger.meta.get("merge", "ugm")))
+    if not rule.uses_fisher:
+        raise LedgerError(f"this ledger's run merged with {rule.name!r}; client removal needs a "
+                          "Fisher-weighted rule ('ugm' or 'fisher-averaging').")
     if prior_precision is None:
         if "prior_precision" not in ledger.meta:
             raise LedgerError("no prior precision given and none stored in the ledger's meta; "
                               "pass the δ the run used.")
-        rule = merge_rule(str(ledger.meta.get("merge", "ugm")))
         prior_precision = rule.prior(float(ledger.meta["prior_precision"]))
     if not ledger.client_ids():
         raise LedgerError(f"the ledger at {ledger.directory} holds no client contributions.")

@@ -69,9 +69,6 @@ def remove_client(
         raise RemovalError(f"removal mode {mode!r}; choose one of {REMOVAL_MODES}.")
     if repair_rounds < 0:
         raise RemovalError(f"repair_rounds={repair_rounds}; it must be ≥ 0.")
-    if not strategy.rule.uses_fisher:
-        raise RemovalError(f"this run merges with {strategy.merge!r}; client removal needs a "
-                           "Fisher-weighted rule ('ugm' or 'fisher-averaging').")
     removed = ledger.removed_clients()
     if client_id in removed:
         raise RemovalError(f"client {client_id!r} was already removed from this run (by the "

@@ -263,20 +263,25 @@ class FedUGM(FedAvg):
 
     def _admit(self, updates: list[ClientUpdate], dropped: list[DroppedReply]
                ) -> list[ClientUpdate]:
-        """Learn which node serves which client; drop the replies of excluded clients."""
-        admitted = []
+        """Learn which node serves which client; drop the replies of excluded clients and
+        a second reply under a client id already seen this round."""
+        admitted, seen = [], {}
         for update in updates:
-            if update.client_id is None:
+            client = update.client_id
+            if client is None:
                 admitted.append(update)
                 continue
-            self.roster.learn(update.client_id, update.node_id)
-            if update.client_id in self.roster.excluded:
-                dropped.append(DroppedReply(
-                    update.node_id, update.client_id,
-                    f"client {update.client_id!r} was removed or excluded from this run; its "
-                    "reply is ignored."))
+            if client in seen:
+                reason = f"node {seen[client]} already replied as client {client!r} this round."
             else:
-                admitted.append(update)
+                seen[client] = update.node_id
+                self.roster.learn(client, update.node_id)
+                if client not in self.roster.excluded:
+                    admitted.append(update)
+                    continue
+                reason = f"client {client!r} was removed or excluded from this run; its reply " \
+                         "is ignored."
+            dropped.append(DroppedReply(update.node_id, client, reason))
         return admitted
 
     def _clip_fisher(self, server_round: int, updates: list[ClientUpdate]) -> int | None:

@@ -124,10 +124,10 @@ def simulate(run_config: Mapping[str, Any], label: str = "") -> dict[str, Any]:
         raise RuntimeError(f"the {run_config['strategy']} simulation (seed {run_config['seed']}) "
                            "wrote no history; see the Flower log above.")
     history = json.loads(path.read_text())
-    rounds = len(history["accuracy"]) - 1
+    rounds = len(history["replies"])
     final = f", final accuracy {100 * history['accuracy'][-1]:.2f} %" if history["accuracy"] else ""
-    progress(f"{label or run_config['strategy']} (seed {run_config['seed']}): {rounds} rounds"
-             f"{final}, {time.perf_counter() - started:.1f} s")
+    progress(f"{label or run_config['strategy']} (seed {run_config['seed']}): {rounds} train "
+             f"round{'' if rounds == 1 else 's'}{final}, {time.perf_counter() - started:.1f} s")
     return history
 
 

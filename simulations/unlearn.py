@@ -64,7 +64,7 @@ METRICS = ("test_accuracy", "removed_accuracy", "backdoor_asr", "dist_to_retrain
 def simulate_to(cfg: dict, label: str, **overrides) -> tuple[dict[str, torch.Tensor], dict]:
     """One Flower simulation on Ray; returns (final global state, the run's history)."""
     run_config = {**cfg, **overrides}
-    history = runner.simulate(run_config, label=f"[seed {cfg['seed']}] {label}")
+    history = runner.simulate(run_config, label=label)
     return load_file(str(run_config["save-final"])), history
 
 

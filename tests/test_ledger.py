@@ -305,3 +305,14 @@ def test_corrupt_files_say_how_to_recover_and_what_they_block(tmp_path):
                        r"of every remaining client, and client 'c2''s record cannot be read: "
                        r".*checksum mismatch.*Restore the ledger directory from a backup"):
         remove_from_ledger(Ledger(tmp_path), "c0")
+
+
+def test_removal_needs_a_fisher_weighted_rule(tmp_path):
+    ledger, _, _ = linear_run(tmp_path)
+    ledger.set_meta(merge="task-arithmetic")
+    with pytest.raises(LedgerError, match="merged with 'task-arithmetic'; client removal needs "
+                       "a Fisher-weighted rule"):
+        remove_from_ledger(ledger, "c0")
+    ledger.set_meta(merge="fisher-averaging")  # H0 → 0: removes with the rule's own prior
+    _, report = remove_from_ledger(ledger, "c0")
+    assert report["prior_precision"] == pytest.approx(1e-12)

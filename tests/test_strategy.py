@@ -429,3 +429,20 @@ def test_subtract_applied_removes_a_clients_accumulated_updates(tmp_path):
         torch.testing.assert_close(without[key] - state[key], ledger.client("p2").applied[key],
                                    rtol=1e-5, atol=1e-6)
     assert report["mode"] == "subtract-applied"
+
+
+def test_two_replies_under_one_client_id_keep_the_first(caplog):
+    """Two nodes claiming the same client id in a round would corrupt that client's ledger
+    record: the second is dropped."""
+    state = global_state()
+    strategy = FedUGM(prior_precision=1.0, min_train_nodes=1)
+    strategy.current_arrays = state
+    first, second = (ugm_reply(node, 10, state, seed=node,
+                               client=ConfigRecord({"client-id": "same"})) for node in (1, 2))
+    with caplog.at_level("WARNING", logger="flwr"):
+        arrays, _ = strategy.aggregate_train(1, [first, second])
+    assert ("dropping node 2 in round 1 (client 'same'): node 1 already replied as client "
+            "'same' this round.") in caplog.text
+    reference = reference_from([first], state, ugm_merge, alphas=[1.0], prior_precision=1.0)
+    for key in PARAM_KEYS:
+        torch.testing.assert_close(arrays.to_torch_state_dict()[key], reference[key])
