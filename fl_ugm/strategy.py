@@ -34,9 +34,10 @@ from fl_ugm.protocol import (
 )
 from fl_ugm.roster import ClientRoster
 
-#: Fisher clips up to this many times the median are honest variation (logged at INFO);
-#: beyond it, a client is likely inflating its Fisher (logged as a WARNING).
-CLIP_WARNING_RATIO = 10.0
+#: Fisher clips up to this many times the median are honest variation (logged at INFO):
+#: honest clients reached 13× at lr 0.5 in simulations.unlearn; the attack benchmark's
+#: inflation is 10⁶×. Beyond it a client is likely inflating its Fisher (a WARNING).
+CLIP_WARNING_RATIO = 100.0
 #: The round's aggregated train metrics carry how many client tensors the clip scaled down.
 FISHER_CLIPPED_METRIC = "fisher-clipped-tensors"
 

@@ -136,8 +136,8 @@ def test_the_benchmark_attacks_do_what_they_say(kind):
 
 
 def test_honest_clips_are_info_and_large_ones_warnings(caplog):
-    """A client 4× the median (honest variation reaches that) is clipped with an INFO line;
-    one 1e6× the median with a WARNING."""
+    """A client 4–8× the median (honest variation reaches that) is clipped with an INFO
+    line; one 1e6× the median with a WARNING."""
     state = global_state()
     replies = [ugm_reply(node, 40, state, seed=node) for node in range(1, 6)]
     mild = attacked(replies[0], 4.0 * 2, flip=False)  # ≈ 4–8× the others' masses
