@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from fl_ugm.ledger import Ledger, LedgerError, write_atomically
-from fl_ugm.removal import remove_from_ledger
+from fl_ugm.removal import RECENTRING, REMOVAL_METHODS, SHARED_RANK, plan_removal
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,46 +21,67 @@ def main(argv: Sequence[str] | None = None) -> int:
     remove = commands.add_parser(
         "remove",
         help="remove a client's contribution from the newest global in a ledger (offline)",
-        description="Apply the UGM removal update for one client, using only the ledger "
-        "(Eq. 13, plus reverting the coordinates no remaining client informs; see "
-        "fl_ugm.removal), and write the new global state (safetensors) and a JSON report. "
-        "The ledger itself is left unchanged unless --forget is given. For online removal "
-        "and repair rounds inside a running Flower app, use FedUGM.remove (the app's "
-        "remove-client run config).",
+        description="Remove one client using only the ledger (see fl_ugm.removal): "
+        "--method replay (default) recomputes the training without it from the ledger's "
+        "per-round history; --method eq13 applies the one-round update (Eq. 13, plus "
+        "reverting the coordinates no remaining client informs). Writes the new global state "
+        "(safetensors) and a JSON report. The ledger itself is left unchanged unless --forget "
+        "is given. For online removal and repair rounds inside a running Flower app, use "
+        "FedUGM.remove (the app's remove-client run config).",
     )
     remove.add_argument("--ledger", required=True, type=Path, help="ledger directory")
     remove.add_argument("--client", required=True, help="stable client id to remove")
     remove.add_argument("--out", required=True, type=Path, help="output .safetensors file")
+    remove.add_argument("--method", choices=REMOVAL_METHODS, default="replay",
+                        help="replay (default) or eq13")
+    remove.add_argument("--recentring", type=float, default=RECENTRING,
+                        help="replay: κ, the re-centring prior as a fraction of H0 (1: the "
+                        f"derivation, exact for linear regression; default {RECENTRING:g}, "
+                        "measured on nets)")
+    remove.add_argument("--shared-rank", type=int, default=SHARED_RANK,
+                        help="replay: rank of the other clients' update subspace per row; the "
+                        "removed client's update outside it is not re-centred (0: off; "
+                        f"default {SHARED_RANK})")
+    remove.add_argument("--approximate", action="store_true",
+                        help="replay: if the history does not reach back to the client's "
+                        "first round, replay the stored rounds only (the report says so) "
+                        "instead of refusing")
     remove.add_argument("--prior-precision", type=float, default=None,
                         help="H0; default: the run's, from the δ and merge rule stored in the "
                         "ledger")
     remove.add_argument("--no-recenter", action="store_true",
-                        help="use the stored delta as is (no re-centring to the current model)")
+                        help="eq13: use the stored delta as is (no re-centring to the current "
+                        "model)")
     remove.add_argument("--eq13-only", action="store_true",
-                        help="do not revert the coordinates no remaining client informs")
+                        help="eq13: do not revert the coordinates no remaining client informs")
     remove.add_argument("--forget", action="store_true",
                         help="also commit the removal to the ledger, in one step: the result "
-                        "becomes its next global, the client's record is deleted and the "
-                        "client is listed as removed (never sampled or recorded again by a "
-                        "FedUGM run that resumes on this ledger)")
+                        "becomes its next global (a replay also stores its rewritten "
+                        "history), the client's record is deleted and the client is listed as "
+                        "removed (never sampled or recorded again by a FedUGM run that "
+                        "resumes on this ledger)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="fl-ugm remove: %(message)s")
 
     try:
         ledger = Ledger(args.ledger, create=False)
-        state, report = remove_from_ledger(ledger, args.client,
-                                           prior_precision=args.prior_precision,
-                                           recenter=not args.no_recenter,
-                                           revert_uninformed=not args.eq13_only)
+        plan = plan_removal(ledger, args.client, method=args.method,
+                            prior_precision=args.prior_precision, recentring=args.recentring,
+                            shared_rank=args.shared_rank,
+                            approximate=args.approximate,
+                            recenter=not args.no_recenter, revert_uninformed=not args.eq13_only)
         write_atomically(args.out, lambda tmp: save_file(
-            {k: v.contiguous() for k, v in state.items()}, str(tmp)))
+            {k: v.contiguous() for k, v in plan.state.items()}, str(tmp)))
         report_path = args.out.with_suffix(args.out.suffix + ".report.json")
-        write_atomically(report_path, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+        write_atomically(report_path, lambda tmp: tmp.write_text(
+            json.dumps(plan.report, indent=2)))
         if args.forget:
-            ledger.commit_removal(args.client, report["global_round"] + 1, state)
+            ledger.commit_removal(args.client, plan.report["global_round"] + 1, plan.state,
+                                  history=plan.history, records=plan.records)
     except LedgerError as err:
         print(f"fl-ugm remove: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(report, indent=2))
+    print(json.dumps(plan.report, indent=2))
     return 0
 
 

@@ -55,7 +55,7 @@ def train_classifier(
     inputs: Tensor,
     targets: Tensor,
     *,
-    epochs: int,
+    epochs: float,
     batch_size: int,
     lr: float,
     seed: int,
@@ -67,10 +67,13 @@ def train_classifier(
     """Fine-tune in place on mean cross-entropy + (prox_precision / 2n)·‖w − anchor‖².
 
     ``n`` = ``len(inputs)``, so ``prox_precision`` is the prior precision on the summed loss
-    (FedProx's μ = prox_precision / n). ``anchor`` defaults to the weights on entry. If a
+    (FedProx's μ = prox_precision / n). ``anchor`` defaults to the weights on entry. A
+    fractional ``epochs`` (e.g. 0.5) ends with that fraction of an epoch's mini-batches. If a
     :class:`TrainingFisher` is given it sees each batch's cross-entropy gradient (before the
     proximal gradient is added). Returns the last epoch's mean cross-entropy (nats).
     """
+    if not epochs > 0:
+        raise ValueError(f"train_classifier: epochs={epochs}; it must be > 0.")
     n = inputs.shape[0]
     if n == 0:
         raise ValueError("train_classifier: no training examples.")
@@ -85,13 +88,17 @@ def train_classifier(
     prox_scale = prox_precision / n
     model.train()
     last_epoch_loss = float("nan")
-    for _ in range(epochs):
-        total = 0.0
-        for batch in torch.randperm(n, generator=generator).split(batch_size):
+    full, fraction = divmod(float(epochs), 1.0)
+    passes = [1.0] * int(full) + ([fraction] if fraction > 0 else [])
+    for share in passes:
+        total, seen = 0.0, 0
+        batches = torch.randperm(n, generator=generator).split(batch_size)
+        for batch in batches[:max(1, round(share * len(batches)))]:
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(inputs[batch]), targets[batch])
             loss.backward()
             total += loss.item() * len(batch)
+            seen += len(batch)
             if training_fisher is not None:
                 training_fisher.update(len(batch))
             if prox_scale > 0:  # gradient of (prox_scale / 2)·‖w − centre‖²
@@ -100,7 +107,7 @@ def train_classifier(
                         if p.grad is not None:
                             p.grad.add_(p - centre[key], alpha=prox_scale)
             opt.step()
-        last_epoch_loss = total / n
+        last_epoch_loss = total / seen
     return last_epoch_loss
 
 
@@ -110,7 +117,7 @@ def handle_train(
     inputs: Tensor,
     targets: Tensor,
     *,
-    epochs: int,
+    epochs: float,
     batch_size: int,
     lr: float,
     seed: int,

@@ -5,9 +5,15 @@ Layout of a ledger directory (safetensors for tensors, one small JSON index; doc
 
     index.json                      what is stored, with a SHA-256 per file; the run settings
                                      ("meta"); the removed clients and their removal rounds
-    clients/<client-id>.r000007.safetensors  latest contribution (from round 7): "delta/<key>",
-                                     "fisher/<key>", "applied/<key>"
+    clients/<client-id>.r000007.g000.safetensors  latest contribution (from round 7):
+                                     "delta/<key>", "fisher/<key>", "applied/<key>"
     globals/round-000007.safetensors the global state after round 7 (the last ``keep_globals``)
+    history/round-000007.g000.safetensors  round 7 as merged: "start/<key>" (the global its
+                                     clients started from) and, per participant i,
+                                     "c<i>/delta/<key>", "c<i>/fisher/<key>" (``history_dtype``)
+
+The history (every round, or the last ``history_rounds``) is what replay removal
+(``fl_ugm.removal``) recomputes the training without a client from.
 
 Each client is stored under a stable id (partition id in simulation, a configured id in a
 deployment; never Flower's ephemeral node id) with its latest Δ_t, F_t (a sum, float32),
@@ -39,11 +45,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 INDEX = "index.json"
 FORMAT_VERSION = 1
+#: Storage dtypes of the per-round history's deltas and Fishers ("as-sent": the dtype the
+#: replies carried; the start globals are always kept as they are).
+HISTORY_DTYPES = {"as-sent": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                  "float16": torch.float16}
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
@@ -75,15 +86,27 @@ class ClientRecord:
 @dataclass(frozen=True)
 class Contribution:
     """What one client's reply added in one round, as :meth:`Ledger.record_round` stores it:
-    its Δ_t and F_t (a sum over n_t examples), n_t, α_t, and its ``share`` of the merged
-    update (per parameter key; added to the client's ``applied`` sum)."""
+    its Δ_t (every float entry) and F_t (the parameters; a sum over n_t examples, as merged,
+    i.e. after the Fisher clip), n_t, α_t (as merged), and its ``share`` of the merged update
+    (per parameter key; added to the client's ``applied`` sum). A contribution without a
+    client id enters the round's history only."""
 
-    client_id: str
+    client_id: str | None
     num_examples: float
     alpha: float
     delta: Mapping[str, Tensor]
     fisher: Mapping[str, Tensor]
     share: Mapping[str, Tensor]
+
+
+@dataclass(frozen=True)
+class HistoryRound:
+    """One merged round from the history: the global its clients started from (full
+    precision) and every participant's contribution as merged (``history_dtype``)."""
+
+    round: int
+    start: dict[str, Tensor]
+    participants: list[Contribution]  # shares are empty: the history does not store them
 
 
 class Ledger:
@@ -98,12 +121,28 @@ class Ledger:
     create : bool (default: True)
         Create the ledger if ``directory`` holds none. With ``False`` (readers such as
         ``fl-ugm remove``) a missing directory or index is an error that says which.
+    history_rounds : int, optional
+        Rounds of history to keep: 0 keeps every round (the default for a new ledger), L > 0
+        the last L (a replay then reaches back L rounds). None: the stored setting.
+    history_dtype : {"as-sent", "float32", "bfloat16", "float16"}, optional
+        Storage dtype of the history's deltas and Fishers ("as-sent" for a new ledger: as the
+        replies carried them; "bfloat16" halves float32's storage, "float16" too but with a
+        narrower range). None: the stored setting.
+
+    The history settings are stored with the run; a ledger opened with others is refused.
     """
 
     def __init__(self, directory: str | Path, *, keep_globals: int = 3,
-                 create: bool = True) -> None:
+                 create: bool = True, history_rounds: int | None = None,
+                 history_dtype: str | None = None) -> None:
         if keep_globals < 1:
             raise LedgerError(f"keep_globals must be ≥ 1, got {keep_globals}.")
+        if history_rounds is not None and history_rounds < 0:
+            raise LedgerError(f"history_rounds={history_rounds}; give 0 (every round) or the "
+                              "number of recent rounds to keep.")
+        if history_dtype is not None and history_dtype not in HISTORY_DTYPES:
+            raise LedgerError(f"history_dtype={history_dtype!r}; choose one of "
+                              f"{tuple(HISTORY_DTYPES)}.")
         self.directory = Path(directory)
         self.keep_globals = keep_globals
         if not create and not self.directory.is_dir():
@@ -112,10 +151,13 @@ class Ledger:
             raise LedgerError(f"{self.directory} is not an fl_ugm ledger (it has no {INDEX}).")
         (self.directory / "clients").mkdir(parents=True, exist_ok=True)
         (self.directory / "globals").mkdir(parents=True, exist_ok=True)
+        (self.directory / "history").mkdir(parents=True, exist_ok=True)
         self._index = self._read_index()
         self._batch_depth = 0
         self._superseded: list[str] = []
         self._cleaned = False  # leftovers are removed by this object's first commit
+        settings = {"history_rounds": history_rounds, "history_dtype": history_dtype}
+        self._check_settings({k: v for k, v in settings.items() if v is not None})
 
     # ------------------------------------------------------------------ queries
 
@@ -153,6 +195,63 @@ class Ledger:
     def client_ids(self) -> list[str]:
         return sorted(self._index["clients"])
 
+    @property
+    def history_rounds(self) -> int:
+        """Rounds of history kept: 0 = every round, L > 0 = the last L."""
+        return int(self.meta.get("history_rounds", 0))
+
+    @property
+    def history_dtype(self) -> str:
+        return str(self.meta.get("history_dtype", "as-sent"))
+
+    def history(self) -> list[int]:
+        """Rounds whose history is stored, oldest first."""
+        return [entry["round"] for entry in self._index.get("history", [])]
+
+    def history_round(self, round_: int) -> HistoryRound:
+        """Round ``round_`` as merged (checksum verified)."""
+        entry = next((e for e in self._index.get("history", []) if e["round"] == round_), None)
+        if entry is None:
+            raise LedgerError(f"no history for round {round_}; stored: {self.history()}.")
+        tensors = self._load(entry["file"], entry["sha256"])
+        participants = []
+        for index, info in enumerate(entry["clients"]):
+            participants.append(Contribution(
+                info["id"], info["num_examples"], info["alpha"],
+                _group(tensors, f"c{index}/delta/"), _group(tensors, f"c{index}/fisher/"), {}))
+        return HistoryRound(round_, _group(tensors, "start/"), participants)
+
+    def first_round(self, client_id: str) -> int | None:
+        """The first round ``client_id`` contributed to (None if unknown)."""
+        entry = self._index["clients"].get(client_id)
+        return None if entry is None else entry.get("first_round", entry["round"])
+
+    def prior(self) -> dict[str, Tensor] | None:
+        """The run's per-tensor prior precision H0 (δ + the server's Fisher), if it had one."""
+        entry = self._index.get("prior")
+        return None if entry is None else self._load(entry["file"], entry["sha256"])
+
+    def ensure_prior(self, prior: Mapping[str, Tensor]) -> None:
+        """Store the run's per-tensor H0, or refuse one that differs from the stored one."""
+        stored = self.prior()
+        if stored is None:
+            name = "prior.safetensors"
+            self._index["prior"] = {"file": name, "sha256": self._write_tensors(name, prior)}
+            self._commit([])
+        elif set(stored) != set(prior) or any(not torch.equal(stored[k], prior[k].to(
+                stored[k].dtype)) for k in stored):
+            raise LedgerMismatchError(f"the ledger at {self.directory} was written with another "
+                                      "server Fisher in its prior; use a new ledger directory.")
+
+    def history_bytes(self) -> int:
+        """Bytes of the stored history (every kept round)."""
+        return sum(int(e.get("bytes", 0)) for e in self._index.get("history", []))
+
+    def replay_removal_rounds(self) -> list[int]:
+        """Rounds whose global is a replay removal's result (no merge: the rewritten
+        history already leads there)."""
+        return list(self._index.get("replay_rounds", []))
+
     def removed_clients(self) -> dict[str, int]:
         """Clients removed from this ledger's run, with the round whose global removed them;
         they are never recorded (nor, by FedUGM, sampled) again."""
@@ -177,11 +276,9 @@ class Ledger:
             known = ", ".join(self.client_ids()[:20]) or "none"
             raise LedgerError(f"unknown client id {client_id!r}; the ledger has: {known}.")
         tensors = self._load(entry["file"], entry["sha256"])
-        def group(prefix: str) -> dict[str, Tensor]:
-            return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-
         return ClientRecord(client_id, entry["round"], entry["num_examples"], entry["alpha"],
-                            group("delta/"), group("fisher/"), group("applied/"))
+                            _group(tensors, "delta/"), _group(tensors, "fisher/"),
+                            _group(tensors, "applied/"))
 
     def global_state(self, round_: int | None = None) -> tuple[int, dict[str, Tensor]]:
         """(round, state) of the given round's checkpoint, or of the newest one."""
@@ -227,21 +324,28 @@ class Ledger:
         tensors = {f"delta/{k}": v for k, v in delta.items()}
         tensors.update({f"fisher/{k}": v for k, v in fisher.items()})
         tensors.update({f"applied/{k}": v for k, v in (applied or {}).items()})
-        name = f"clients/{client_id}.r{int(round_):06d}.safetensors"
-        digest = self._write_tensors(name, tensors)
         previous = self._index["clients"].get(client_id)
+        name = f"clients/{client_id}.r{int(round_):06d}.g{self._generation():03d}.safetensors"
+        digest = self._write_tensors(name, tensors)
+        first = int(round_) if previous is None else previous.get("first_round",
+                                                                  previous["round"])
         self._index["clients"][client_id] = {
-            "file": name, "sha256": digest, "round": int(round_),
+            "file": name, "sha256": digest, "round": int(round_), "first_round": first,
             "num_examples": float(num_examples), "alpha": float(alpha),
         }  # fmt: skip
         self._commit([previous["file"]] if previous and previous["file"] != name else [])
 
     def record_round(self, round_: int, contributions: Sequence[Contribution],
-                     new_global: Mapping[str, Tensor]) -> None:
-        """Store one merged round as one commit: each contribution (its ``share`` added to the
-        client's ``applied`` sum, in float64) and the global after the round."""
+                     new_global: Mapping[str, Tensor],
+                     start_global: Mapping[str, Tensor] | None = None) -> None:
+        """Store one merged round as one commit: each contribution with a client id (its
+        ``share`` added to the client's ``applied`` sum, in float64), the round's history
+        (with ``start_global``, the global the clients started from; every contribution)
+        and the global after the round."""
         with self.batch():
             for item in contributions:
+                if item.client_id is None:
+                    continue
                 previous = (self.client(item.client_id).applied
                             if item.client_id in self._index["clients"] else {})
                 applied = {k: (v.double() + previous[k].double() if k in previous else v)
@@ -249,16 +353,38 @@ class Ledger:
                 self.record_client(item.client_id, round_=round_, delta=item.delta,
                                    fisher=item.fisher, num_examples=item.num_examples,
                                    alpha=item.alpha, applied=applied)
+            if start_global is not None:
+                self._record_history(HistoryRound(round_, dict(start_global),
+                                                  list(contributions)))
             self.record_global(round_, new_global)
 
-    def commit_removal(self, client_id: str, round_: int, state: Mapping[str, Tensor]) -> None:
+    def commit_removal(self, client_id: str, round_: int, state: Mapping[str, Tensor], *,
+                       history: Sequence[HistoryRound] | None = None,
+                       records: Sequence[ClientRecord] = ()) -> None:
         """Apply a client's removal as one commit: ``state`` (the global without the client)
         becomes round ``round_``'s global, the client's record is deleted and its id joins
-        the removed clients. A crash leaves the ledger before or after, never between."""
+        the removed clients. A crash leaves the ledger before or after, never between.
+
+        ``history``: a replay removal's rewritten rounds (the training as it would have been
+        without the client), which replace the stored history; ``records``: the remaining
+        clients' records as of that history. Without ``history`` the stored history is
+        cleared: it no longer leads to the global (a later replay reaches back to here)."""
         with self.batch():
+            superseded = [entry["file"] for entry in self._index.get("history", [])]
+            self._index["history"] = []
+            self._index["generation"] = self._generation() + 1  # new file names from here
+            for rewritten in history or ():
+                self._record_history(rewritten)
+            if history is not None:
+                self._index.setdefault("replay_rounds", []).append(int(round_))
+            for record in records:
+                self.record_client(record.client_id, round_=record.round, delta=record.delta,
+                                   fisher=record.fisher, num_examples=record.num_examples,
+                                   alpha=record.alpha, applied=record.applied)
             self.record_global(round_, state)
             self.forget_client(client_id)
             self._index.setdefault("removed", {})[client_id] = int(round_)
+            self._commit(superseded)
 
     def record_global(self, round_: int, state: Mapping[str, Tensor]) -> None:
         """Store the global state after ``round_``; drop checkpoints beyond ``keep_globals``.
@@ -301,6 +427,42 @@ class Ledger:
 
     # ------------------------------------------------------------------ internals
 
+    def _check_settings(self, settings: Mapping[str, object]) -> None:
+        """Refuse history settings that differ from the stored ones; stage new ones (they
+        are committed with the next write)."""
+        stored = self.meta
+        differ = [f"{k}: stored {stored[k]!r}, asked {v!r}" for k, v in settings.items()
+                  if k in stored and stored[k] != v]
+        if differ:
+            raise LedgerMismatchError(f"the ledger at {self.directory} keeps its history with "
+                                      f"other settings ({'; '.join(differ)}); open it with the "
+                                      "stored ones, or use a new ledger directory.")
+        self._index.setdefault("meta", {}).update(settings)
+
+    def _generation(self) -> int:
+        """Bumped by every history rewrite, so that no data file name is ever reused."""
+        return int(self._index.get("generation", 0))
+
+    def _record_history(self, entry: HistoryRound) -> None:
+        """Store one round's history and drop rounds beyond ``history_rounds``."""
+        dtype = HISTORY_DTYPES[self.history_dtype]
+        tensors = {f"start/{k}": v for k, v in entry.start.items()}
+        for index, item in enumerate(entry.participants):
+            for kind, values in (("delta", item.delta), ("fisher", item.fisher)):
+                tensors.update({f"c{index}/{kind}/{k}": _stored(v, dtype)
+                                for k, v in values.items()})
+        name = f"history/round-{entry.round:06d}.g{self._generation():03d}.safetensors"
+        digest = self._write_tensors(name, tensors)
+        clients = [{"id": item.client_id, "num_examples": float(item.num_examples),
+                    "alpha": float(item.alpha)} for item in entry.participants]
+        entries = [e for e in self._index.get("history", []) if e["round"] != entry.round]
+        entries.append({"round": entry.round, "file": name, "sha256": digest,
+                        "clients": clients, "bytes": (self.directory / name).stat().st_size})
+        entries.sort(key=lambda e: e["round"])
+        keep = self.history_rounds or len(entries)
+        dropped, self._index["history"] = entries[:-keep], entries[-keep:]
+        self._commit([e["file"] for e in dropped])
+
     def _check_model(self, state: Mapping[str, Tensor]) -> None:
         """Store the model's signature with the first global; refuse another model later."""
         signature = _model_signature(state)
@@ -342,7 +504,9 @@ class Ledger:
         commit), so a reader opening the ledger never touches a running writer's files."""
         listed = {e["file"] for e in self._index["clients"].values()}
         listed |= {e["file"] for e in self._index["globals"]}
-        for folder in ("clients", "globals"):
+        listed |= {e["file"] for e in self._index.get("history", [])}
+        listed |= {self._index["prior"]["file"]} if "prior" in self._index else set()
+        for folder in ("clients", "globals", "history"):
             for path in (self.directory / folder).iterdir():
                 if f"{folder}/{path.name}" not in listed:
                     path.unlink(missing_ok=True)
@@ -386,6 +550,19 @@ class Ledger:
     def _write_index(self) -> None:
         text = json.dumps(self._index, indent=1, sort_keys=True)
         write_atomically(self.directory / INDEX, lambda tmp: tmp.write_text(text))
+
+
+def _group(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _stored(value: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``value`` in the history's storage dtype (float entries; clamped to its range, so a
+    large Fisher sum in float16 saturates instead of becoming Inf)."""
+    if dtype is None or not value.is_floating_point() or value.dtype == dtype:
+        return value
+    limit = torch.finfo(dtype).max
+    return value.clamp(-limit, limit).to(dtype)
 
 
 def _model_signature(state: Mapping[str, Tensor]) -> str:

@@ -1,14 +1,15 @@
 """Client removal inside a running Flower app: what ``FedUGM.remove`` does.
 
 1. Read the newest global from the strategy's ledger.
-2. *Online* mode: send the client (found by its stable id; a QUERY if this run has not heard
-   from it) a train message carrying that global and ``REMOVAL_KEY``; it fine-tunes as usual
-   and its Δ_t, F_t feed the removal. *Offline* mode uses the ledger alone.
-3. Compute the removal update (``fl_ugm.removal.remove_from_ledger``) with the run's merge
-   rule and prior.
+2. ``method="eq13"`` with ``mode="online"``: send the client (found by its stable id; a QUERY
+   if this run has not heard from it) a train message carrying that global and
+   ``REMOVAL_KEY``; it fine-tunes as usual and its Δ_t, F_t feed the removal. Otherwise the
+   ledger alone is used (``method="replay"`` replays its history; no client trains).
+3. Compute the removal (``fl_ugm.removal.plan_removal``) with the run's merge rule and
+   prior.
 4. Commit it to the ledger in one step (``Ledger.commit_removal``: the new global, the
-   deleted record, the client's id in the removed list) and exclude the client from
-   sampling for good.
+   rewritten history of a replay, the deleted record, the client's id in the removed list)
+   and exclude the client from sampling for good.
 5. Run ``repair_rounds`` ordinary FedUGM rounds with the remaining clients.
 
 Any failure before step 4 raises :class:`RemovalError` and changes nothing.
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from fl_ugm.ledger import LedgerError
 from fl_ugm.protocol import InvalidReply, parse_ugm_reply, ugm_train_config
-from fl_ugm.removal import remove_from_ledger
+from fl_ugm.removal import RECENTRING, REMOVAL_METHODS, SHARED_RANK, plan_removal
 
 if TYPE_CHECKING:
     from fl_ugm.strategy import FedUGM
@@ -47,14 +48,24 @@ def remove_client(
     grid: Grid,
     client_id: str,
     *,
+    method: str = "replay",
     mode: str = "offline",
+    recentring: float = RECENTRING,
+    shared_rank: int = SHARED_RANK,
     repair_rounds: int = 0,
     train_config: ConfigRecord | None = None,
     evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     timeout: float = 3600.0,
 ) -> tuple[ArrayRecord, RemovalReport]:
     """Remove ``client_id``'s contribution from the newest global in ``strategy``'s ledger,
-    then run ``repair_rounds`` FL rounds without it. Returns (global, report).
+    then run ``repair_rounds`` FL rounds without it (default 0: after a replay, one round
+    of the remaining clients did not bring the model closer to retraining; see
+    ``simulations.unlearn``). Returns (global, report).
+
+    ``method``: "replay" (recompute the training without the client from the ledger's
+    history) or "eq13" (the one-round update; ``mode="online"`` asks the client for a fresh
+    Δ_t, F_t, "offline" uses its stored ones); ``recentring`` and ``shared_rank`` are the
+    replay's knobs. See ``fl_ugm.removal``.
 
     ``evaluate_fn(round, arrays)`` (as in ``Strategy.start``) gives the report's metrics
     before and after; ``train_config`` is the repair rounds' train config. The report holds
@@ -65,8 +76,13 @@ def remove_client(
     ledger = strategy.ledger
     if ledger is None:
         raise RemovalError("FedUGM.remove needs the strategy's ledger; pass ledger=DIR.")
+    if method not in REMOVAL_METHODS:
+        raise RemovalError(f"removal method {method!r}; choose one of {REMOVAL_METHODS}.")
     if mode not in REMOVAL_MODES:
         raise RemovalError(f"removal mode {mode!r}; choose one of {REMOVAL_MODES}.")
+    if method == "replay" and mode == "online":
+        raise RemovalError("a replay removal needs no client: mode='online' is for "
+                           "method='eq13'.")
     if repair_rounds < 0:
         raise RemovalError(f"repair_rounds={repair_rounds}; it must be ≥ 0.")
     removed = ledger.removed_clients()
@@ -81,18 +97,24 @@ def remove_client(
              if mode == "online" else None)
     prior = strategy.rule.prior(strategy.merge_prior(strategy.server_fisher or ()))
     try:
-        new_state, report = remove_from_ledger(ledger, client_id, prior_precision=prior,
-                                               client_reply=reply)
+        plan = plan_removal(ledger, client_id, method=method, prior_precision=prior,
+                            recentring=recentring, shared_rank=shared_rank,
+                            client_reply=reply)
     except (LedgerError, ValueError) as err:
         raise RemovalError(f"removing client {client_id!r} failed: {err} Nothing was "
                            "changed.") from err
     removal_round = round_ + 1
-    ledger.commit_removal(client_id, removal_round, new_state)
+    ledger.commit_removal(client_id, removal_round, plan.state, history=plan.history,
+                          records=plan.records)
     strategy.roster.exclude(client_id)
+    report = plan.report
     report.update(removal_round=removal_round, removal_seconds=time.perf_counter() - started)
-    log(INFO, "removed client %r (%s) from the round-%d global: |change| = %.4g, %.1f %% of "
-        "entries reverted.", client_id, mode, round_, report["update_l2_norm"],
-        100 * report["reverted_fraction"])
+    detail = (f"replayed rounds {report['replayed_rounds'][0]}–{report['replayed_rounds'][1]}"
+              if method == "replay" else f"{100 * report['reverted_fraction']:.1f} % of the "
+              f"entries reverted, {mode}")
+    log(INFO, "removed client %r by %s from the round-%d global: |change| = %.4g (%s).",
+        client_id, method, round_, report["update_l2_norm"], detail)
+    new_state = plan.state
 
     arrays = ArrayRecord(new_state)
     for server_round in range(removal_round + 1, removal_round + 1 + repair_rounds):

@@ -148,6 +148,8 @@ class FedUGM(FedAvg):
         if self.ledger is not None:
             self.ledger.ensure_meta(prior_precision=self.prior_precision, alpha=alpha,
                                     scale=self.scale, merge=merge)
+            if self.server_fisher is not None:
+                self.ledger.ensure_prior(self.merge_prior(self.server_fisher))
             removed = self.ledger.removed_clients()
         self.roster = ClientRoster([*excluded_clients, *removed])
 
@@ -329,17 +331,20 @@ class FedUGM(FedAvg):
 
     def _record(self, server_round: int, updates: list[ClientUpdate], alphas: list[float],
                 shares: list[dict[str, Tensor]], new_state: dict[str, Tensor]) -> None:
-        """The merged round into the ledger, as one commit."""
-        contributions = []
-        for update, alpha, share in zip(updates, alphas, shares, strict=True):
+        """The merged round into the ledger (contributions, history, new global), as one
+        commit."""
+        for update in updates:
             if update.client_id is None:
-                log(WARNING, "ledger: node %d sent no client-id; its contribution is not "
-                    "recorded and it cannot be removed later (pass client_id to "
+                log(WARNING, "ledger: node %d sent no client-id; its contribution enters the "
+                    "history but it cannot be removed later (pass client_id to "
                     "fl_ugm.client.handle_train).", update.node_id)
-                continue
-            contributions.append(Contribution(update.client_id, update.num_examples, alpha,
-                                              update.delta, update.fisher, share))
-        self.ledger.record_round(server_round, contributions, new_state)
+        self.ledger.record_round(server_round, [
+            Contribution(u.client_id, u.num_examples, a, u.delta, u.fisher, share)
+            for u, a, share in zip(updates, alphas, shares, strict=True)],
+            new_state, start_global=self.current_arrays)  # fmt: skip
+        rounds = self.ledger.history()
+        log(INFO, "ledger: round %d recorded; history %.1f MB (%d rounds, %s)", server_round,
+            self.ledger.history_bytes() / 1e6, len(rounds), self.ledger.history_dtype)
 
 
 def _who(client_id: str | None) -> str:

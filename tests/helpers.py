@@ -162,11 +162,15 @@ H0 = 0.6
 
 class LinearGrid:
     """Nodes 1..T hold ½‖y − Xθ‖² (XᵀX diagonal); a TRAIN message is answered with the exact
-    minimiser of that loss plus (δ/2)‖θ − θ_global‖²: Δ and F = diag(XᵀX)."""
+    minimiser of that loss plus ½‖θ − θ_global‖²_{H0}, with H0 the message's δ (or ``prior``,
+    a per-coordinate precision the clients are told out of band): Δ and F = diag(XᵀX).
+    Node k is client p{k-1} and reports ``sizes[k-1]`` examples (default 10)."""
 
     def __init__(self, hessians, xty, *, failing: set[int] = frozenset(),
-                 nan_nodes: set[int] = frozenset()):
+                 nan_nodes: set[int] = frozenset(), sizes=None, prior=None):
         self.hessians, self.xty, self.failing, self.nan_nodes = hessians, xty, failing, nan_nodes
+        self.sizes = sizes or [10] * len(hessians)
+        self.prior = prior
         self.sent: list[tuple[str, list[int]]] = []  # (message type, destination nodes)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -188,13 +192,14 @@ class LinearGrid:
         config = msg.content.config_records["config"]
         theta = msg.content.array_records["arrays"].to_torch_state_dict()["w"]
         h, b = self.hessians[node - 1], self.xty[node - 1]
-        delta = (float(config[PRIOR_KEY]) * theta + b) / (float(config[PRIOR_KEY]) + h) - theta
+        h0 = float(config[PRIOR_KEY]) if self.prior is None else self.prior
+        delta = (h0 * theta + b) / (h0 + h) - theta
         if node in self.nan_nodes:
             delta = delta.clone()
             delta[0] = float("nan")
         return Message(RecordDict({
             "delta": ArrayRecord({"w": delta}), "fisher": ArrayRecord({"w": h}),
-            "metrics": MetricRecord({"num-examples": 10}),
+            "metrics": MetricRecord({"num-examples": self.sizes[node - 1]}),
             CLIENT_RECORD: ConfigRecord({"client-id": f"p{node - 1}"}),
         }), reply_to=incoming)  # fmt: skip
 

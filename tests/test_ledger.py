@@ -15,6 +15,8 @@ from fl_ugm.ledger import Ledger, LedgerCorruptError, LedgerError
 from fl_ugm.merge import ugm_merge
 from fl_ugm.removal import remove_from_ledger
 
+EQ13 = ["remove", "--method", "eq13"]  # the ledgers here are written without history
+
 
 def contribution(seed: int):
     gen = torch.Generator().manual_seed(seed)
@@ -70,11 +72,12 @@ def test_corruption_is_reported_with_the_file(tmp_path):
     ledger = Ledger(tmp_path)
     delta, fisher = contribution(3)
     ledger.record_client("a", round_=1, delta=delta, fisher=fisher, num_examples=5, alpha=1)
-    path = tmp_path / "clients" / "a.r000001.safetensors"
+    path = tmp_path / "clients" / "a.r000001.g000.safetensors"
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(LedgerCorruptError, match=r"a\.r000001\.safetensors: checksum mismatch"):
+    with pytest.raises(LedgerCorruptError,
+                       match=r"a\.r000001\.g000\.safetensors: checksum mismatch"):
         Ledger(tmp_path).client("a")
     path.unlink()
     with pytest.raises(LedgerCorruptError, match="listed in the index but missing"):
@@ -100,14 +103,15 @@ def test_a_batch_commits_all_or_nothing_and_leftovers_are_cleaned(tmp_path):
         raise RuntimeError("crash")
     assert (tmp_path / "index.json").read_text() == index
     assert ledger.client_ids() == ["a"] and ledger.client("a").round == 1
-    assert (tmp_path / "clients" / "b.r000002.safetensors").exists()  # orphan, for now
+    assert (tmp_path / "clients" / "b.r000002.g000.safetensors").exists()  # orphan, for now
     (tmp_path / "leftover.tmp").write_text("partial")
     reopened = Ledger(tmp_path)  # a reader: touches nothing
     assert reopened.client("a").round == 1 and reopened.rounds() == [1]
     assert (tmp_path / "leftover.tmp").exists()
     # a writer's first commit; a later round also supersedes the client's file
     reopened.record_client("a", round_=3, delta=delta, fisher=fisher, num_examples=5, alpha=1)
-    assert sorted(p.name for p in (tmp_path / "clients").iterdir()) == ["a.r000003.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "clients").iterdir()) == [
+        "a.r000003.g000.safetensors"]
     assert not (tmp_path / "leftover.tmp").exists()
 
 
@@ -163,12 +167,12 @@ def linear_run(tmp_path, alphas=(0.2, 0.5, 0.3), h0=0.4, seed=0):
 @pytest.mark.parametrize("removed", [0, 1, 2])
 def test_offline_removal_through_the_ledger_is_exact_for_linear_regression(tmp_path, removed):
     ledger, merged, retrain = linear_run(tmp_path)
-    state, report = remove_from_ledger(ledger, f"c{removed}")
+    state, report = remove_from_ledger(ledger, f"c{removed}", method="eq13")
     torch.testing.assert_close(state["w"], retrain(removed), rtol=0, atol=1e-10)
     assert report["recentered"] and report["client"] == f"c{removed}"
     assert (retrain(removed) - merged["w"]).abs().max() > 1e-2  # removal did something
     # without re-centring the stored delta (taken from θ0, not θ) it is only approximate
-    plain, report = remove_from_ledger(ledger, f"c{removed}", recenter=False)
+    plain, report = remove_from_ledger(ledger, f"c{removed}", method="eq13", recenter=False)
     assert not report["recentered"]
     assert (plain["w"] - retrain(removed)).abs().max() > 1e-4
 
@@ -177,22 +181,22 @@ def test_removal_errors_change_nothing(tmp_path):
     ledger, _, _ = linear_run(tmp_path)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(LedgerError, match="unknown client id 'zz'"):
-        remove_from_ledger(ledger, "zz")
+        remove_from_ledger(ledger, "zz", method="eq13")
     ledger.record_client("odd", round_=1, delta={"w": torch.zeros(7)}, fisher={"w": torch.ones(7)},
                          num_examples=3, alpha=0.1)
     with pytest.raises(LedgerError, match=r"delta\['w'\] is shaped differently.*mixes models"):
-        remove_from_ledger(ledger, "c0")
+        remove_from_ledger(ledger, "c0", method="eq13")
     ledger.forget_client("odd")
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before
     with pytest.raises(LedgerError, match="holds no client contributions"):
-        remove_from_ledger(Ledger(tmp_path / "empty"), "c0", prior_precision=1.0)
+        remove_from_ledger(Ledger(tmp_path / "empty"), "c0", method="eq13", prior_precision=1.0)
 
 
 def test_cli_remove_writes_model_and_report(tmp_path, capsys):
     _, _, retrain = linear_run(tmp_path / "ledger")
     out = tmp_path / "out" / "without-c1.safetensors"
-    assert cli_main(["remove", "--ledger", str(tmp_path / "ledger"), "--client", "c1",
+    assert cli_main([*EQ13, "--ledger", str(tmp_path / "ledger"), "--client", "c1",
                      "--out", str(out)]) == 0
     torch.testing.assert_close(load_file(str(out))["w"], retrain(1), rtol=0, atol=1e-10)
     report = json.loads(out.with_suffix(".safetensors.report.json").read_text())
@@ -201,27 +205,27 @@ def test_cli_remove_writes_model_and_report(tmp_path, capsys):
     assert Ledger(tmp_path / "ledger").client_ids() == ["c0", "c1", "c2"]  # no --forget
 
     missing = tmp_path / "out" / "nothing.safetensors"
-    assert cli_main(["remove", "--ledger", str(tmp_path / "ledger"), "--client", "nope",
+    assert cli_main([*EQ13, "--ledger", str(tmp_path / "ledger"), "--client", "nope",
                      "--out", str(missing)]) == 2
     assert "unknown client id 'nope'" in capsys.readouterr().err
     assert not missing.exists()
-    assert cli_main(["remove", "--ledger", str(tmp_path / "nowhere"), "--client", "c1",
+    assert cli_main([*EQ13, "--ledger", str(tmp_path / "nowhere"), "--client", "c1",
                      "--out", str(missing)]) == 2
     assert "nowhere does not exist" in capsys.readouterr().err
     assert not (tmp_path / "nowhere").exists()  # a reader creates nothing
-    assert cli_main(["remove", "--ledger", str(tmp_path / "out"), "--client", "c1",
+    assert cli_main([*EQ13, "--ledger", str(tmp_path / "out"), "--client", "c1",
                      "--out", str(missing)]) == 2
     assert "out is not an fl_ugm ledger (it has no index.json)" in capsys.readouterr().err
 
     before = Ledger(tmp_path / "ledger").rounds()[-1]
-    assert cli_main(["remove", "--ledger", str(tmp_path / "ledger"), "--client", "c1",
+    assert cli_main([*EQ13, "--ledger", str(tmp_path / "ledger"), "--client", "c1",
                      "--out", str(out), "--forget"]) == 0
     ledger = Ledger(tmp_path / "ledger")
     assert ledger.client_ids() == ["c0", "c2"]
     assert ledger.removed_clients() == {"c1": before + 1}  # one commit with the new global
     round_, state = ledger.global_state()  # the ledger's newest global is the result
     assert round_ == before + 1 and torch.equal(state["w"], load_file(str(out))["w"])
-    assert cli_main(["remove", "--ledger", str(tmp_path / "ledger"), "--client", "c1",
+    assert cli_main([*EQ13, "--ledger", str(tmp_path / "ledger"), "--client", "c1",
                      "--out", str(missing)]) == 2
     assert "client 'c1' was already removed from this ledger" in capsys.readouterr().err
 
@@ -231,7 +235,7 @@ def test_a_removal_is_one_commit_before_or_after_never_between(tmp_path, monkeyp
     removed in one commit: a failure between the steps leaves the ledger as it was."""
     ledger, _, retrain = linear_run(tmp_path)
     index = (tmp_path / "index.json").read_text()
-    state, _ = remove_from_ledger(ledger, "c1")
+    state, _ = remove_from_ledger(ledger, "c1", method="eq13")
 
     def fail(self, client_id):
         raise OSError("crash between the new global and the deleted record")
@@ -250,10 +254,10 @@ def test_a_removal_is_one_commit_before_or_after_never_between(tmp_path, monkeyp
     assert reopened.client_ids() == ["c0", "c2"] and reopened.removed_clients() == {"c1": 2}
     torch.testing.assert_close(reopened.global_state()[1]["w"], retrain(1), rtol=0, atol=1e-10)
     assert sorted(p.name for p in (tmp_path / "clients").iterdir()) == [
-        "c0.r000001.safetensors", "c2.r000001.safetensors"]  # the orphaned file is gone
+        "c0.r000001.g000.safetensors", "c2.r000001.g000.safetensors"]  # the orphaned file is gone
     with pytest.raises(LedgerError, match=r"client 'c1' was already removed from this ledger "
                        r"\(by the global of round 2\)"):
-        remove_from_ledger(reopened, "c1")
+        remove_from_ledger(reopened, "c1", method="eq13")
     delta, fisher = contribution(0)
     with pytest.raises(LedgerError, match="'c1' was removed from this run; its contributions"):
         reopened.record_client("c1", round_=3, delta=delta, fisher=fisher, num_examples=1,
@@ -299,12 +303,12 @@ def test_a_ledger_refuses_a_run_with_other_settings_or_another_model(tmp_path):
 
 def test_corrupt_files_say_how_to_recover_and_what_they_block(tmp_path):
     linear_run(tmp_path)
-    path = tmp_path / "clients" / "c2.r000001.safetensors"
+    path = tmp_path / "clients" / "c2.r000001.g000.safetensors"
     path.write_bytes(path.read_bytes()[:-1] + b"!")
     with pytest.raises(LedgerCorruptError, match=r"removing client 'c0' needs the stored Fisher "
                        r"of every remaining client, and client 'c2''s record cannot be read: "
                        r".*checksum mismatch.*Restore the ledger directory from a backup"):
-        remove_from_ledger(Ledger(tmp_path), "c0")
+        remove_from_ledger(Ledger(tmp_path), "c0", method="eq13")
 
 
 def test_removal_needs_a_fisher_weighted_rule(tmp_path):
@@ -312,7 +316,7 @@ def test_removal_needs_a_fisher_weighted_rule(tmp_path):
     ledger.set_meta(merge="task-arithmetic")
     with pytest.raises(LedgerError, match="merged with 'task-arithmetic'; client removal needs "
                        "a Fisher-weighted rule"):
-        remove_from_ledger(ledger, "c0")
+        remove_from_ledger(ledger, "c0", method="eq13")
     ledger.set_meta(merge="fisher-averaging")  # H0 → 0: removes with the rule's own prior
-    _, report = remove_from_ledger(ledger, "c0")
+    _, report = remove_from_ledger(ledger, "c0", method="eq13")
     assert report["prior_precision"] == pytest.approx(1e-12)
