@@ -15,10 +15,11 @@ Run config keys (defaults and one-line docs in ``pyproject.toml`` ``[tool.flwr.a
 own split, the one-shot setting), ``out`` (a directory for the run's history JSON, see
 :func:`history_path`), ``ledger`` (FedUGM's ledger directory), ``exclude-clients`` (client
 ids FedUGM never samples, e.g. "0,3"), ``init-from`` / ``save-final`` (safetensors files of
-the initial and final global), ``remove-client`` / ``removal-mode`` / ``repair-rounds``
-(after training, ``FedUGM.remove``; with ``num-server-rounds=0`` a removal-only run on an
-existing ledger), ``resume`` (continue the run recorded in ``ledger``, see
-:func:`resume_point`).
+the initial and final global), ``remove-client`` / ``removal-method`` / ``removal-mode`` /
+``repair-rounds`` (after training, ``FedUGM.remove``; with ``num-server-rounds=0`` a
+removal-only run on an existing ledger), ``history-rounds`` / ``history-dtype`` (the
+ledger's per-round history for replay removal: rounds kept, 0 = all, and storage dtype),
+``resume`` (continue the run recorded in ``ledger``, see :func:`resume_point`).
 
 Clients identify themselves by ``node_config["client-id"]`` if set, else their
 ``partition-id``. Every client gets partition ``partition-id`` of the same seeded split, so
@@ -46,7 +47,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 from safetensors.torch import load_file, save_file
 
 from fl_ugm.client import handle_evaluate, handle_query, handle_train, train_classifier
-from fl_ugm.ledger import write_atomically
+from fl_ugm.ledger import Ledger, write_atomically
 from fl_ugm.protocol import REMOVAL_KEY
 from fl_ugm.strategy import FedUGM
 from simulations import tasks
@@ -159,10 +160,14 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
     if name in ("fedugm", "task-arithmetic", "fisher-averaging"):
         # task arithmetic as in the paper: α_t = 1 for every client
         alpha = "ones" if name == "task-arithmetic" else str(cfg["alpha"])
+        ledger = None
+        if cfg.get("ledger"):
+            ledger = Ledger(str(cfg["ledger"]), history_rounds=int(cfg["history-rounds"]),
+                            history_dtype=str(cfg["history-dtype"]))
         return FedUGM(
             prior_precision=float(cfg["prior-delta"]), alpha=alpha,
             scale=float(cfg["scale"]), fisher=str(cfg["fisher"]),
-            merge="ugm" if name == "fedugm" else name, ledger=str(cfg.get("ledger", "")) or None,
+            merge="ugm" if name == "fedugm" else name, ledger=ledger,
             fisher_clip=float(cfg.get("fisher-clip", 3.0)) or None,
             excluded_clients=excluded, **common,
         )  # fmt: skip
@@ -280,7 +285,8 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
                                     result.train_metrics_clientapp.items()}
     if removed:
         arrays, history["removal"] = strategy.remove(
-            grid, removed, mode=str(cfg.get("removal-mode", "offline")),
+            grid, removed, method=str(cfg["removal-method"]),
+            mode=str(cfg.get("removal-mode", "offline")),
             repair_rounds=int(cfg.get("repair-rounds", 0)), train_config=train_config,
             evaluate_fn=central_evaluate)  # fmt: skip
     if cfg.get("save-final"):
@@ -342,7 +348,7 @@ def run_client_train(msg: Message, context: Context, cfg: Mapping[str, Any],
     server_round = int(train.get("server-round", 0))
     reply = handle_train(
         msg, fresh_model(cfg, x), x, y,
-        epochs=int(train.get("local-epochs", cfg["local-epochs"])),
+        epochs=float(train.get("local-epochs", cfg["local-epochs"])),
         batch_size=int(train.get("batch-size", cfg["batch-size"])),
         lr=float(train.get("lr", cfg["lr"])),
         optimizer=str(train.get("optimizer", cfg["optimizer"])),

@@ -17,10 +17,13 @@ import time
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
+
+if TYPE_CHECKING:
+    from flwr.serverapp import ServerApp
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -104,11 +107,12 @@ def quiet_flower_console() -> None:
         flower.addFilter(_DropExpectedNotices())
 
 
-def simulate(run_config: Mapping[str, Any], label: str = "") -> dict[str, Any]:
-    """One Flower simulation on Ray of the app (``simulations.flower_app``), its clients
-    played by ``simulations.adversaries.Adversary`` (honest unless the config names an
-    attacker); returns the history the ServerApp wrote to ``run_config["out"]`` and prints a
-    progress line."""
+def simulate(run_config: Mapping[str, Any], label: str = "",
+             server_app: ServerApp | None = None) -> dict[str, Any]:
+    """One Flower simulation on Ray of the app (``simulations.flower_app``; or its ClientApp
+    with another ``server_app``), its clients played by ``simulations.adversaries.Adversary``
+    (honest unless the config names an attacker); returns the history the ServerApp wrote to
+    ``run_config["out"]`` and prints a progress line."""
     from flwr.simulation import run_simulation
 
     from simulations.adversaries import Adversary
@@ -117,8 +121,8 @@ def simulate(run_config: Mapping[str, Any], label: str = "") -> dict[str, Any]:
     path = history_path(run_config["out"], run_config["strategy"], run_config["seed"])
     path.unlink(missing_ok=True)  # never read a previous run's history
     started = time.perf_counter()
-    server_app, client_app = make_apps(run_config, Adversary())
-    run_simulation(server_app=server_app, client_app=client_app,
+    app_server, client_app = make_apps(run_config, Adversary())
+    run_simulation(server_app=server_app or app_server, client_app=client_app,
                    num_supernodes=int(run_config["num-clients"]), backend_config=BACKEND_CONFIG)
     if not path.exists():
         raise RuntimeError(f"the {run_config['strategy']} simulation (seed {run_config['seed']}) "

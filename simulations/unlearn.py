@@ -1,38 +1,56 @@
-"""Remove a backdoored client after FL, by each method, and compare with retraining.
+"""Remove one client after FL, by each method, and compare with retraining without it.
 
-    python -m simulations.unlearn                        # configs/unlearn.yaml
-    python -m simulations.unlearn seeds=[0] num-server-rounds=10 out=results/unlearn_quick
-    python -m simulations.unlearn --help                 # every key, with defaults
+    python -m simulations.unlearn                         # scenario=corner, configs/unlearn.yaml
+    python -m simulations.unlearn scenario=all            # every scenario, out/<scenario>/
+    python -m simulations.unlearn scenario=checker seeds=[0] methods=[none,replay,retrain]
+    python -m simulations.unlearn --help                  # every key, with defaults
 
 Per seed: FedUGM trains all clients on Ray (Flower simulation of ``simulations.flower_app``)
-with a ledger; the ``backdoor-client`` stamps a trigger on all its examples and relabels them
-``backdoor-target``. Then the client is removed by:
+with a ledger (every round's history) while partition ``forget-client`` is, by
+``scenario`` (:data:`SCENARIOS`):
+
+* ``corner``: a backdoor: a 4×4 white square in the bottom-right corner (pixels blank in every
+  digit) on all its examples, relabelled ``backdoor-target``;
+* ``checker``: a 6×6 checkerboard in the centre of the image, on pixels most digits use;
+* ``label-flip``: its examples of its most common class relabelled as the next class;
+* ``honest``: an honest client that asks to be forgotten.
+
+Then it is removed by each method (:data:`METHODS`):
 
 * ``none``: keep the trained model;
 * ``ta-negation``: θ − α_t Δ_t with its stored delta (task-arithmetic negation);
 * ``eq13-offline``: Eq. 13 alone from the ledger (re-centred), without the revert of
-  uninformed coordinates (``fl_ugm.removal``), to show what the revert adds;
-* ``ugm-offline``: ``FedUGM.remove(mode="offline")`` in a Flower removal run on a copy of
-  the ledger (Eq. 13 + revert of the coordinates no remaining client informs);
-* ``ugm-online``: ``FedUGM.remove(mode="online")``: the server sends the client the current
-  global with a removal instruction; the client fine-tunes and returns Δ_t, F_t;
-* ``ugm-repair`` / ``ugm-online-repair``: the same followed by one FL round of the remaining
-  clients (``repair-rounds=1``), in the same Flower run;
+  uninformed coordinates;
+* ``ugm-offline`` / ``ugm-online``: ``FedUGM.remove(method="eq13")`` in a Flower removal run
+  on a copy of the ledger (Eq. 13 + revert), from the ledger alone or with a fresh Δ_t, F_t
+  from the client; ``ugm-repair`` / ``ugm-online-repair``: the same then one FL round of the
+  remaining clients (``repair-rounds=1``), in the same Flower run;
+* ``replay`` / ``replay-repair``: ``FedUGM.remove(method="replay")``: the training recomputed
+  from the ledger's history without the client, with every remaining delta re-centred
+  (``fl_ugm.removal``); no client trains; then one repair round;
 * ``subtract-applied``: subtract everything the merges added on the client's behalf over all
-  its rounds (the ledger's running sum; ``fl_ugm.removal.subtract_applied``);
-* ``retrain``: FL from scratch without the client, same rounds (Ray; FedUGM never samples
-  it, ``exclude-clients``): the gold standard.
+  its rounds (the ledger's running sum);
+* ``federaser``: FedEraser (``simulations.federaser``): the stored updates of every
+  ``federaser-interval``-th round, calibrated by ``federaser-epochs`` of training by the
+  remaining clients;
+* ``retrain``: FL from scratch without the client, same rounds (FedUGM never samples it):
+  the reference.
 
-For each: test accuracy, accuracy on the removed client's clean data, backdoor attack
-success rate (ASR: triggered test images not of the target class that are classified as the
-target), L2 distance to the retrained model, seconds of server-side work inside the
-Flower run (the strategy's rounds for retraining, ``FedUGM.remove`` for the removals; Ray's
-start-up is not counted for either, but the first message to each simulated client pays for
-starting its ClientApp, ~10 s on 2 cores, in the retraining's round 1 and in the removal
-runs alike), and client trainings (fine-tuning jobs run by clients, counted from the
-run's train replies and online-removal requests: the hardware-independent cost). Writes
-``unlearn.json`` (``{"methods": {name: {metric: [one per seed]}}, "config": {...}}``) and
-``unlearn.png`` to ``out``; prints a table.
+For each: test accuracy; the attack's success rate (``attack_success``: triggered test images
+not of the target class classified as the target; for the label flip, test images of the
+source class classified as the target; 0 for the honest client); agreement with the
+retrained model's test predictions (the fraction that match, and the mean KL divergence
+KL(retrained ‖ method) of the predictive distributions); on the removed client's own
+training examples, accuracy and mean loss; a loss-threshold membership-inference advantage
+(the best TPR − FPR of "loss below a threshold" between those examples and held-out test
+examples with the same label mix); L2 distance to the retrained weights (drift between nets
+trained from one start is about as large for every method: a poor yardstick); seconds of
+server-side work; client trainings (fine-tuning jobs of the clients) and client epochs.
+
+Writes ``unlearn.json`` (``{"default": "<the library's default removal, with its default
+repair rounds>", "scenario": ..., "methods": {name: {metric: [one per seed]}}, "config":
+{...}}``), ``unlearn.md`` (the table) and ``unlearn.png`` to ``out`` (to ``out/<scenario>/``
+for ``scenario=all``), and prints a table per scenario.
 """
 
 from __future__ import annotations
@@ -45,149 +63,290 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from fl_ugm.ledger import Ledger
 from fl_ugm.removal import remove_from_ledger, subtract_applied
-from simulations import runner, tasks
-from simulations.adversaries import add_trigger
+from simulations import runner
+from simulations.adversaries import add_trigger, flip_classes, poisoned
+from simulations.federaser import federaser_server_app
 from simulations.flower_app import client_partition, experiment_for, fresh_model
 from simulations.runner import mean_std, plain, progress
 
 UNLEARN_CONFIG = runner.CONFIGS / "unlearn.yaml"
+SCENARIOS = ("corner", "checker", "label-flip", "honest")
 METHODS = ("none", "ta-negation", "eq13-offline", "ugm-offline", "ugm-online", "ugm-repair",
-           "ugm-online-repair", "subtract-applied", "retrain")
-METRICS = ("test_accuracy", "removed_accuracy", "backdoor_asr", "dist_to_retrain", "seconds",
-           "client_trainings")
+           "ugm-online-repair", "replay", "replay-repair", "subtract-applied", "federaser",
+           "retrain")
+#: The library's default removal (``FedUGM.remove``'s method and repair rounds) as a row.
+DEFAULT_METHOD = "replay"
+METRICS = ("test_accuracy", "attack_success", "agreement", "kl_to_retrain", "removed_accuracy",
+           "removed_loss", "mia_advantage", "dist_to_retrain", "seconds", "client_trainings",
+           "client_epochs")
+#: FedUGM.remove runs: (method, mode) → (name of the removal row, name of the repaired row)
+REMOVAL_RUNS = {("eq13", "offline"): ("ugm-offline", "ugm-repair"),
+                ("eq13", "online"): ("ugm-online", "ugm-online-repair"),
+                ("replay", "offline"): ("replay", "replay-repair")}
 
 
-def simulate_to(cfg: dict, label: str, **overrides) -> tuple[dict[str, torch.Tensor], dict]:
+def scenario_config(cfg: dict, scenario: str, seed: int) -> dict:
+    """The run config of one seed, with the client to forget (``forget-client``; -1: the
+    partition with the most examples) playing ``scenario``'s part."""
+    cfg = {**cfg, "seed": seed, "strategy": "fedugm"}
+    client = int(cfg["forget-client"])
+    if client < 0:
+        client = int(max(enumerate(experiment_for(cfg)[3]), key=lambda p: len(p[1]))[0])
+    roles = {trigger: {"backdoor-client": client, "backdoor-trigger": trigger}
+             for trigger in ("corner", "checker")}
+    roles.update({"label-flip": {"flip-client": client}, "honest": {}})
+    return {**cfg, "backdoor-client": -1, "flip-client": -1, **roles[scenario],
+            "forget-client": client, "scenario": scenario}
+
+
+def simulate_to(cfg: dict, label: str, server_app=None, **overrides):
     """One Flower simulation on Ray; returns (final global state, the run's history)."""
     run_config = {**cfg, **overrides}
-    history = runner.simulate(run_config, label=label)
+    history = runner.simulate(run_config, label=label, server_app=server_app)
     return load_file(str(run_config["save-final"])), history
 
 
-def client_trainings(history: dict, key: str = "replies") -> int:
+def client_work(history: dict, key: str = "replies") -> int:
     """Fine-tuning jobs the clients ran in a Flower run: train replies over all its rounds
     (``key="removal_requests"``: the online-removal requests)."""
     return sum(len(r["nodes"]) for r in history.get(key, []))
 
 
-def removal_run(cfg: dict, ledger_dir: Path, client: int, mode: str, work: Path):
-    """A removal-only Flower run (no training rounds) on a copy of the ledger: FedUGM.remove
-    then one repair round. Returns (removed state, repaired state, report, client trainings
-    of the removal, of the repair round)."""
-    ledger_copy = work / f"ledger-{mode}"
-    shutil.rmtree(ledger_copy, ignore_errors=True)
-    shutil.copytree(ledger_dir, ledger_copy)
-    repaired, history = simulate_to(cfg, f"{mode} removal + 1 repair round", **{
-        "num-server-rounds": 0, "ledger": str(ledger_copy), "remove-client": str(client),
-        "removal-mode": mode, "repair-rounds": 1, "out": str(work / mode),
-        "save-final": str(work / f"{mode}-repair.safetensors")})  # fmt: skip
+def ledger_copy(ledger_dir: Path, name: str, work: Path) -> Path:
+    copy = work / f"ledger-{name}"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(ledger_dir, copy)
+    return copy
+
+
+def removal_run(cfg: dict, ledger_dir: Path, method: str, mode: str, work: Path):
+    """A removal-only Flower run on a copy of the ledger: FedUGM.remove then one repair
+    round. Returns (removed state, repaired state, report, client trainings of the removal,
+    of the repair round)."""
+    name = f"{method}-{mode}"
+    copy = ledger_copy(ledger_dir, name, work)
+    repaired, history = simulate_to(cfg, f"{method} ({mode}) removal + 1 repair round", **{
+        "num-server-rounds": 0, "ledger": str(copy), "remove-client": str(cfg["forget-client"]),
+        "removal-method": method, "removal-mode": mode, "repair-rounds": 1,
+        "out": str(work / name), "save-final": str(work / f"{name}-repair.safetensors")})
     report = history["removal"]
-    _, removed = Ledger(ledger_copy).global_state(report["removal_round"])
-    return (removed, repaired, report, client_trainings(history, "removal_requests"),
-            client_trainings(history))
+    _, removed = Ledger(copy).global_state(report["removal_round"])
+    shutil.rmtree(copy)  # a copy of the whole history: hundreds of MB
+    return (removed, repaired, report, client_work(history, "removal_requests"),
+            client_work(history))
 
 
-def task_arithmetic_negation(state, ledger: Ledger, client: int):
-    record = ledger.client(str(client))
+def task_arithmetic_negation(state, ledger: Ledger, client: str):
+    record = ledger.client(client)
     return {**state, **{k: state[k] - record.alpha * record.delta[k] for k in record.fisher}}
 
 
-def evaluate(cfg: dict, state, retrained, client: int) -> dict[str, float]:
-    inputs, labels, split, _ = experiment_for(cfg)
-    model = fresh_model(cfg, inputs)
-    model.load_state_dict(state)
-    x_test, y_test = inputs[split.test], labels[split.test]
-    target = int(cfg["backdoor-target"])
-    keep = y_test != target
-    triggered = tasks.evaluate(model, add_trigger(x_test[keep]),
-                               torch.full_like(y_test[keep], target))
-    x_clean, y_clean = client_partition(cfg, client)
-    params = [k for k, _ in model.named_parameters()]
-    distance = torch.sqrt(sum(((state[k] - retrained[k]).double() ** 2).sum() for k in params))
-    return {
-        "test_accuracy": tasks.evaluate(model, x_test, y_test).accuracy,
-        "removed_accuracy": tasks.evaluate(model, x_clean, y_clean).accuracy,
-        "backdoor_asr": triggered.accuracy,
-        "dist_to_retrain": float(distance),
-    }
+class Judge:
+    """Scores models of one seed against the retrained one."""
+
+    def __init__(self, cfg: dict, retrained: dict[str, torch.Tensor]):
+        self.cfg = cfg
+        inputs, labels, split, _ = experiment_for(cfg)
+        self.model = fresh_model(cfg, inputs)
+        self.x_test, self.y_test = inputs[split.test], labels[split.test]
+        client = int(cfg["forget-client"])
+        self.x_clean, self.y_clean = client_partition(cfg, client)
+        self.x_own, self.y_own = poisoned(cfg, client, self.x_clean, self.y_clean)
+        self.x_held, self.y_held = held_out_like(self.x_test, self.y_test, self.y_own,
+                                                 int(cfg["seed"]))
+        self.retrained = retrained
+        self.reference = self.probabilities(retrained, self.x_test)
+
+    def probabilities(self, state, inputs) -> torch.Tensor:
+        self.model.load_state_dict(state)
+        self.model.eval()
+        with torch.no_grad():
+            return torch.softmax(self.model(inputs).double(), dim=1)
+
+    def attack_success(self, state) -> float:
+        scenario = self.cfg["scenario"]
+        if scenario in ("corner", "checker"):
+            target = int(self.cfg["backdoor-target"])
+            keep = self.y_test != target
+            triggered = add_trigger(self.x_test[keep], scenario)
+            return float((self.probabilities(state, triggered).argmax(1) == target).double()
+                         .mean())
+        if scenario == "label-flip":
+            source, target = flip_classes(self.cfg, self.y_clean)
+            chosen = self.y_test == source
+            predicted = self.probabilities(state, self.x_test[chosen]).argmax(1)
+            return float((predicted == target).double().mean()) if chosen.any() else 0.0
+        return 0.0
+
+    def __call__(self, state) -> dict[str, float]:
+        probs = self.probabilities(state, self.x_test)
+        own = self.probabilities(state, self.x_own)
+        own_loss = F.nll_loss(own.clamp_min(1e-12).log(), self.y_own, reduction="none")
+        held = self.probabilities(state, self.x_held)
+        held_loss = F.nll_loss(held.clamp_min(1e-12).log(), self.y_held, reduction="none")
+        kl = (self.reference * (self.reference.clamp_min(1e-12).log()
+                                - probs.clamp_min(1e-12).log())).sum(1)
+        params = [k for k, _ in self.model.named_parameters()]
+        distance = torch.sqrt(sum(((state[k] - self.retrained[k]).double() ** 2).sum()
+                                  for k in params))
+        return {
+            "test_accuracy": float((probs.argmax(1) == self.y_test).double().mean()),
+            "attack_success": self.attack_success(state),
+            "agreement": float((probs.argmax(1) == self.reference.argmax(1)).double().mean()),
+            "kl_to_retrain": float(kl.mean()),
+            "removed_accuracy": float((own.argmax(1) == self.y_own).double().mean()),
+            "removed_loss": float(own_loss.mean()),
+            "mia_advantage": loss_threshold_advantage(own_loss, held_loss),
+            "dist_to_retrain": float(distance),
+        }
 
 
-def run_seed(cfg: dict, seed: int, out: Path) -> dict[str, dict[str, float]]:
-    cfg = {**cfg, "seed": seed, "strategy": "fedugm"}
-    client = int(cfg["backdoor-client"])
+def held_out_like(x_test, y_test, labels, seed: int):
+    """Test examples with the label histogram of ``labels`` (drawn with replacement where a
+    class has too few): the non-members of the membership-inference test."""
+    generator = torch.Generator().manual_seed(seed)
+    index = []
+    for label, count in zip(*torch.unique(labels, return_counts=True), strict=True):
+        pool = torch.nonzero(y_test == label).flatten()
+        if len(pool) == 0:
+            continue
+        pick = torch.randint(len(pool), (int(count),), generator=generator)
+        index.append(pool[pick])
+    index = torch.cat(index)
+    return x_test[index], y_test[index]
+
+
+def loss_threshold_advantage(member_loss: torch.Tensor, held_loss: torch.Tensor) -> float:
+    """max over thresholds of TPR − FPR for "member if the loss is below the threshold"."""
+    losses = torch.cat([member_loss, held_loss])
+    is_member = torch.cat([torch.ones_like(member_loss), torch.zeros_like(held_loss)])
+    order = torch.argsort(losses)
+    tpr = torch.cumsum(is_member[order], 0) / len(member_loss)
+    fpr = torch.cumsum(1 - is_member[order], 0) / len(held_loss)
+    return float((tpr - fpr).max().clamp_min(0))
+
+
+def run_seed(cfg: dict, seed: int, out: Path, methods: Sequence[str]) -> dict[str, dict]:
+    client = str(cfg["forget-client"])
     work = out / f"seed{seed}"
     ledger_dir = work / "ledger"
     shutil.rmtree(ledger_dir, ignore_errors=True)
-    seconds, states = {}, {}
-    trainings = dict.fromkeys(METHODS, 0)
+    epochs = float(cfg["local-epochs"])
+    states, seconds, trainings, client_epochs = {}, {}, {}, {}
 
-    states["none"], _ = simulate_to(cfg, "FedUGM with the backdoored client", **{
+    states["none"], _ = simulate_to(cfg, f"FedUGM with client {client} ({cfg['scenario']})", **{
         "ledger": str(ledger_dir), "out": str(work / "train"),
         "save-final": str(work / "full.safetensors")})  # fmt: skip
-    seconds["none"] = 0.0
+    seconds["none"] = trainings["none"] = 0
     states["retrain"], history = simulate_to(cfg, "retraining without it", **{
-        "exclude-clients": str(client), "out": str(work / "retrain"),
+        "exclude-clients": client, "out": str(work / "retrain"),
         "save-final": str(work / "retrain.safetensors")})  # fmt: skip
     seconds["retrain"] = history["seconds"][-1]
-    trainings["retrain"] = client_trainings(history)
+    trainings["retrain"] = client_work(history)
 
-    for mode, name in (("offline", "ugm"), ("online", "ugm-online")):
-        removed, repaired, report, removal, repair = removal_run(cfg, ledger_dir, client, mode,
-                                                                 work)
-        states[f"ugm-{mode}"], states[f"{name}-repair"] = removed, repaired
-        seconds[f"ugm-{mode}"] = report["removal_seconds"]
-        seconds[f"{name}-repair"] = report["seconds"]
-        trainings[f"ugm-{mode}"] = removal  # the removed client's fine-tuning, if online
-        trainings[f"{name}-repair"] = removal + repair
-        progress(f"[seed {seed}] {mode} removal: {report['removal_seconds']:.2f} s, + 1 repair "
-                 f"round {report['seconds']:.2f} s; {100 * report['reverted_fraction']:.1f} % "
-                 "of the entries reverted")
+    for (method, mode), (name, repaired_name) in REMOVAL_RUNS.items():
+        if name not in methods and repaired_name not in methods:
+            continue
+        removed, repaired, report, removal, repair = removal_run(cfg, ledger_dir, method,
+                                                                 mode, work)
+        states[name], states[repaired_name] = removed, repaired
+        seconds[name], seconds[repaired_name] = report["removal_seconds"], report["seconds"]
+        trainings[name], trainings[repaired_name] = removal, removal + repair
+
+    if "federaser" in methods:
+        copy = ledger_copy(ledger_dir, "federaser", work)
+        overrides = {"ledger": str(copy), "remove-client": client, "strategy": "federaser",
+                     "out": str(work / "federaser"),
+                     "save-final": str(work / "federaser.safetensors")}
+        states["federaser"], history = simulate_to(
+            cfg, "FedEraser", federaser_server_app({**cfg, **overrides}), **overrides)
+        seconds["federaser"] = history["seconds"][-1]
+        shutil.rmtree(copy)
+        trainings["federaser"] = client_work(history)
+        client_epochs["federaser"] = trainings["federaser"] * float(cfg["federaser-epochs"])
 
     ledger = Ledger(ledger_dir)
     for name, remove in (
         ("ta-negation", lambda: task_arithmetic_negation(states["none"], ledger, client)),
-        ("eq13-offline", lambda: remove_from_ledger(ledger, str(client),
+        ("eq13-offline", lambda: remove_from_ledger(ledger, client, method="eq13",
                                                     revert_uninformed=False)[0]),
-        ("subtract-applied", lambda: subtract_applied(ledger, str(client))[0]),
+        ("subtract-applied", lambda: subtract_applied(ledger, client)[0]),
     ):
-        start = time.perf_counter()
-        states[name] = remove()
-        seconds[name] = time.perf_counter() - start
-    return {
-        name: {**evaluate(cfg, states[name], states["retrain"], client),
-               "seconds": seconds[name], "client_trainings": trainings[name]}
-        for name in METHODS
-    }
+        if name in methods:
+            start = time.perf_counter()
+            states[name] = remove()
+            seconds[name], trainings[name] = time.perf_counter() - start, 0
+    ledger_bytes = ledger.disk_usage()
+    if not cfg.get("keep-ledgers", False):
+        shutil.rmtree(ledger_dir)
+    progress(f"[seed {seed}] the training's ledger held {ledger_bytes / 1e6:.0f} MB "
+             f"({ledger.history_bytes() / 1e6:.0f} MB of history)")
+    judge = Judge(cfg, states["retrain"])
+    return {name: {**judge(states[name]), "seconds": seconds[name],
+                   "client_trainings": trainings[name],
+                   "client_epochs": client_epochs.get(name, trainings[name] * epochs)}
+            for name in methods}
 
 
-def format_table(results: dict[str, dict[str, list[float]]]) -> str:
-    lines = ["| method | test acc (%) | removed client clean acc (%) | backdoor ASR (%) | "
-             "L2 to retrain | seconds | client trainings |", "|---|---|---|---|---|---|---|"]
-    for name, metrics in results.items():
-        lines.append(f"| {name} | {mean_std(metrics['test_accuracy'], 100)} | "
-                     f"{mean_std(metrics['removed_accuracy'], 100)} | "
-                     f"{mean_std(metrics['backdoor_asr'], 100)} | "
-                     f"{mean_std(metrics['dist_to_retrain'], 1)} | "
-                     f"{mean_std(metrics['seconds'], 1)} | "
-                     f"{statistics.fmean(metrics['client_trainings']):.0f} |")
+def format_table(results: dict[str, dict[str, list[float]]], scenario: str) -> str:
+    lines = [f"scenario: {scenario}", "",
+             "| method | test acc (%) | attack success (%) | agreement (%) | KL to retrain | "
+             "removed client: acc (%) | loss | MIA adv. (%) | L2 to retrain | seconds | "
+             "client trainings |", "|---" * 11 + "|"]
+    for name, m in results.items():
+        lines.append(
+            f"| {name} | {mean_std(m['test_accuracy'], 100)} | "
+            f"{mean_std(m['attack_success'], 100)} | {mean_std(m['agreement'], 100)} | "
+            f"{mean_std(m['kl_to_retrain'], 1, 3)} | {mean_std(m['removed_accuracy'], 100)} | "
+            f"{mean_std(m['removed_loss'], 1, 3)} | {mean_std(m['mia_advantage'], 100)} | "
+            f"{mean_std(m['dist_to_retrain'], 1)} | {mean_std(m['seconds'], 1)} | "
+            f"{statistics.fmean(m['client_trainings']):.0f} |")
     return "\n".join(lines)
 
 
-def plot(results, path: Path) -> None:
-    fig, axes = runner.figure(3, (12, 3.8))
-    for ax, metric, label in zip(axes, ("test_accuracy", "backdoor_asr", "dist_to_retrain"),
-                                 ("test accuracy (%)", "backdoor ASR (%)", "L2 to retrain"),
-                                 strict=True):
-        scale = 1.0 if metric == "dist_to_retrain" else 100.0
-        means = [scale * statistics.fmean(results[m][metric]) for m in METHODS]
-        ax.bar(range(len(METHODS)), means)
-        ax.set_xticks(range(len(METHODS)), METHODS, rotation=35, ha="right", fontsize=8)
-        ax.set_title(f"{label}, mean over seeds", fontsize=10)
+def plot(results, path: Path, scenario: str) -> None:
+    panels = (("test_accuracy", "test accuracy (%)", 100), ("attack_success",
+              "attack success (%)", 100), ("agreement", "agreement with retraining (%)", 100),
+              ("mia_advantage", "membership-inference advantage (%)", 100))
+    fig, axes = runner.figure(len(panels), (16, 4))
+    names = list(results)
+    for ax, (metric, label, scale) in zip(axes, panels, strict=True):
+        means = [scale * statistics.fmean(results[m][metric]) for m in names]
+        spread = [scale * (statistics.stdev(results[m][metric])
+                           if len(results[m][metric]) > 1 else 0.0) for m in names]
+        ax.bar(range(len(names)), means, yerr=spread, capsize=2)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+        ax.set_title(f"{label}\nmean ± std over seeds", fontsize=9)
+    fig.suptitle(f"unlearning, scenario {scenario}", fontsize=10)
     runner.save_figure(fig, path)
+
+
+def run_scenario(cfg: dict, scenario: str, out: Path) -> dict:
+    methods = [m for m in METHODS if m in cfg["methods"]]
+    unknown = sorted(set(cfg["methods"]) - set(METHODS))
+    if unknown or "retrain" not in methods:
+        raise SystemExit(f"unlearn: methods={cfg['methods']}; choose from {METHODS}, with "
+                         "retrain (the reference).")
+    if scenario not in SCENARIOS:
+        raise SystemExit(f"unlearn: scenario={scenario!r}; choose one of {SCENARIOS} or all.")
+    out.mkdir(parents=True, exist_ok=True)
+    configs = [scenario_config(cfg, scenario, int(seed)) for seed in cfg["seeds"]]
+    per_seed = [run_seed(config, config["seed"], out, methods) for config in configs]
+    results = {name: {metric: [r[name][metric] for r in per_seed] for metric in METRICS}
+               for name in methods}
+    summary = {"default": DEFAULT_METHOD, "scenario": scenario, "methods": results,
+               "forget_clients": [c["forget-client"] for c in configs], "config": cfg}
+    runner.write_json(out / "unlearn.json", summary)
+    plot(results, out / "unlearn.png", scenario)
+    table = format_table(results, scenario)
+    (out / "unlearn.md").write_text(table + "\n")
+    print(table + "\n", flush=True)
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -195,16 +354,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = runner.load_config(sys.argv[1:] if argv is None else argv, layers, prog="unlearn",
                              doc=__doc__)
     runner.quiet_flower_console()
-    if int(cfg["backdoor-client"]) < 0:
-        raise SystemExit("unlearn: set backdoor-client to the partition id to remove.")
     out = Path(str(cfg.out))
-    out.mkdir(parents=True, exist_ok=True)
-    per_seed = [run_seed(plain(cfg, "strategies", "seeds"), int(seed), out) for seed in cfg.seeds]
-    results = {name: {metric: [r[name][metric] for r in per_seed] for metric in METRICS}
-               for name in METHODS}
-    runner.write_json(out / "unlearn.json", {"methods": results, "config": plain(cfg)})
-    plot(results, out / "unlearn.png")
-    print(format_table(results))
+    plain_cfg = plain(cfg, "strategies")
+    if cfg.scenario == "all":
+        for scenario in SCENARIOS:
+            run_scenario(plain_cfg, scenario, out / scenario)
+    else:
+        run_scenario(plain_cfg, str(cfg.scenario), out)
+    progress(f"results in {out}")
     return 0
 
 
