@@ -10,16 +10,20 @@ import time
 from collections.abc import Callable
 
 
-def interleaved_medians(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def interleaved_medians(methods: dict[str, Callable[[], object]], repeats: int,
+                        synchronize: Callable[[], object] = lambda: None) -> dict[str, float]:
     """Median seconds of each method over ``repeats`` rounds, the methods run interleaved
-    in every round so slow phases of a shared machine hit them alike."""
-    for fn in methods.values():  # warm-up (imports, numba compilation)
+    in every round so slow phases of a shared machine hit them alike. ``synchronize``
+    (e.g. ``torch.cuda.synchronize``) runs before each clock read: GPU work is asynchronous."""
+    for fn in methods.values():  # warm-up (imports, numba compilation, CUDA kernels)
         fn()
     times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(repeats):
         for name, fn in methods.items():
+            synchronize()
             start = time.perf_counter()
             fn()
+            synchronize()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 

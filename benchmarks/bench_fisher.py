@@ -1,12 +1,16 @@
 """Cost of the diagonal Fisher as a multiple of one training epoch (MNIST-sized inputs).
 
-    python benchmarks/bench_fisher.py [--examples 5000] [--batch-size 64] [--repeats 3]
+    python benchmarks/bench_fisher.py [--examples 5000] [--batch-size 64] [--repeats 7]
+                                      [--device cuda]
 
-For an MLP (784-128-10) and a small CNN, times on the same data and batch size:
+For an MLP (784-128-10), a small CNN and a fine-tuning head (EfficientNet-Lite0's: a 1x1
+conv 320->1280 + BatchNorm + a 1280->10 classifier on frozen 320x1x1 backbone features,
+the image case of README "Fine-tuning cases"), times on the same data and batch size:
 one SGD training epoch; ``diagonal_fisher`` (sampled and empirical; closed-form per-example
 squares for Linear/Conv2d); a plain ``torch.func.vmap(grad)`` Fisher as the reference
 implementation; and a training epoch that also feeds :class:`TrainingFisher`. Inputs are
-random tensors of MNIST shape: the cost does not depend on the pixel values.
+random tensors of MNIST shape (the head: of the backbone's output shape): the cost does not
+depend on the values.
 """
 
 from __future__ import annotations
@@ -33,6 +37,13 @@ def cnn() -> nn.Module:
     )  # fmt: skip
 
 
+def head() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(320, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU6(),
+        nn.Flatten(), nn.Linear(1280, 10),
+    )  # fmt: skip
+
+
 def train_epoch(model, x, y, batch_size, fisher: TrainingFisher | None = None) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for xb, yb in iterate_batches(x, y, batch_size):
@@ -44,7 +55,9 @@ def train_epoch(model, x, y, batch_size, fisher: TrainingFisher | None = None) -
 
 
 def vmap_fisher(model, x, y, batch_size) -> dict[str, torch.Tensor]:
-    """Reference: per-example gradients of every parameter with vmap(grad), squared, summed."""
+    """Reference: per-example gradients of every parameter with vmap(grad), squared, summed
+    (eval mode, as diagonal_fisher: BatchNorm uses its running statistics)."""
+    model.eval()
     params = {k: p.detach() for k, p in model.named_parameters()}
 
     def loss(p, xi, yi):
@@ -56,16 +69,17 @@ def vmap_fisher(model, x, y, batch_size) -> dict[str, torch.Tensor]:
     for xb, yb in iterate_batches(x, y, batch_size):
         for k, g in per_example(params, xb, yb).items():
             total[k] += (g**2).sum(0)
+    model.train()
     return total
 
 
-def bench_model(name: str, model: nn.Module, x, y, bs: int, repeats: int) -> str:
+def bench_model(name: str, model: nn.Module, x, y, bs: int, repeats: int, sync) -> str:
     """One table row: epoch seconds, then each method as a multiple of the epoch.
 
     The methods run interleaved, ``repeats`` rounds, so slow phases of a shared machine hit
     them alike; each figure is the median over rounds.
     """
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=x.device).manual_seed(0)
     methods = {
         "epoch": lambda: train_epoch(model, x, y, bs),
         "sampled": lambda: diagonal_fisher(
@@ -74,7 +88,7 @@ def bench_model(name: str, model: nn.Module, x, y, bs: int, repeats: int) -> str
         "vmap": lambda: vmap_fisher(model, x, y, bs),
         "cheap": lambda: train_epoch(model, x, y, bs, TrainingFisher(model)),
     }
-    med = interleaved_medians(methods, repeats)
+    med = interleaved_medians(methods, repeats, sync)
     epoch = med["epoch"]
     return (f"{name:5} {epoch:13.3f} {med['sampled'] / epoch:8.2f}x "
             f"{med['empirical'] / epoch:8.2f}x {med['vmap'] / epoch:9.2f}x "
@@ -86,17 +100,24 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    x = torch.randn(args.examples, 1, 28, 28)
-    y = torch.randint(0, 10, (args.examples,))
+    images = torch.randn(args.examples, 1, 28, 28, device=device)
+    features = torch.randn(args.examples, 320, 1, 1, device=device)
+    y = torch.randint(0, 10, (args.examples,), device=device)
     bs = args.batch_size
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, {where}, "
           f"{args.examples} examples, batch {bs}, median of {args.repeats}")
     print(f"{'model':5} {'train epoch s':>13} {'sampled':>9} {'empirical':>9} "
           f"{'vmap(grad)':>10} {'TrainingFisher':>14}")
-    for name, build in (("mlp", mlp), ("cnn", cnn)):
-        print(bench_model(name, build(), x, y, bs, args.repeats))
+    for name, build, x in (("mlp", mlp, images), ("cnn", cnn, images),
+                           ("head", head, features)):
+        print(bench_model(name, build().to(device), x, y, bs, args.repeats, sync))
     print("columns after the first: time / one training epoch; TrainingFisher: added to an epoch")
 
 

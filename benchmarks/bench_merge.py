@@ -1,6 +1,7 @@
 """ugm_merge against a plain in-place weighted average of the same deltas.
 
     python benchmarks/bench_merge.py [--clients 20] [--params 5000000] [--repeats 7]
+                                     [--device cuda]
 
 Times (median of interleaved repeats) and peak extra memory (resident-set high-water mark
 above the inputs, measured in a fresh subprocess per method) for:
@@ -11,7 +12,9 @@ above the inputs, measured in a fresh subprocess per method) for:
 * ``ugm_merge``: the fused numba kernel (reads a delta and a Fisher per client);
 * ``ugm_merge torch``: the per-tensor torch fallback (one op per client and tensor).
 
-The model is a dict of float32 tensors shaped like a small MLP/transformer block.
+The model is a dict of float32 tensors shaped like a small MLP/transformer block. With
+``--device cuda`` every tensor lives on the GPU (``ugm_merge`` then takes its torch path),
+the clocks wait for the GPU, and the peak extra memory is CUDA's allocator high-water mark.
 """
 
 from __future__ import annotations
@@ -77,6 +80,23 @@ METHODS = {
 }
 
 
+def to_device(inputs, device: torch.device):
+    base, deltas, fishers, alphas = inputs
+    move = lambda params: {k: v.to(device) for k, v in params.items()}  # noqa: E731
+    return move(base), [move(d) for d in deltas], [move(f) for f in fishers], alphas
+
+
+def cuda_peak_growth(run) -> int:
+    """Bytes the CUDA allocator's high-water mark rose above what was allocated before."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = run()
+    torch.cuda.synchronize()
+    del result
+    return torch.cuda.max_memory_allocated() - before
+
+
 def measure_memory(method: str, clients: int, params: int) -> None:
     """Subprocess entry: print the peak RSS growth while running ``method`` once."""
     inputs = make_inputs(clients, params)
@@ -89,27 +109,37 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--params", type=int, default=5_000_000)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_of:
         measure_memory(args.memory_of, args.clients, args.params)
         return
 
-    base, deltas, fishers, alphas = make_inputs(args.clients, args.params)
+    device = torch.device(args.device)
+    base, deltas, fishers, alphas = to_device(make_inputs(args.clients, args.params), device)
     model_bytes = sum(t.numel() * t.element_size() for t in base.values())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; K = {args.clients} "
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {where}; K = {args.clients} "
           f"clients x {model_bytes // 4:,} float32 parameters ({model_bytes / 2**20:.1f} MiB)")
-    medians = interleaved_medians(
-        {name: (lambda fn=fn: fn(base, deltas, fishers, alphas)) for name, fn in METHODS.items()},
-        args.repeats,
-    )
+    methods = dict(METHODS)
+    if device.type != "cpu":
+        del methods["ugm_merge torch"]  # "auto" is the torch path off the CPU
+    calls = {name: (lambda fn=fn: fn(base, deltas, fishers, alphas))
+             for name, fn in methods.items()}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    medians = interleaved_medians(calls, args.repeats, sync)
 
     baseline = medians["plain average"]
     print(f"{'method':18} {'median ms':>10} {'x plain avg':>12} {'peak extra MiB':>15} "
           f"{'x model':>8}")
-    for name in METHODS:
+    for name in methods:
         median = medians[name]
-        extra = peak_growth_in_subprocess(__file__, name, args.clients, args.params)
+        if device.type == "cuda":
+            extra = cuda_peak_growth(calls[name])
+        else:
+            extra = peak_growth_in_subprocess(__file__, name, args.clients, args.params)
         print(f"{name:18} {1e3 * median:10.1f} {median / baseline:11.2f}x "
               f"{extra / 2**20:15.1f} {extra / model_bytes:7.2f}x")
 

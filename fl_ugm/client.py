@@ -1,34 +1,49 @@
 """What a Flower ClientApp calls: fine-tune from the global model and build the reply.
 
-One ClientApp serves every strategy. When the server's train config asks for a UGM reply
-(FedUGM does), :func:`handle_train` answers with ``fl_ugm.protocol``'s UGM reply: Δ for every
-float entry of the state dict, the Fisher of the parameters (float32, a SUM over the n_t
-examples), ``num-examples`` and the client's stable id. Float buffers (e.g. BatchNorm running
-statistics) appear in the delta but not in the Fisher; the server averages them by
-num-examples. Any other strategy (Flower's FedAvg, FedProx, FedAdam…) gets the standard
-``{"arrays": ArrayRecord(θ_t), "metrics": ...}`` reply.
+Two ways to answer FedUGM's train message:
+
+* **Your own training loop** (any loss, DataLoader, device, frozen backbone or adapters):
+  load the global with :func:`load_global`, train, compute the Fisher of the trainable
+  parameters (``fl_ugm.fisher.diagonal_fisher`` or ``TrainingFisher``), and return
+  :func:`ugm_reply`::
+
+      @app.train()
+      def train(msg, context):
+          model = build_model().to(device)          # frozen parts: requires_grad_(False)
+          load_global(msg, model)
+          n = my_training_loop(model, loader, msg)   # returns the number of examples
+          fisher = diagonal_fisher(model, loader, unpack=lambda b: (b["img"], b["label"]))
+          return ugm_reply(msg, model, fisher=fisher, num_examples=n,
+                           client_id=str(context.node_config["client-id"]))
+
+  Train under FedUGM's prior as the derivation assumes: add (δ / 2n)·‖w − θ‖² to your mean
+  loss (FedProx's proximal term with μ = δ / n), δ =
+  ``fl_ugm.protocol.proximal_precision(msg.content["config"], n)``.
+
+* **The ready-made classifier loop**: :func:`handle_train` (cross-entropy on in-memory
+  tensors, SGD or Adam), which answers any strategy: FedUGM gets the UGM reply, Flower's
+  FedAvg, FedProx, FedAdam… the standard ``{"arrays": ArrayRecord(θ_t), "metrics": ...}``.
+
+The UGM reply (``fl_ugm.protocol``) carries Δ for the trainable parameters and the float
+buffers (e.g. BatchNorm running statistics, which the server averages by num-examples), the
+Fisher of the trainable parameters (a SUM over the n_t examples), ``num-examples`` and the
+client's stable id, in the wire dtype the server asked for. Frozen parameters are not sent:
+the server keeps the global's values there.
 
 The proximal prior: FedUGM sends its δ as ``"ugm-prior"``; FedProx sends ``"proximal-mu"``
 (μ/2·‖w − θ‖² on a MEAN loss, i.e. precision μ·n_t on the summed loss). Both become the
 term (precision / 2n)·‖w − θ‖² added to the mean loss, the H0 = δ of the derivation.
 
-A complete ClientApp (the README has it too)::
+Let the server find this client's node (removal, excluded clients)::
 
-    app = ClientApp()
-
-    @app.train()
-    def train(msg, context):
-        x, y = load_my_data(context)
-        return handle_train(msg, build_model(), x, y, epochs=1, batch_size=32, lr=0.05,
-                            seed=0, client_id=str(context.node_config["client-id"]))
-
-    @app.query()      # lets the server find this client's node (removal, excluded clients)
+    @app.query()
     def query(msg, context):
         return handle_query(msg, str(context.node_config["client-id"]))
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -41,11 +56,15 @@ from fl_ugm.protocol import (
     FISHER_ESTIMATORS,
     FISHER_KEY,
     NUM_EXAMPLES_KEY,
+    WIRE_DTYPE_KEY,
     build_ugm_reply,
     proximal_precision,
     query_reply_content,
     ugm_requested,
 )
+
+__all__ = ["handle_evaluate", "handle_query", "handle_train", "load_global",
+           "train_classifier", "ugm_reply"]
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -68,7 +87,9 @@ def train_classifier(
 
     ``n`` = ``len(inputs)``, so ``prox_precision`` is the prior precision on the summed loss
     (FedProx's μ = prox_precision / n). ``anchor`` defaults to the weights on entry. A
-    fractional ``epochs`` (e.g. 0.5) ends with that fraction of an epoch's mini-batches. If a
+    fractional ``epochs`` (e.g. 0.5) ends with that fraction of an epoch's mini-batches. In a
+    model with BatchNorm, a last mini-batch of one example joins the one before (BatchNorm
+    cannot train on one). If a
     :class:`TrainingFisher` is given it sees each batch's cross-entropy gradient (before the
     proximal gradient is added). Returns the last epoch's mean cross-entropy (nats).
     """
@@ -86,13 +107,16 @@ def train_classifier(
     opt = opt_cls(params.values(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     prox_scale = prox_precision / n
+    batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     model.train()
     last_epoch_loss = float("nan")
     full, fraction = divmod(float(epochs), 1.0)
     passes = [1.0] * int(full) + ([fraction] if fraction > 0 else [])
     for share in passes:
         total, seen = 0.0, 0
-        batches = torch.randperm(n, generator=generator).split(batch_size)
+        batches = list(torch.randperm(n, generator=generator).split(batch_size))
+        if batch_norm and len(batches) > 1 and len(batches[-1]) == 1:
+            batches[-2:] = [torch.cat(batches[-2:])]  # BatchNorm cannot train on 1 example
         for batch in batches[:max(1, round(share * len(batches)))]:
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(inputs[batch]), targets[batch])
@@ -138,7 +162,7 @@ def handle_train(
     skips.
     """
     config = msg.content.config_records.get(configrecord_key, ConfigRecord())
-    global_state = _load_global(msg, model, arrayrecord_key)
+    load_global(msg, model, arrayrecord_key)
     n = int(targets.shape[0])
     if n == 0:
         raise ValueError("this client has no training examples.")
@@ -152,24 +176,132 @@ def handle_train(
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, optimizer=optimizer,
         prox_precision=proximal_precision(config, n), training_fisher=training_fisher,
     )  # fmt: skip
-    metrics = MetricRecord({NUM_EXAMPLES_KEY: n, "train-loss": loss})
-    new_state = {k: v.detach() for k, v in model.state_dict().items()}
     if not ugm:
-        content = RecordDict({arrayrecord_key: ArrayRecord(new_state), "metrics": metrics})
+        metrics = MetricRecord({NUM_EXAMPLES_KEY: n, "train-loss": loss})
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        content = RecordDict({arrayrecord_key: ArrayRecord(state), "metrics": metrics})
         return Message(content=content, reply_to=msg)
-
     if training_fisher is not None:
         fisher = training_fisher.estimate(n)
     else:
         generator = torch.Generator().manual_seed(seed)
         batches = iterate_batches(inputs, targets, fisher_batch_size)
         fisher = diagonal_fisher(model, batches, kind=kind, generator=generator)
-    delta = {
-        key: value - global_state[key]
-        for key, value in new_state.items()
-        if value.is_floating_point()
-    }
-    return Message(content=build_ugm_reply(delta, fisher, metrics, client_id), reply_to=msg)
+    return ugm_reply(msg, model, fisher=fisher, num_examples=n, client_id=client_id,
+                     metrics={"train-loss": loss}, arrayrecord_key=arrayrecord_key,
+                     configrecord_key=configrecord_key)
+
+
+def ugm_reply(
+    msg: Message,
+    model: nn.Module,
+    *,
+    fisher: Mapping[str, Tensor],
+    num_examples: int | float,
+    client_id: str | None = None,
+    metrics: Mapping[str, int | float] | None = None,
+    arrayrecord_key: str = "arrays",
+    configrecord_key: str = "config",
+) -> Message:
+    """The UGM reply to FedUGM's train message ``msg``, from ``model`` fine-tuned from the
+    global that ``msg`` carries (any training loop, any device).
+
+    Parameters
+    ----------
+    msg : Message
+        The server's train message; its ``arrayrecord_key`` record is the global model.
+    model : nn.Module
+        The locally trained model (same architecture as the global), on any device. Its
+        trainable parameters (``requires_grad``) and the float buffers of modules that have
+        a trainable parameter or none (e.g. BatchNorm statistics) are sent as Δ = θ_t − θ;
+        frozen parameters and the buffers of frozen modules are not sent (the server keeps
+        the global's values).
+    fisher : Mapping[str, Tensor]
+        The diagonal Fisher of exactly the trainable parameters, a SUM over the
+        ``num_examples`` examples, ≥ 0 (``diagonal_fisher`` or ``TrainingFisher``).
+    num_examples : int or float
+        n_t, the number of local training examples (> 0); the server's α_t and buffer
+        averages use it.
+    client_id : str, optional
+        This client's stable id (the ledger keys contributions by it; without it FedUGM
+        merges the reply but cannot remove it later).
+    metrics : Mapping[str, int | float], optional
+        Extra train metrics for the reply's MetricRecord (e.g. the loss).
+    arrayrecord_key, configrecord_key : str
+        The strategy's record names (Flower's defaults).
+
+    Returns
+    -------
+    Message
+        The reply (``fl_ugm.protocol``), in the wire dtype the server asked for
+        (``"ugm-wire-dtype"``; float32 if it did not say).
+
+    Raises
+    ------
+    ValueError
+        With what is wrong: a parameter or buffer missing from the global or shaped
+        differently, a Fisher key that is not a trainable parameter or a trainable parameter
+        without a Fisher, NaN/Inf in the model or the Fisher, a negative Fisher, n ≤ 0.
+    """
+    if not (isinstance(num_examples, int | float) and math.isfinite(num_examples)
+            and num_examples > 0):
+        raise ValueError(f"ugm_reply: num_examples={num_examples!r}; it must be > 0.")
+    global_state = _global_state(msg, arrayrecord_key)
+    config = msg.content.config_records.get(configrecord_key, ConfigRecord())
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise ValueError("ugm_reply: the model has no trainable parameters (requires_grad).")
+    state = model.state_dict()
+    buffers = _trained_float_buffers(model)
+    delta = {}
+    for key, value in state.items():
+        if key not in trainable and key not in buffers:
+            continue
+        if key not in global_state:
+            raise ValueError(f"ugm_reply: the model's '{key}' is not in the global model the "
+                             "server sent; the ClientApp builds another model than the server.")
+        base = global_state[key]
+        if tuple(value.shape) != tuple(base.shape):
+            raise ValueError(f"ugm_reply: the model's '{key}' has shape {tuple(value.shape)}, "
+                             f"the global {tuple(base.shape)}.")
+        delta[key] = value.detach().to(device="cpu", dtype=base.dtype) - base
+        if not bool(torch.isfinite(delta[key]).all()):
+            raise ValueError(f"ugm_reply: the trained model's '{key}' is NaN/Inf; local "
+                             "training diverged (lower the learning rate).")
+    not_trainable = sorted(set(fisher) - trainable)
+    if not_trainable:
+        raise ValueError(f"ugm_reply: Fisher keys {not_trainable[:5]} are not trainable "
+                         "parameters of the model (frozen, or not in it).")
+    missing = sorted(trainable - set(fisher))
+    if missing:
+        raise ValueError(f"ugm_reply: the Fisher has no entry for the trainable parameters "
+                         f"{missing[:5]}; compute it over the trainable parameters "
+                         "(diagonal_fisher(model, ...)), or freeze them.")
+    for key, values in fisher.items():
+        if tuple(values.shape) != tuple(delta[key].shape):
+            raise ValueError(f"ugm_reply: fisher['{key}'] has shape {tuple(values.shape)}, "
+                             f"the parameter {tuple(delta[key].shape)}.")
+        if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+            raise ValueError(f"ugm_reply: fisher['{key}'] has NaN/Inf or negative entries; a "
+                             "Fisher is a sum of squares.")
+    record = MetricRecord({NUM_EXAMPLES_KEY: num_examples, **dict(metrics or {})})
+    content = build_ugm_reply(delta, fisher, record, client_id,
+                              str(config.get(WIRE_DTYPE_KEY, "float32")))
+    return Message(content=content, reply_to=msg)
+
+
+def _trained_float_buffers(model: nn.Module) -> set[str]:
+    """Float buffers that local training may change: those of modules with a trainable
+    parameter or with no parameters at all (a frozen BatchNorm's statistics stay home)."""
+    names = set()
+    for prefix, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            continue
+        names.update(f"{prefix}.{name}" if prefix else name
+                     for name, b in module.named_buffers(recurse=False)
+                     if b.is_floating_point())
+    return names
 
 
 def handle_query(msg: Message, client_id: str) -> Message:
@@ -182,7 +314,7 @@ def handle_evaluate(
     msg: Message, model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int = 1024
 ) -> Message:
     """Answer an evaluate message: accuracy and mean cross-entropy of the global model."""
-    _load_global(msg, model)
+    load_global(msg, model)
     n = int(targets.shape[0])
     if n == 0:
         raise ValueError("this client has no evaluation examples.")
@@ -198,10 +330,13 @@ def handle_evaluate(
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def _load_global(msg: Message, model: nn.Module, key: str = "arrays") -> dict[str, Tensor]:
-    """Load the message's global arrays into ``model``; return the global state (a copy)."""
+def load_global(msg: Message, model: nn.Module, key: str = "arrays") -> None:
+    """Load the global model that ``msg`` carries into ``model`` (on its device). Every
+    entry must match (``strict``): a frozen backbone starts from the global's values too."""
+    model.load_state_dict(_global_state(msg, key), strict=True)
+
+
+def _global_state(msg: Message, key: str) -> dict[str, Tensor]:
     if key not in msg.content.array_records:
         raise ValueError(f"the server's message has no '{key}' record (the global model).")
-    state = msg.content.array_records[key].to_torch_state_dict()
-    model.load_state_dict(state, strict=True)
-    return {k: v.detach().clone() for k, v in state.items()}
+    return msg.content.array_records[key].to_torch_state_dict()

@@ -2,30 +2,47 @@
 
 F = Σ_i (∇_θ ℓ_i(θ))², a SUM over examples of squared per-example gradients of the
 per-example negative log-likelihood ℓ_i, returned as float32 tensors keyed like
-``model.named_parameters()`` (docs/design.md §1).
+``model.named_parameters()`` (the trainable ones by default; docs/design.md §1), on the
+model's device.
+
+Any data pipeline: ``batches`` is any iterable (a ``DataLoader``) of ``(inputs, targets)``
+tuples, or of anything ``unpack`` maps to that pair (e.g. flwr-datasets' dicts:
+``unpack=lambda b: (b["img"], b["label"])``). ``inputs`` is a tensor, a tuple (the model is
+called as ``model(*inputs)``) or a dict (``model(**inputs)``, e.g. a tokenizer's output);
+a model output with ``.logits`` (a Hugging Face ``ModelOutput``) is read through it.
+Likelihoods: ``"categorical"`` (classification), ``"gaussian"`` (regression) and
+``"token-categorical"`` (sequence models: one categorical per position, padding masked).
 
 * ``kind="sampled"`` draws each example's target from the model's own predictive
   distribution: the true Fisher, what the paper's code uses (default).
 * ``kind="empirical"`` uses the true targets.
 * :class:`TrainingFisher` is the cheap estimator accumulated during local training.
 
-Per-example gradients: ``nn.Linear`` and ``nn.Conv2d`` use closed forms from each layer's
-inputs and output gradients (for a Linear layer, Σ_i (g_i x_iᵀ)² = (G∘G)ᵀ(X∘X)), as BackPACK
+Per-example gradients: ``nn.Linear``, ``nn.Conv2d`` and ``nn.BatchNorm1d/2d/3d`` (an affine
+map in eval mode) use closed forms from each layer's inputs and output gradients (for a
+Linear layer, and a conv with one output position, Σ_i (g_i x_iᵀ)² = (G∘G)ᵀ(X∘X)), as BackPACK
 and Opacus do; every other parameter falls back to ``torch.func.vmap(grad(...))``. The model
 is evaluated in ``eval()`` mode (BatchNorm uses its running statistics, dropout is off) so
 that examples are independent; its training mode is restored afterwards.
+
+On a GPU the result matches the CPU's to ~1e-7 relative, except that PyTorch lets cuDNN run
+convolutions in TF32 by default (``torch.backends.cudnn.allow_tf32``), which moved a conv
+layer's Fisher by up to 4 % on an H100 (BENCHMARKS.md); turn it off for float32-exact
+Fishers.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Iterable, Iterator
-from typing import Literal, Protocol
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_leaves, tree_map
 
 FisherKind = Literal["sampled", "empirical"]
 FISHER_KINDS: tuple[str, ...] = ("sampled", "empirical")
@@ -38,8 +55,11 @@ class Likelihood(Protocol):
         """Per-example negative log-likelihood, shape ``(batch,)`` (constants may be dropped)."""
         ...
 
-    def sample(self, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
-        """Targets drawn from the predictive distribution the outputs define."""
+    def sample(self, outputs: Tensor, generator: torch.Generator | None,
+               observed: Tensor | None = None) -> Tensor:
+        """Targets drawn from the predictive distribution the outputs define. ``observed``
+        is the batch's own targets (or None), e.g. for a mask; a likelihood whose ``sample``
+        takes only (outputs, generator) is called without it."""
         ...
 
 
@@ -49,9 +69,35 @@ class CategoricalLikelihood:
     def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(outputs, targets, reduction="none")
 
-    def sample(self, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
-        probs = torch.softmax(outputs.detach().float(), dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    def sample(self, outputs: Tensor, generator: torch.Generator | None,
+               observed: Tensor | None = None) -> Tensor:
+        return _draw_classes(outputs, generator)
+
+
+class TokenCategoricalLikelihood:
+    """Sequence models: outputs are logits ``(batch, positions, vocabulary)``; targets are
+    token ids ``(batch, positions)``, ``ignore_index`` (Hugging Face's -100) where a position
+    does not count (padding, the prompt). An example's NLL is the SUM over its counted
+    positions. With ``kind="sampled"`` the targets are drawn per position and the batch's
+    own targets only supply the mask: pass the labels, or e.g.
+    ``torch.where(attention_mask.bool(), 0, -100)``; without targets every position counts.
+    For a causal LM, shift the logits or the labels as your loss does."""
+
+    def __init__(self, ignore_index: int = -100) -> None:
+        self.ignore_index = ignore_index
+
+    def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        losses = F.cross_entropy(outputs.flatten(0, -2), targets.flatten(),
+                                 ignore_index=self.ignore_index, reduction="none")
+        return losses.reshape(targets.shape).flatten(1).sum(dim=1)
+
+    def sample(self, outputs: Tensor, generator: torch.Generator | None,
+               observed: Tensor | None = None) -> Tensor:
+        drawn = _draw_classes(outputs.flatten(0, -2), generator).reshape(outputs.shape[:-1])
+        if observed is None:
+            return drawn
+        return torch.where(observed.to(drawn.device) == self.ignore_index,
+                           self.ignore_index, drawn)
 
 
 class GaussianLikelihood:
@@ -66,49 +112,75 @@ class GaussianLikelihood:
         squared = (outputs - targets.to(outputs.dtype)) ** 2
         return 0.5 * squared.reshape(squared.shape[0], -1).sum(dim=1) / self.variance
 
-    def sample(self, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
-        noise = torch.randn(
-            outputs.shape, generator=generator, dtype=outputs.dtype, device=outputs.device
-        )
+    def sample(self, outputs: Tensor, generator: torch.Generator | None,
+               observed: Tensor | None = None) -> Tensor:
+        device = generator.device if generator is not None else outputs.device
+        noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype,
+                            device=device).to(outputs.device)
         return outputs.detach() + math.sqrt(self.variance) * noise
 
 
-LIKELIHOODS = {"categorical": CategoricalLikelihood, "gaussian": GaussianLikelihood}
+def _draw_classes(logits: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One class index per row of ``logits`` (2-D), drawn on the generator's device."""
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    if generator is not None:
+        probs = probs.to(generator.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+LIKELIHOODS = {"categorical": CategoricalLikelihood, "gaussian": GaussianLikelihood,
+               "token-categorical": TokenCategoricalLikelihood}
+#: Which parameters get a Fisher: the ones with ``requires_grad`` (what a client trains and
+#: sends), or every one.
+FISHER_PARAMETERS = ("trainable", "all")
 
 
 def diagonal_fisher(
     model: nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[Any],
     *,
     kind: FisherKind = "sampled",
     likelihood: str | Likelihood = "categorical",
     generator: torch.Generator | None = None,
     chunk_size: int = 64,
+    parameters: str = "trainable",
+    unpack: Callable[[Any], tuple[Any, Tensor | None]] | None = None,
 ) -> dict[str, Tensor]:
     """Diagonal Fisher Σ_i (∇ℓ_i)² over every example in ``batches``.
 
     Parameters
     ----------
     model : nn.Module
-        Evaluated at its current parameters, in eval mode (restored afterwards).
-    batches : Iterable[tuple[Tensor, Tensor]]
-        ``(inputs, targets)`` pairs; the first dimension indexes examples. With
-        ``kind="sampled"`` the targets are only used for their count (they may be None).
+        Evaluated at its current parameters, in eval mode (restored afterwards), on its own
+        device (the batches are moved there).
+    batches : Iterable
+        ``(inputs, targets)`` pairs (a tensor alone means no targets), or whatever
+        ``unpack`` maps to such a pair; the first dimension of every input tensor indexes
+        examples. ``inputs``: a tensor, a tuple (``model(*inputs)``) or a dict
+        (``model(**inputs)``). With ``kind="sampled"`` the targets are only used for their
+        mask (token-categorical) and may be None.
     kind : {"sampled", "empirical"}
         Targets drawn from the model (true Fisher) or the given targets (empirical Fisher).
-    likelihood : {"categorical", "gaussian"} or Likelihood
+    likelihood : {"categorical", "gaussian", "token-categorical"} or Likelihood
         Per-example NLL and sampler; pass an object with ``nll`` and ``sample`` for a custom
         loss (e.g. ``GaussianLikelihood(variance=0.5)``).
     generator : torch.Generator, optional
-        Randomness for ``kind="sampled"`` (seed it for reproducible Fishers).
+        Randomness for ``kind="sampled"`` (seed it for reproducible Fishers); targets are
+        drawn on its device.
     chunk_size : int
         Examples per vectorised chunk for per-example gradients (bounds memory).
+    parameters : {"trainable", "all"}
+        The parameters with ``requires_grad`` (a frozen backbone gets none and costs no
+        per-example gradients), or every parameter.
+    unpack : callable, optional
+        Maps one element of ``batches`` to ``(inputs, targets)``, e.g.
+        ``lambda b: (b["img"], b["label"])`` for a DataLoader of dicts.
 
     Returns
     -------
     dict[str, Tensor]
-        One float32 tensor per ``model.named_parameters()`` entry (same keys, order, shapes,
-        device), the sum over all examples.
+        One float32 tensor per selected ``model.named_parameters()`` entry (same keys,
+        order, shapes, device), the sum over all examples.
     """
     if kind not in FISHER_KINDS:
         raise ValueError(f"diagonal_fisher: kind={kind!r}; choose one of {FISHER_KINDS}.")
@@ -121,27 +193,37 @@ def diagonal_fisher(
         likelihood = LIKELIHOODS[likelihood]()
     if chunk_size < 1:
         raise ValueError(f"diagonal_fisher: chunk_size must be ≥ 1, got {chunk_size}.")
+    if parameters not in FISHER_PARAMETERS:
+        raise ValueError(f"diagonal_fisher: parameters={parameters!r}; choose one of "
+                         f"{FISHER_PARAMETERS}.")
 
-    params = dict(model.named_parameters())
+    params = {name: p for name, p in model.named_parameters()
+              if parameters == "all" or p.requires_grad}
+    if not params:
+        raise ValueError("diagonal_fisher: the model has no trainable parameters (every "
+                         "requires_grad is False); unfreeze some, or pass parameters='all'.")
     fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
-    estimator = _PerExampleSquares(model, likelihood, chunk_size)
+    estimator = _PerExampleSquares(model, set(params), likelihood, chunk_size)
     was_training = model.training
     frozen = [p for p in params.values() if not p.requires_grad]
     model.eval()
-    for p in frozen:  # gradients are needed for every parameter, frozen or not
+    for p in frozen:  # parameters="all": gradients are needed for the frozen ones too
         p.requires_grad_(True)
+    device = _device_of(model)
     examples = 0
     try:
-        for batch_index, (inputs, targets) in enumerate(batches):
-            inputs = inputs.to(_device_of(model))
-            if kind == "empirical":
-                if targets is None:
-                    raise ValueError("diagonal_fisher: kind='empirical' needs targets.")
-                targets = targets.to(inputs.device)
-            if inputs.shape[0] == 0:
+        for batch_index, batch in enumerate(batches):
+            inputs, targets = unpack(batch) if unpack is not None else _default_unpack(batch)
+            inputs = tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, inputs)
+            if kind == "empirical" and targets is None:
+                raise ValueError("diagonal_fisher: kind='empirical' needs targets.")
+            if targets is not None:
+                targets = targets.to(device)
+            size = _batch_size(inputs)
+            if size == 0:
                 continue
             estimator.accumulate(inputs, targets, kind, generator, fisher)
-            examples += inputs.shape[0]
+            examples += size
             for name, values in fisher.items():
                 if not bool(torch.isfinite(values).all()):
                     raise ValueError(
@@ -172,11 +254,11 @@ class TrainingFisher:
     B = 1 and otherwise adds B(B−1)·(mean gradient)², overestimating where the full-batch
     gradient is far from zero (early in training); it is an empirical Fisher (true labels)
     taken along the training trajectory, not at the final weights. Cost: one fused
-    multiply-add per parameter per step.
+    multiply-add per parameter per step. Covers the trainable parameters (``requires_grad``).
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self._params = {n: p for n, p in model.named_parameters()}
+        self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self._sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self._params.items()}
         self._examples_seen = 0
 
@@ -207,9 +289,55 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _default_unpack(batch: Any) -> tuple[Any, Tensor | None]:
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, tuple | list) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        f"diagonal_fisher: a batch is a {type(batch).__name__}"
+        f"{' with keys ' + str(sorted(batch)) if isinstance(batch, Mapping) else ''}; pass "
+        "unpack=lambda batch: (inputs, targets), e.g. lambda b: (b['img'], b['label'])."
+    )
+
+
+def _batch_size(inputs: Any) -> int:
+    leaves = [t for t in tree_leaves(inputs) if isinstance(t, Tensor)]
+    if not leaves:
+        raise TypeError("diagonal_fisher: the batch's inputs hold no tensor.")
+    return leaves[0].shape[0]
+
+
+def call_model(model: nn.Module, inputs: Any) -> Tensor:
+    """``model(inputs)``, ``model(*inputs)`` for a tuple, ``model(**inputs)`` for a dict; an
+    output with ``.logits`` (a Hugging Face ``ModelOutput``) gives its logits."""
+    if isinstance(inputs, Mapping):
+        outputs = model(**inputs)
+    elif isinstance(inputs, tuple | list):
+        outputs = model(*inputs)
+    else:
+        outputs = model(inputs)
+    return _as_tensor(outputs)
+
+
+def _as_tensor(outputs: Any) -> Tensor:
+    if isinstance(outputs, Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    raise TypeError(f"the model returned a {type(outputs).__name__}; the Fisher needs a "
+                    "tensor of outputs (or an object with .logits).")
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
 def _closed_form_supported(module: nn.Module) -> bool:
     if type(module) is nn.Linear:
         return True
+    if type(module) in _BATCH_NORMS:  # eval mode with running statistics: an affine map
+        return module.affine and module.running_mean is not None
     return (
         type(module) is nn.Conv2d
         and module.groups == 1
@@ -221,11 +349,13 @@ def _closed_form_supported(module: nn.Module) -> bool:
 class _PerExampleSquares:
     """Adds Σ_i (∇ℓ_i)² for one batch into a Fisher dict (closed forms + torch.func fallback)."""
 
-    def __init__(self, model: nn.Module, likelihood: Likelihood, chunk_size: int) -> None:
+    def __init__(self, model: nn.Module, wanted: set[str], likelihood: Likelihood,
+                 chunk_size: int) -> None:
         self.model = model
         self.likelihood = likelihood
+        self.sample_reads_targets = len(inspect.signature(likelihood.sample).parameters) >= 3
         self.chunk_size = chunk_size
-        name_of = {id(p): n for n, p in model.named_parameters()}
+        name_of = {id(p): n for n, p in model.named_parameters() if n in wanted}
         owners: dict[int, int] = {}
         for module in model.modules():
             for p in module.parameters(recurse=False):
@@ -234,7 +364,8 @@ class _PerExampleSquares:
         self.fast: dict[str, tuple[nn.Module, str, str | None]] = {}
         for module_name, module in model.named_modules():
             own = list(module.parameters(recurse=False))
-            if own and _closed_form_supported(module) and all(owners[id(p)] == 1 for p in own):
+            if own and _closed_form_supported(module) and all(
+                    owners[id(p)] == 1 and id(p) in name_of for p in own):
                 bias = name_of[id(module.bias)] if module.bias is not None else None
                 self.fast[module_name] = (module, name_of[id(module.weight)], bias)
         fast_keys = {k for _, w, b in self.fast.values() for k in (w, b) if k is not None}
@@ -265,9 +396,10 @@ class _PerExampleSquares:
     ) -> None:
         self._captured = {}
         with torch.enable_grad():
-            outputs = self.model(inputs)
+            outputs = call_model(self.model, inputs)
             if kind == "sampled":
-                targets = self.likelihood.sample(outputs.detach(), generator)
+                observed = (targets,) if self.sample_reads_targets else ()
+                targets = self.likelihood.sample(outputs.detach(), generator, *observed)
             captured = self._captured
             self._captured = {}
             # a layer called twice per forward (weight sharing) has no per-call closed form
@@ -310,6 +442,16 @@ class _PerExampleSquares:
                 if bias_key is not None:
                     fisher[bias_key] += (gs.sum(1) ** 2).sum(0)
             return
+        if type(module) in _BATCH_NORMS:  # y = x̂·w + b, x̂ from the running statistics
+            view = (1, -1) + (1,) * (x.dim() - 2)
+            x_hat = (x - module.running_mean.float().view(view)) * torch.rsqrt(
+                module.running_var.float().view(view) + module.eps)
+            extra = tuple(range(2, x.dim()))  # spatial / sequence dims: summed per example
+            grad_w = (g * x_hat).sum(extra) if extra else g * x_hat
+            grad_b = g.sum(extra) if extra else g
+            fisher[weight_key] += (grad_w**2).sum(0)
+            fisher[bias_key] += (grad_b**2).sum(0)
+            return
         # Conv2d via unfold: per-example grad_w = G_i U_iᵀ with U_i the im2col patches
         weight = fisher[weight_key]
         g = g.reshape(g.shape[0], g.shape[1], -1)  # (B, out, L)
@@ -322,12 +464,15 @@ class _PerExampleSquares:
                 stride=module.stride,
             )  # (b, in*kh*kw, L)
             gs = g[start : start + self.chunk_size]
-            per_example = torch.bmm(gs, patches.transpose(1, 2))  # (b, out, in*kh*kw)
-            weight += (per_example**2).sum(0).reshape(weight.shape)
+            if gs.shape[2] == 1:  # one output position: Linear's (G∘G)ᵀ (U∘U)
+                weight += ((gs[:, :, 0] ** 2).T @ (patches[:, :, 0] ** 2)).reshape(weight.shape)
+            else:
+                per_example = torch.bmm(gs, patches.transpose(1, 2))  # (b, out, in*kh*kw)
+                weight += (per_example**2).sum(0).reshape(weight.shape)
             if bias_key is not None:
                 fisher[bias_key] += (gs.sum(2) ** 2).sum(0)
 
-    def _add_fallback(self, inputs: Tensor, targets: Tensor, fisher: dict[str, Tensor]) -> None:
+    def _add_fallback(self, inputs: Any, targets: Tensor, fisher: dict[str, Tensor]) -> None:
         """Per-example gradients of the remaining parameters with torch.func.vmap(grad)."""
         model = self.model
         wanted = {k: p.detach() for k, p in model.named_parameters() if k in self.fallback_keys}
@@ -335,9 +480,12 @@ class _PerExampleSquares:
         fixed.update(dict(model.named_buffers()))
         likelihood = self.likelihood
 
-        def example_loss(trainable: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-            out = functional_call(model, {**fixed, **trainable}, (x.unsqueeze(0),))
-            return likelihood.nll(out, y.unsqueeze(0)).sum()
+        def example_loss(trainable: dict[str, Tensor], x: Any, y: Tensor) -> Tensor:
+            one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, x)
+            args, kwargs = ((), one) if isinstance(one, Mapping) else (
+                (tuple(one) if isinstance(one, tuple | list) else (one,)), {})
+            out = functional_call(model, {**fixed, **trainable}, args, kwargs)
+            return likelihood.nll(_as_tensor(out), y.unsqueeze(0)).sum()
 
         per_example = vmap(grad(example_loss), in_dims=(None, 0, 0), chunk_size=self.chunk_size)
         for key, values in per_example(wanted, inputs, targets).items():

@@ -52,7 +52,7 @@ from torch import Tensor
 INDEX = "index.json"
 FORMAT_VERSION = 1
 #: Storage dtypes of the per-round history's deltas and Fishers ("as-sent": the dtype the
-#: replies carried; the start globals are always kept as they are).
+#: replies decode to; the start globals are always kept as they are).
 HISTORY_DTYPES = {"as-sent": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
                   "float16": torch.float16}
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -126,8 +126,9 @@ class Ledger:
         the last L (a replay then reaches back L rounds). None: the stored setting.
     history_dtype : {"as-sent", "float32", "bfloat16", "float16"}, optional
         Storage dtype of the history's deltas and Fishers ("as-sent" for a new ledger: as the
-        replies carried them; "bfloat16" halves float32's storage, "float16" too but with a
-        narrower range). None: the stored setting.
+        server decoded the replies, i.e. the global's dtype, float32 for float16 wire
+        replies; "bfloat16" halves float32's storage, "float16" too but with a narrower
+        range). None: the stored setting.
 
     The history settings are stored with the run; a ledger opened with others is refused.
     """

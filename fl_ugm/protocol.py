@@ -13,14 +13,26 @@ Server → client, ``train`` (Flower's FedAvg layout; the record names follow th
 
 Client → server, the UGM reply::
 
-    {DELTA_RECORD:   ArrayRecord(Δ = θ_t − θ for every float entry of the global, its dtype),
-     FISHER_RECORD:  ArrayRecord(F_t for the parameters: a SUM over the n_t examples, ≥ 0),
+    {DELTA_RECORD:   ArrayRecord(Δ = θ_t − θ for the trained float entries of the global),
+     FISHER_RECORD:  ArrayRecord(F_t for the trained parameters: a SUM over the n_t
+                                 examples, ≥ 0),
      "metrics":      MetricRecord({NUM_EXAMPLES_KEY: n_t, ...}),   # the only MetricRecord
-     CLIENT_RECORD:  ConfigRecord({CLIENT_ID_KEY: "<stable id>"})}  # for the ledger
+     CLIENT_RECORD:  ConfigRecord({CLIENT_ID_KEY: "<stable id>"}),  # for the ledger
+     [SCALES_RECORD: ConfigRecord({"delta/<key>": s, "fisher/<key>": s, ...})]}  # float16
 
-Delta entries without a Fisher are buffers (e.g. BatchNorm running statistics). A QUERY
-message is answered with ``{CLIENT_RECORD: ConfigRecord({CLIENT_ID_KEY: ...})}`` so that
-the server can find a client's node. These names are stable across versions: deployed
+The delta covers the trainable parameters and the float buffers of the modules that train;
+entries of the global it does not cover (a frozen backbone) keep the global's value. Delta
+entries without a Fisher are buffers (e.g. BatchNorm running statistics). Every reply of a
+round must cover the same keys (:func:`parse_ugm_replies`).
+
+The wire dtype (``WIRE_DTYPE_KEY`` in the train config; absent = "float32"): "float32"
+sends Δ in the global's dtype and F in float32; "float16" sends every tensor x as the
+float16 values x / s with s = max|x| / 2¹⁵ in ``SCALES_RECORD`` (so each tensor keeps a
+relative precision of 2⁻¹¹ over 29 binades below its largest entry: a Fisher's range is
+kept), half the bytes. The server decodes to float32 before it merges.
+
+A QUERY message is answered with ``{CLIENT_RECORD: ConfigRecord({CLIENT_ID_KEY: ...})}`` so
+that the server can find a client's node. These names are stable across versions: deployed
 clients and servers of different fl_ugm versions must still talk.
 """
 
@@ -52,6 +64,10 @@ REMOVAL_KEY = "ugm-removal"
 FEDPROX_MU_KEY = "proximal-mu"
 #: Flower's FedAvg puts the server round in every train config; clients may seed with it.
 SERVER_ROUND_KEY = "server-round"
+#: The dtype the server asks clients to send Δ and F in (one of WIRE_DTYPES).
+WIRE_DTYPE_KEY = "ugm-wire-dtype"
+#: "float32" as is; "float16" scaled per tensor (module docstring).
+WIRE_DTYPES = ("float32", "float16")
 #: Fisher estimators a client can be asked for: the two of ``fl_ugm.fisher.diagonal_fisher``
 #: and the cheap one accumulated during training (``fl_ugm.fisher.TrainingFisher``).
 FISHER_ESTIMATORS = ("sampled", "empirical", "training")
@@ -67,6 +83,10 @@ NUM_EXAMPLES_KEY = "num-examples"
 #: a SuperNode restarts).
 CLIENT_RECORD = "client"
 CLIENT_ID_KEY = "client-id"
+#: The per-tensor scales of a float16 reply: "delta/<key>" and "fisher/<key>" → s (a float).
+SCALES_RECORD = "ugm-scales"
+#: float16 values are x / s with s = max|x| / _FLOAT16_TOP; 2¹⁵ leaves headroom below 65504.
+_FLOAT16_TOP = 2.0**15
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -82,8 +102,8 @@ class ClientUpdate:
     node_id: int
     client_id: str | None  # the stable id the reply carried (CLIENT_ID_KEY), if any
     num_examples: float  # n_t, from the reply's weighting metric
-    delta: dict[str, Tensor]  # Δ_t for every float entry of the global (params + buffers)
-    fisher: dict[str, Tensor]  # F_t (a sum over n_t examples) for the parameters
+    delta: dict[str, Tensor]  # Δ_t for the float entries it trained (params + buffers)
+    fisher: dict[str, Tensor]  # F_t (a sum over n_t examples, float32) for the parameters
     content: RecordDict  # the reply, for Flower's metric aggregation
 
 
@@ -100,12 +120,16 @@ class DroppedReply:
 
 
 def ugm_train_config(
-    config: ConfigRecord, *, fisher: str, prior_precision: float, removal: bool = False
+    config: ConfigRecord, *, fisher: str, prior_precision: float, removal: bool = False,
+    wire_dtype: str = "float32",
 ) -> ConfigRecord:
     """``config`` plus the keys that ask a client for a UGM reply (in place; returned)."""
+    if wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire dtype {wire_dtype!r}; choose one of {WIRE_DTYPES}.")
     config[UGM_KEY] = True
     config[FISHER_KEY] = fisher
     config[PRIOR_KEY] = float(prior_precision)
+    config[WIRE_DTYPE_KEY] = wire_dtype
     if removal:
         config[REMOVAL_KEY] = True
     return config
@@ -122,17 +146,19 @@ def parse_ugm_reply(
     :class:`InvalidReply` with the reason if it breaks it.
 
     Checked here: the records are present, there is one MetricRecord whose
-    ``weighted_by_key`` is a finite number > 0, the delta covers exactly the global's float
-    entries in their dtypes, the Fisher covers a non-empty subset of them, shapes match and
-    every array is a float. Values (NaN, Inf, a negative Fisher) are checked during the merge,
-    for free, by the fused kernel. The tensors are zero-copy views of the message bytes.
+    ``weighted_by_key`` is a finite number > 0, the delta covers a non-empty subset of the
+    global's float entries (in their dtypes, or float16 with a scale each), the Fisher a
+    non-empty subset of the delta's keys, shapes match and every array is a float. Values
+    (NaN, Inf, a negative Fisher) are checked during the merge, for free, by the fused
+    kernel. float32 tensors are zero-copy views of the message bytes; float16 ones are
+    decoded to the global's dtype (delta) and float32 (Fisher).
     """
     arrays = content.array_records
     for key in (DELTA_RECORD, FISHER_RECORD):
         if key not in arrays:
             raise InvalidReply(
                 f"the reply has no '{key}' ArrayRecord (records: {sorted(content)}); is the "
-                "ClientApp using fl_ugm.client.handle_train?"
+                "ClientApp using fl_ugm.client.ugm_reply or handle_train?"
             )
     metric_records = content.metric_records
     if len(metric_records) != 1:
@@ -145,16 +171,19 @@ def parse_ugm_reply(
 
     float_keys = {k for k, v in global_state.items() if v.is_floating_point()}
     delta_record, fisher_record = arrays[DELTA_RECORD], arrays[FISHER_RECORD]
-    if set(delta_record.keys()) != float_keys:
+    unexpected = sorted(set(delta_record.keys()) - float_keys)
+    if not delta_record.keys() or unexpected:
         raise InvalidReply(
-            "delta keys differ from the global model's float entries (missing: "
-            f"{sorted(float_keys - set(delta_record.keys()))[:5]}, unexpected: "
-            f"{sorted(set(delta_record.keys()) - float_keys)[:5]})."
-        )
-    if not fisher_record.keys() or not set(fisher_record.keys()) <= float_keys:
-        raise InvalidReply("the Fisher must cover a non-empty subset of the delta's keys.")
-    delta = _checked_tensors(DELTA_RECORD, delta_record, global_state, same_dtype=True)
-    fisher = _checked_tensors(FISHER_RECORD, fisher_record, global_state, same_dtype=False)
+            "the delta must cover a non-empty subset of the global model's float entries "
+            f"(unexpected: {unexpected[:5]}); is the client's model the server's?")
+    outside = sorted(set(fisher_record.keys()) - set(delta_record.keys()))
+    if not fisher_record.keys() or outside:
+        raise InvalidReply("the Fisher must cover a non-empty subset of the delta's keys "
+                           f"(not in the delta: {outside[:5]}).")
+    scales = content.config_records.get(SCALES_RECORD)
+    delta = _checked_tensors(DELTA_RECORD, delta_record, global_state, scales, same_dtype=True)
+    fisher = _checked_tensors(FISHER_RECORD, fisher_record, global_state, scales,
+                              same_dtype=False)
     client_id = content.config_records.get(CLIENT_RECORD, {}).get(CLIENT_ID_KEY)
     return ClientUpdate(node_id, None if client_id is None else str(client_id),
                         float(num_examples), delta, fisher, content)
@@ -168,12 +197,13 @@ def parse_ugm_replies(
 ) -> tuple[list[ClientUpdate], list[DroppedReply]]:
     """(valid updates, dropped replies with their reasons) of one round's error-free replies.
 
-    Besides :func:`parse_ugm_reply`, every update must have the same Fisher key set (the
-    keys it has are the parameters; the other delta keys are buffers). The key set sent by
-    the most replies wins, so one odd client cannot drop the others. **Tie rule:** between
-    key sets sent by equally many replies, the one whose replies hold more examples (Σ
-    ``weighted_by_key``) wins; if that ties too, the larger key set, then the first in
-    sorted order, so the choice never depends on the order the replies arrived in.
+    Besides :func:`parse_ugm_reply`, every update must cover the same keys: the same delta
+    key set and the same Fisher key set (the keys it has are the parameters; the other delta
+    keys are buffers). The key sets sent by the most replies win, so one odd client cannot
+    drop the others. **Tie rule:** between key sets sent by equally many replies, the ones
+    whose replies hold more examples (Σ ``weighted_by_key``) win; if that ties too, the
+    larger Fisher key set, then the larger delta key set, then the first in sorted order, so
+    the choice never depends on the order the replies arrived in.
     """
     updates: list[ClientUpdate] = []
     dropped: list[DroppedReply] = []
@@ -188,21 +218,27 @@ def parse_ugm_replies(
                                         str(err)))
     if not updates:
         return updates, dropped
-    count = Counter(frozenset(u.fisher) for u in updates)
-    examples: dict[frozenset[str], float] = defaultdict(float)
+    count = Counter(_covered(u) for u in updates)
+    examples: dict[tuple[frozenset[str], frozenset[str]], float] = defaultdict(float)
     for update in updates:
-        examples[frozenset(update.fisher)] += update.num_examples
-    expected = min(count, key=lambda keys: (-count[keys], -examples[keys], -len(keys),
-                                            sorted(keys)))
+        examples[_covered(update)] += update.num_examples
+    expected = min(count, key=lambda keys: (-count[keys], -examples[keys], -len(keys[1]),
+                                            -len(keys[0]), sorted(keys[1]), sorted(keys[0])))
     kept = []
     for update in updates:
-        if frozenset(update.fisher) == expected:
+        if _covered(update) == expected:
             kept.append(update)
         else:
-            dropped.append(DroppedReply(update.node_id, update.client_id,
-                                        f"its Fisher covers {len(update.fisher)} tensors, the "
-                                        f"other clients' {len(expected)}."))
+            dropped.append(DroppedReply(
+                update.node_id, update.client_id,
+                f"it covers {len(update.delta)} delta and {len(update.fisher)} Fisher tensors "
+                f"(other keys), the other clients {len(expected[0])} and {len(expected[1])}."))
     return kept, dropped
+
+
+def _covered(update: ClientUpdate) -> tuple[frozenset[str], frozenset[str]]:
+    """The (delta keys, Fisher keys) a reply covers."""
+    return frozenset(update.delta), frozenset(update.fisher)
 
 
 def client_id_of_query_reply(reply: Message) -> str | None:
@@ -239,16 +275,40 @@ def build_ugm_reply(
     fisher: Mapping[str, Tensor],
     metrics: MetricRecord,
     client_id: str | None,
+    wire_dtype: str = "float32",
 ) -> RecordDict:
-    """The content of a UGM reply (see the module docstring); the Fisher is sent as float32."""
-    content = RecordDict({
-        DELTA_RECORD: ArrayRecord({k: v.detach() for k, v in delta.items()}),
-        FISHER_RECORD: ArrayRecord({k: v.detach().float().contiguous() for k, v in fisher.items()}),
-        METRICS_RECORD: metrics,
-    })  # fmt: skip
+    """The content of a UGM reply (see the module docstring): "float32" sends the delta in
+    its dtype and the Fisher in float32; "float16" sends both scaled per tensor. Tensors on
+    another device are copied to the CPU."""
+    if wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire dtype {wire_dtype!r}; choose one of {WIRE_DTYPES}.")
+    scales = ConfigRecord()
+    records = {}
+    for name, values in ((DELTA_RECORD, delta), (FISHER_RECORD, fisher)):
+        arrays = {}
+        for key, value in values.items():
+            value = value.detach().cpu()
+            if wire_dtype == "float16":
+                value, scales[f"{name}/{key}"] = _to_float16(value)
+            elif name == FISHER_RECORD:
+                value = value.float()
+            arrays[key] = value.contiguous()
+        records[name] = ArrayRecord(arrays)
+    content = RecordDict({**records, METRICS_RECORD: metrics})
+    if wire_dtype == "float16":
+        content[SCALES_RECORD] = scales
     if client_id is not None:
         content[CLIENT_RECORD] = ConfigRecord({CLIENT_ID_KEY: str(client_id)})
     return content
+
+
+def _to_float16(value: Tensor) -> tuple[Tensor, float]:
+    """(float16 values x / s, s) with s = max|x| / 2¹⁵ (1 for an all-zero or non-finite x,
+    whose NaN/Inf then reach the server's checks unchanged)."""
+    value = value.float()
+    top = float(value.abs().max()) if value.numel() else 0.0
+    scale = top / _FLOAT16_TOP if math.isfinite(top) and top > 0 else 1.0
+    return (value / scale).half(), scale
 
 
 def query_reply_content(client_id: str) -> RecordDict:
@@ -259,14 +319,20 @@ def query_reply_content(client_id: str) -> RecordDict:
 # --------------------------------------------------------------------------- internals
 
 
-def _checked_tensors(name: str, record: ArrayRecord, global_state: Mapping[str, Tensor], *,
-                     same_dtype: bool) -> dict[str, Tensor]:
+def _checked_tensors(name: str, record: ArrayRecord, global_state: Mapping[str, Tensor],
+                     scales: ConfigRecord | None, *, same_dtype: bool) -> dict[str, Tensor]:
+    """The record's tensors, checked against the global (shape; dtype: the global's for a
+    delta, any float for a Fisher) and decoded from float16 when ``scales`` is given."""
     out = {}
     for key, array in record.items():
         expected = global_state[key]
         if tuple(array.shape) != tuple(expected.shape):
             raise InvalidReply(f"{name}['{key}'] has shape {tuple(array.shape)}, the global "
                                f"{tuple(expected.shape)}.")
+        if scales is not None:
+            out[key] = _from_float16(name, key, array, scales, expected.dtype if same_dtype
+                                     else torch.float32)
+            continue
         wanted = str(expected.dtype).removeprefix("torch.")
         if same_dtype and array.dtype != wanted:
             raise InvalidReply(f"{name}['{key}'] has dtype {array.dtype}, the global {wanted}.")
@@ -274,6 +340,18 @@ def _checked_tensors(name: str, record: ArrayRecord, global_state: Mapping[str, 
             raise InvalidReply(f"{name}['{key}'] has dtype {array.dtype}; expected a float.")
         out[key] = tensor_view(array)
     return out
+
+
+def _from_float16(name: str, key: str, array: Array, scales: ConfigRecord,
+                  dtype: torch.dtype) -> Tensor:
+    """A float16 wire tensor times its scale, in ``dtype``."""
+    scale = scales.get(f"{name}/{key}")
+    if array.dtype != "float16":
+        raise InvalidReply(f"{name}['{key}'] has dtype {array.dtype} in a float16 reply.")
+    if not isinstance(scale, float) or not (math.isfinite(scale) and scale > 0):
+        raise InvalidReply(f"{name}['{key}'] has no valid scale in '{SCALES_RECORD}' "
+                           f"(got {scale!r}).")
+    return (tensor_view(array).float() * scale).to(dtype)
 
 
 def tensor_view(array: Array) -> Tensor:

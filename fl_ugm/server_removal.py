@@ -149,7 +149,7 @@ def _online_contribution(strategy: FedUGM, grid: Grid, client_id: str, server_ro
         )
     config = ugm_train_config(ConfigRecord({"server-round": server_round}),
                               fisher=strategy.fisher, prior_precision=strategy.prior_precision,
-                              removal=True)
+                              removal=True)  # float32: one reply, exactness matters
     content = RecordDict({strategy.arrayrecord_key: ArrayRecord(strategy.current_arrays),
                           strategy.configrecord_key: config})
     message = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)

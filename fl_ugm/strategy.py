@@ -27,6 +27,7 @@ from fl_ugm.merge import InvalidClientInput, PriorPrecision, clip_fisher_inflati
 from fl_ugm.merge_rules import ALPHA_MODES, MERGE_RULES, client_alphas, merge_round, merge_rule
 from fl_ugm.protocol import (
     FISHER_ESTIMATORS,
+    WIRE_DTYPES,
     ClientUpdate,
     DroppedReply,
     parse_ugm_replies,
@@ -80,6 +81,11 @@ class FedUGM(FedAvg):
         bound. Clips up to ``CLIP_WARNING_RATIO`` × the median are logged at INFO (honest
         clients get there), larger ones as warnings; the round's train metrics count them
         (``FISHER_CLIPPED_METRIC``). ``None`` turns the defence off.
+    wire_dtype : {"float16", "float32"} (default: "float16")
+        The dtype clients send Δ and F in: "float16" scales each tensor by its largest
+        entry (a relative precision of 2⁻¹¹ over 29 binades, so a Fisher's range is kept)
+        and makes a reply as large as FedAvg's full-model reply; "float32" doubles it. The
+        server decodes to float32 before it merges (``fl_ugm.protocol``).
     excluded_clients : iterable of str (default: ())
         Client ids never sampled in this run (e.g. to retrain without them); like removed
         clients, they count against ``min_train_nodes`` and ``min_available_nodes``.
@@ -118,6 +124,7 @@ class FedUGM(FedAvg):
         merge: str = "ugm",
         ledger: Ledger | str | Path | None = None,
         fisher_clip: float | None = 3.0,
+        wire_dtype: str = "float16",
         excluded_clients: Iterable[str] = (),
         **fedavg_kwargs,
     ) -> None:
@@ -133,6 +140,8 @@ class FedUGM(FedAvg):
             raise ValueError(f"FedUGM: merge={merge!r}; choose one of {tuple(MERGE_RULES)}.")
         if fisher_clip is not None and not (math.isfinite(fisher_clip) and fisher_clip >= 1):
             raise ValueError(f"FedUGM: fisher_clip={fisher_clip}; it must be ≥ 1, or None.")
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"FedUGM: wire_dtype={wire_dtype!r}; choose one of {WIRE_DTYPES}.")
         self.prior_precision = float(prior_precision)
         self.alpha = alpha
         self.scale = float(scale)
@@ -140,6 +149,7 @@ class FedUGM(FedAvg):
         self.server_fisher = dict(server_fisher) if server_fisher is not None else None
         self.rule = merge_rule(merge)
         self.fisher_clip = fisher_clip
+        self.wire_dtype = wire_dtype
         self.current_arrays: dict[str, Tensor] | None = None
         self.round_offset = 0
         self._nodes_asked = 0  # train messages sent in the current round
@@ -181,7 +191,8 @@ class FedUGM(FedAvg):
         log(INFO, "\t│\t├── Prior precision δ: %g%s", self.prior_precision,
             " (+ server Fisher)" if self.server_fisher is not None else "")
         log(INFO, "\t│\t├── Alpha: %s × scale %g", self.alpha, self.scale)
-        log(INFO, "\t│\t├── Client Fisher estimator: %s", self.fisher)
+        log(INFO, "\t│\t├── Client Fisher estimator: %s; replies in %s", self.fisher,
+            self.wire_dtype)
         log(INFO, "\t│\t├── Fisher-inflation clip: %s", "off" if self.fisher_clip is None
             else f"{self.fisher_clip:g} × the median client's per-example Fisher mass")
         log(INFO, "\t│\t└── Ledger: %s; excluded clients: %s",
@@ -209,7 +220,8 @@ class FedUGM(FedAvg):
         log(INFO, "configure_train: Sampled %d nodes (out of %d%s)", len(node_ids),
             len(candidates), f"; {left_out} excluded clients left out" if left_out else "")
         config = ugm_train_config(config, fisher=self.fisher,
-                                  prior_precision=self.prior_precision)
+                                  prior_precision=self.prior_precision,
+                                  wire_dtype=self.wire_dtype)
         config["server-round"] = server_round
         self._nodes_asked = len(node_ids)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})

@@ -11,9 +11,13 @@ split before training and after every round.
 
 Config: the app's run config (``[tool.flwr.app.config]`` in pyproject.toml), then
 ``configs/adversaries.yaml`` and ``configs/compare.yaml``, then an optional overlay YAML,
-then ``key=value`` overrides. Writes to ``out``: ``rounds.csv`` (strategy, seed, round,
+then ``key=value`` overrides. With ``lr-grid=[...]`` each strategy first gets its learning
+rate chosen on the validation split (``server-examples``, one run per lr at
+``selection-seed``; see :func:`select_learning_rates`), then runs ``seeds`` at it, scored on
+the test split. Writes to ``out``: ``rounds.csv`` (strategy, seed, round,
 accuracy, loss, seconds), ``summary.json`` (``{"strategies": {name: {"final_accuracy":
-[one per seed], "rounds_to_fedavg_final": [...], "seconds": [...]}}, "config": {...}}``)
+[one per seed], "rounds_to_fedavg_final": [...], "seconds": [...], "reply_bytes_per_round":
+[...]}}, "config": {...}}``; reply bytes: the tensors of all replies of a round, summed)
 and ``accuracy_vs_round.png``; prints a table.
 """
 
@@ -67,6 +71,10 @@ def summarize(histories: dict[str, list[dict]]) -> dict[str, dict[str, list]]:
                 if h["seed"] in fedavg_final else None for h in runs
             ],
             "seconds": [h["seconds"][-1] for h in runs],
+            "reply_bytes_per_round": [
+                statistics.fmean(r["bytes"] for r in h["replies"]) if h.get("replies") else None
+                for h in runs
+            ],
         }
     return summary
 
@@ -74,14 +82,17 @@ def summarize(histories: dict[str, list[dict]]) -> dict[str, dict[str, list]]:
 def format_table(summary: dict, num_rounds: int) -> str:
     """Markdown table; the rounds column lists one value per seed ("—": not reached)."""
     lines = ["| strategy | final accuracy (%) | rounds to FedAvg's final, per seed | "
-             "wall s / run |", "|---|---|---|---|"]
+             "wall s / run | reply MB / round |", "|---|---|---|---|---|"]
     for name, s in summary.items():
         rounds = " / ".join("—" if r is None else str(r) for r in s["rounds_to_fedavg_final"])
+        sent = [b for b in s["reply_bytes_per_round"] if b is not None]
+        megabytes = f"{statistics.fmean(sent) / 1e6:.3f}" if sent else "—"
         lines.append(f"| {name} | {mean_std(s['final_accuracy'], 100)} | {rounds} | "
-                     f"{statistics.fmean(s['seconds']):.1f} |")
+                     f"{statistics.fmean(s['seconds']):.1f} | {megabytes} |")
     lines.append(f"\nmean ± std over seeds; rounds: the first round at which the strategy "
                  f"reaches FedAvg's round-{num_rounds} accuracy of the same seed (—: not within "
-                 f"{num_rounds} rounds).")
+                 f"{num_rounds} rounds); reply MB / round: the tensor bytes of all the "
+                 "clients' replies in a round (10^6 bytes).")
     return "\n".join(lines)
 
 
@@ -109,18 +120,52 @@ def plot(histories: dict[str, list[dict]], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
+def select_learning_rates(cfg, base: dict, out: Path) -> dict[str, dict]:
+    """Per strategy, the ``lr-grid`` value with the best final accuracy on the VALIDATION
+    split (``evaluate-on=validation``: the ``server-examples`` split, never the test set),
+    one run each at ``selection-seed``; ties go to the smaller lr. Returns ``{strategy:
+    {"chosen": lr, "validation_accuracy": {lr: final accuracy}}}``."""
+    grid = sorted(float(lr) for lr in cfg["lr-grid"])
+    runs = [(name, lr) for name in cfg.strategies for lr in grid]
+    selection: dict[str, dict] = {}
+    for done, (name, lr) in enumerate(runs, start=1):
+        run_config = {**base, "strategy": str(name), "lr": lr, "evaluate-on": "validation",
+                      "seed": int(cfg["selection-seed"]),
+                      "out": str(out / "selection" / f"lr{lr:g}")}
+        history = simulate(run_config, label=f"[select {done}/{len(runs)}] {name} lr={lr:g}")
+        scores = selection.setdefault(str(name), {"validation_accuracy": {}})
+        scores["validation_accuracy"][f"{lr:g}"] = history["accuracy"][-1]
+    for scores in selection.values():
+        accuracy = scores["validation_accuracy"]
+        scores["chosen"] = float(max(accuracy, key=lambda lr: (accuracy[lr], -float(lr))))
+    return selection
+
+
+def format_selection(selection: dict[str, dict], seed: int) -> str:
+    lines = [f"learning rate chosen on the validation split (seed {seed}):",
+             "| strategy | validation accuracy (%) per lr | chosen lr |", "|---|---|---|"]
+    for name, scores in selection.items():
+        cells = ", ".join(f"{lr}: {100 * a:.2f}" for lr, a in scores["validation_accuracy"].items())
+        lines.append(f"| {name} | {cells} | {scores['chosen']:g} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_config(sys.argv[1:] if argv is None else argv,
                       simulation_layers(COMPARE_CONFIG), prog="compare", doc=__doc__)
     quiet_flower_console()
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    base = plain(cfg, "strategies", "seeds", "lr-grid", "selection-seed")
+    selection = select_learning_rates(cfg, base, out) if cfg["lr-grid"] else {}
     histories: dict[str, list[dict]] = {name: [] for name in cfg.strategies}
     runs = [(seed, name) for seed in cfg.seeds for name in cfg.strategies]
-    start = time.perf_counter()
     for done, (seed, name) in enumerate(runs, start=1):
-        run_config = {**plain(cfg, "strategies", "seeds"), "strategy": str(name),
-                      "seed": int(seed), "out": str(out / "histories")}
+        run_config = {**base, "strategy": str(name), "seed": int(seed),
+                      "out": str(out / "histories")}
+        if selection:
+            run_config["lr"] = selection[str(name)]["chosen"]
         histories[str(name)].append(simulate(run_config, label=f"[{done}/{len(runs)}] {name}"))
 
     with open(out / "rounds.csv", "w", newline="") as handle:
@@ -133,10 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     writer.writerow([name, h["seed"], r, f"{a:.4f}", f"{lo:.4f}", f"{s:.2f}"])
     summary = summarize(histories)
     write_json(out / "summary.json", {"strategies": summary, "config": plain(cfg),
+                                      "lr_selection": selection,
                                       "wall_time_s": time.perf_counter() - start})
-    title = (f"{cfg.task}, {cfg['num-clients']} clients, {cfg.partition} "
-             f"{cfg['dirichlet-alpha']}, {len(cfg.seeds)} seeds")
+    skew = f" {cfg['dirichlet-alpha']}" if cfg.partition == "dirichlet" else ""
+    title = (f"{cfg.task}, {cfg['num-clients']} clients, {cfg.partition}{skew}, "
+             f"{len(cfg.seeds)} seeds")
     plot(histories, out / "accuracy_vs_round.png", title)
+    if selection:
+        print(format_selection(selection, int(cfg["selection-seed"])) + "\n")
     print(format_table(summary, int(cfg["num-server-rounds"])))
     progress(f"\n{len(runs)} simulations in {time.perf_counter() - start:.0f} s; results in {out}")
     return 0

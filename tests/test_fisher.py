@@ -11,6 +11,7 @@ from torch import nn
 from fl_ugm.fisher import (
     CategoricalLikelihood,
     GaussianLikelihood,
+    TokenCategoricalLikelihood,
     TrainingFisher,
     diagonal_fisher,
     iterate_batches,
@@ -18,8 +19,8 @@ from fl_ugm.fisher import (
 
 
 class MixedNet(nn.Module):
-    """Closed-form layers (Conv2d, Linear with and without bias, a 3-D Linear input) and
-    fallback ones (BatchNorm affine with running stats, LayerNorm, a shared Linear)."""
+    """Closed-form layers (Conv2d, BatchNorm2d with running stats, Linear with and without
+    bias, a 3-D Linear input) and fallback ones (LayerNorm, a shared Linear)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -166,14 +167,167 @@ def test_fisher_is_a_sum_over_examples_independent_of_batching():
         assert torch.all(first_half[name] <= whole[name] + 1e-6)
 
 
-def test_frozen_parameters_get_a_fisher_and_stay_frozen():
+def test_frozen_parameters_get_no_fisher_unless_all_are_asked_for():
     net = make_net(7)
-    net.fc.weight.requires_grad_(False)
+    for p in [*net.conv1.parameters(), *net.bn.parameters(), net.fc.weight]:
+        p.requires_grad_(False)  # a frozen backbone, and a frozen weight next to a trained bias
     x = torch.randn(8, 1, 7, 7)
     y = torch.randint(0, 5, (8,))
-    fisher = diagonal_fisher(net, [(x, y)], kind="empirical")
-    assert not net.fc.weight.requires_grad
-    assert fisher["fc.weight"].abs().max() > 0
+    trainable = diagonal_fisher(net, [(x, y)], kind="empirical")
+    assert set(trainable) == {n for n, p in net.named_parameters() if p.requires_grad}
+    assert "fc.bias" in trainable and "fc.weight" not in trainable
+    every = diagonal_fisher(net, [(x, y)], kind="empirical", parameters="all")
+    assert not net.fc.weight.requires_grad and not net.conv1.weight.requires_grad
+    assert every["fc.weight"].abs().max() > 0
+    for name, values in trainable.items():  # the same numbers either way
+        torch.testing.assert_close(values, every[name], rtol=1e-5, atol=1e-8)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        diagonal_fisher(net, [(x, y)], kind="empirical")
+
+
+class SlowLinear(nn.Linear):
+    """A Linear the closed forms do not recognise (type check): it takes the vmap path."""
+
+
+class SlowBatchNorm1d(nn.BatchNorm1d):
+    """A BatchNorm the closed forms do not recognise (type check): it takes the vmap path."""
+
+
+class Regressor(nn.Module):
+    def __init__(self, linear=nn.Linear, norm=nn.BatchNorm1d) -> None:
+        super().__init__()
+        self.hidden = linear(6, 8)
+        self.norm = norm(8)
+        self.out = linear(8, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.norm(self.hidden(x))))
+
+
+@pytest.mark.parametrize("likelihood", [GaussianLikelihood(0.7), CategoricalLikelihood()])
+def test_closed_forms_and_the_vmap_fallback_agree_with_the_loop(likelihood):
+    torch.manual_seed(3)
+    fast, slow = Regressor(), Regressor(SlowLinear, SlowBatchNorm1d)
+    fast.norm.running_mean.uniform_(-0.5, 0.5)
+    fast.norm.running_var.uniform_(0.5, 2.0)
+    slow.load_state_dict(fast.state_dict())
+    x = torch.randn(19, 6)
+    y = torch.randn(19, 2) if isinstance(likelihood, GaussianLikelihood) else \
+        torch.randint(0, 2, (19,))
+    expected = loop_fisher(fast, x, y, likelihood.nll)
+    for model in (fast, slow):
+        fisher = diagonal_fisher(model, iterate_batches(x, y, 7), kind="empirical",
+                                 likelihood=likelihood, chunk_size=3)
+        for name, values in fisher.items():
+            torch.testing.assert_close(values, expected[name], rtol=1e-4, atol=1e-7)
+
+
+def test_a_convolution_with_one_output_position_matches_the_loop():
+    """Kernel = image size (e.g. a 1x1 conv on 1x1 features): the Linear shortcut."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(3, 5, kernel_size=4), nn.Flatten(), nn.Linear(5, 3))
+    x, y = torch.randn(13, 3, 4, 4), torch.randint(0, 3, (13,))
+    fisher = diagonal_fisher(net, iterate_batches(x, y, 6), kind="empirical", chunk_size=4)
+    expected = loop_fisher(net, x, y, CategoricalLikelihood().nll)
+    for name, values in fisher.items():
+        torch.testing.assert_close(values, expected[name], rtol=1e-4, atol=1e-7)
+
+
+class TinyTagger(nn.Module):
+    """A sequence model: embedding and LayerNorm (vmap path), a 3-D Linear (closed form);
+    called with keyword inputs like a Hugging Face model."""
+
+    def __init__(self, linear=nn.Linear) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.norm = nn.LayerNorm(6)
+        self.mix = linear(6, 6)
+        self.head = linear(6, 11)
+
+    def forward(self, input_ids, attention_mask):
+        keep = attention_mask.unsqueeze(-1)
+        h = torch.tanh(self.mix(self.norm(self.embed(input_ids)))) * keep
+        context = h.sum(1, keepdim=True) / attention_mask.sum(1, keepdim=True).unsqueeze(-1)
+        return self.head(h + context)  # (batch, positions, vocabulary)
+
+
+def token_batches(seed=0, batches=3, size=5, length=7):
+    """A DataLoader-like list of dicts: ids, mask (right padding), labels (-100 at padding)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(batches):
+        ids = torch.randint(0, 11, (size, length), generator=g)
+        lengths = torch.randint(2, length + 1, (size,), generator=g)
+        mask = (torch.arange(length) < lengths[:, None]).long()
+        labels = torch.where(mask.bool(), torch.randint(0, 11, (size, length), generator=g),
+                             -100)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def unpack_tokens(batch):
+    return ({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+            batch["labels"])
+
+
+@pytest.mark.parametrize("linear", [nn.Linear, SlowLinear])
+def test_token_level_fisher_over_a_dataloader_of_dicts_matches_the_loop(linear):
+    torch.manual_seed(5)
+    model = TinyTagger(linear)
+    batches = token_batches()
+    likelihood = TokenCategoricalLikelihood()
+    fisher = diagonal_fisher(model, batches, kind="empirical", likelihood="token-categorical",
+                             unpack=unpack_tokens, chunk_size=2)
+    model.eval()
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for batch in batches:
+        for i in range(len(batch["labels"])):
+            model.zero_grad()
+            logits = model(batch["input_ids"][i : i + 1], batch["attention_mask"][i : i + 1])
+            likelihood.nll(logits, batch["labels"][i : i + 1]).sum().backward()
+            for n, p in model.named_parameters():
+                expected[n] += p.grad**2
+    for name, values in fisher.items():
+        assert values.abs().max() > 0, name
+        torch.testing.assert_close(values, expected[name], rtol=1e-4, atol=1e-7)
+    # padding does not count: the same examples unpadded, one at a time, give the same sum
+    unpadded = []
+    for batch in batches:
+        for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"],
+                                     batch["labels"]):
+            keep = int(mask.sum())
+            unpadded.append({"input_ids": ids[None, :keep], "attention_mask": mask[None, :keep],
+                             "labels": labels[None, :keep]})
+    again = diagonal_fisher(model, unpadded, kind="empirical", likelihood="token-categorical",
+                            unpack=unpack_tokens)
+    for name, values in again.items():
+        torch.testing.assert_close(values, fisher[name], rtol=1e-4, atol=1e-7)
+
+
+def test_token_sampling_keeps_the_padding_mask_and_is_seeded():
+    likelihood = TokenCategoricalLikelihood()
+    logits = torch.randn(4, 6, 9)
+    observed = torch.full((4, 6), 3)
+    observed[:, 4:] = -100
+    drawn = likelihood.sample(logits, torch.Generator().manual_seed(0), observed)
+    assert drawn.shape == (4, 6) and bool((drawn[:, 4:] == -100).all())
+    assert bool(((drawn[:, :4] >= 0) & (drawn[:, :4] < 9)).all())
+    again = likelihood.sample(logits, torch.Generator().manual_seed(0), observed)
+    assert torch.equal(drawn, again)
+    model = TinyTagger()
+    batches = token_batches(1)
+    sampled = diagonal_fisher(model, batches, likelihood="token-categorical",
+                              unpack=unpack_tokens, generator=torch.Generator().manual_seed(1))
+    assert all(bool(torch.isfinite(v).all()) and v.abs().max() > 0 for v in sampled.values())
+
+
+def test_a_batch_of_dicts_without_unpack_says_what_to_pass():
+    model = TinyTagger()
+    with pytest.raises(TypeError, match=r"keys \['attention_mask', 'input_ids', 'labels'\]; "
+                                        "pass unpack="):
+        diagonal_fisher(model, token_batches(), likelihood="token-categorical")
 
 
 def test_bad_arguments():

@@ -41,7 +41,7 @@ def test_simulation_on_ray(strategy, run_config, tmp_path):
     assert [r["round"] for r in history["replies"]] == [1, 2]
     for round_log in history["replies"]:
         assert len(round_log["nodes"]) == 3 and round_log["errors"] == 0
-        expected = (["client", "delta", "fisher", "metrics"] if strategy == "fedugm"
+        expected = (["client", "delta", "fisher", "metrics", "ugm-scales"] if strategy == "fedugm"
                     else ["arrays", "metrics"])
         assert round_log["records"] == expected
     assert history["accuracy"][-1] > history["accuracy"][0] + 0.4, history["accuracy"]

@@ -42,3 +42,43 @@ def test_the_client_app_snippet_defines_train_evaluate_and_query():
         assert callable(namespace[handler])
     with pytest.raises(KeyError):  # node_config without a client-id: fails loudly
         namespace["client_id"](type("Context", (), {"node_config": {}})())
+
+
+def test_the_own_loop_snippet_answers_a_fedugm_train_message():
+    """The snippet's train() with a frozen backbone and a DataLoader of dicts: its reply is
+    a valid float16 UGM reply that covers exactly the trainable parameters."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+    from helpers import message
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from fl_ugm.protocol import parse_ugm_reply, ugm_train_config
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(24, 1, 4, 4), torch.randint(0, 3, (24,))
+
+    def build_model() -> nn.Module:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(16, 3))
+        model[0].requires_grad_(False)  # the "pretrained backbone"
+        return model
+
+    def my_loader(context):
+        data = [{"img": x, "label": y} for x, y in zip(images, labels)]
+        return DataLoader(data, batch_size=8)
+
+    namespace: dict = {"build_model": build_model, "my_loader": my_loader}
+    exec(compile(snippet("own-loop"), "README own-loop snippet", "exec"), namespace)
+    glob = build_model().state_dict()
+    config = ugm_train_config(ConfigRecord(), fisher="sampled", prior_precision=1.0,
+                              wire_dtype="float16")  # what FedUGM sends
+    request = message(RecordDict({"arrays": ArrayRecord(glob), "config": config}))
+    context = Context(run_id=1, node_id=1, node_config={"client-id": "7"}, state=RecordDict(),
+                      run_config={})
+    reply = namespace["train"](request, context)
+
+    update = parse_ugm_reply(reply.content, glob, node_id=1)
+    assert sorted(update.delta) == sorted(update.fisher) == ["2.bias", "2.weight"]
+    assert update.client_id == "7" and update.num_examples == 24
+    assert all(a.dtype == "float16" for a in reply.content["delta"].values())
+    assert float(update.delta["2.weight"].abs().max()) > 1e-4  # it trained

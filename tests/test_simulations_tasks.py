@@ -139,6 +139,18 @@ def test_training_then_evaluate_on_digits():
     assert model.training  # evaluate restores the mode
 
 
+def test_a_last_batch_of_one_joins_the_previous_one_for_batchnorm():
+    """33 examples in batches of 16: 16 + 17 (a batch of 1 would break BatchNorm), every
+    example seen once per epoch."""
+    seen: list[int] = []
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+                                torch.nn.Linear(8, 3))
+    model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    inputs, labels = torch.randn(33, 4), torch.randint(0, 3, (33,))
+    train_classifier(model, inputs, labels, epochs=1, batch_size=16, lr=0.1, seed=0)
+    assert seen == [16, 17]
+
+
 def test_a_supernode_reads_its_own_data_file_from_node_config(tmp_path):
     """``data-path`` in node_config (a deployment) gives the same data as the exported
     partition; a missing or malformed file is a clear error."""

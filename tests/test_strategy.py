@@ -205,7 +205,8 @@ def test_an_odd_fisher_key_set_cannot_outvote_the_majority(caplog):
     agreeing = [ugm_reply(1, 10, state, seed=1), ugm_reply(2, 10, state, seed=2)]
     with caplog.at_level("WARNING", logger="flwr"):
         arrays, _ = strategy.aggregate_train(1, [odd, *agreeing])
-    assert "dropping node 99 in round 1: its Fisher covers 3 tensors, the other clients' 4" \
+    assert "dropping node 99 in round 1: it covers 6 delta and 3 Fisher tensors (other keys), " \
+           "the other clients 6 and 4" \
         in caplog.text
     reference = reference_from(agreeing, state, ugm_merge, alphas=[0.5, 0.5],
                                prior_precision=1.0)
@@ -303,7 +304,7 @@ def test_full_loop_in_process_with_flowers_own_start(strategy_name):
                             evaluate_fn=central_eval)
 
     assert len(grid.rounds) == 3 and all(len(r) == 3 for r in grid.rounds)  # all nodes
-    expected_records = (["delta", "fisher", "metrics"] if strategy_name == "fedugm"
+    expected_records = (["delta", "fisher", "metrics", "ugm-scales"] if strategy_name == "fedugm"
                         else ["arrays", "metrics"])
     assert all(kinds == expected_records for r in grid.rounds for kinds in r)
     assert history[-1] > history[0] + 0.2, history
