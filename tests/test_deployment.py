@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TAG_VAR = "FL_UGM_DEPLOYMENT_TEST_TAG"
 CONNECTION = "deployment-test"  # the SuperLink connection's name in $FLWR_HOME/config.toml
 NODE_ID = re.compile(r"SuperNode ID: (\d+)")
-FEDUGM_RECORDS = ["client", "delta", "fisher", "metrics"]
+FEDUGM_RECORDS = ["client", "delta", "fisher", "metrics", "ugm-scales"]
 #: the small task every run uses (scikit-learn digits, offline); the app's other keys keep
 #: their pyproject.toml defaults
 RUN_CONFIG = {"task": "digits", "num-clients": 3, "test-examples": 400, "strategy": "fedugm"}

@@ -29,6 +29,7 @@ def test_simulation_on_ray(strategy, run_config, tmp_path):
     from flwr.simulation import run_simulation
 
     from simulations.flower_app import history_path, make_apps
+    from simulations.tasks import build_model
 
     ledger = str(tmp_path / "ledger") if strategy == "fedugm" else ""
     config = dict(run_config, strategy=strategy, out=str(tmp_path), ledger=ledger)
@@ -37,6 +38,7 @@ def test_simulation_on_ray(strategy, run_config, tmp_path):
                    backend_config={"client_resources": {"num_cpus": 1}})
 
     history = json.loads(history_path(tmp_path, strategy, 0).read_text())
+    parameters = sum(p.numel() for p in build_model("mlp", 64, 10).parameters())
     assert len(history["accuracy"]) == 3  # initial model + 2 rounds
     assert [r["round"] for r in history["replies"]] == [1, 2]
     for round_log in history["replies"]:
@@ -44,6 +46,9 @@ def test_simulation_on_ray(strategy, run_config, tmp_path):
         expected = (["client", "delta", "fisher", "metrics", "ugm-scales"] if strategy == "fedugm"
                     else ["arrays", "metrics"])
         assert round_log["records"] == expected
+        # FedUGM's float16 Δ + F cost FedAvg's float32 θ: 4 bytes per parameter and client
+        # (plus the serialized arrays' headers)
+        assert round_log["bytes"] == pytest.approx(3 * 4 * parameters, rel=0.02)
     assert history["accuracy"][-1] > history["accuracy"][0] + 0.4, history["accuracy"]
     assert history["loss"][-1] < history["loss"][0]
     if strategy == "fedugm":  # the ledger holds every client under its partition id

@@ -198,3 +198,49 @@ def test_every_experiment_has_help_and_creates_nothing(module, capsys, tmp_path,
     if module != "export_partitions":
         with pytest.raises(SystemExit, match=r"arguments must be key=value, got \['seeds'\]"):
             main(["seeds"])
+
+
+def test_the_server_scores_the_test_or_the_validation_split():
+    from simulations.flower_app import evaluation_set
+
+    inputs, labels = torch.arange(100.0)[:, None], torch.arange(100)
+    split = tasks.split_indices(100, test=20, server=10, seed=0)
+    cfg = {"pretrain-epochs": 0}
+    x, y = evaluation_set(cfg, inputs, labels, split)
+    assert sorted(y.tolist()) == sorted(split.test.tolist()) == sorted(x[:, 0].long().tolist())
+    x, y = evaluation_set({**cfg, "evaluate-on": "validation"}, inputs, labels, split)
+    assert sorted(y.tolist()) == sorted(split.server.tolist()) == sorted(x[:, 0].long().tolist())
+    with pytest.raises(ValueError, match="pretrain-epochs=0"):
+        evaluation_set({"pretrain-epochs": 2, "evaluate-on": "validation"}, inputs, labels,
+                       split)
+    with pytest.raises(ValueError, match="server-examples > 0"):
+        evaluation_set({**cfg, "evaluate-on": "validation"}, inputs, labels,
+                       tasks.split_indices(100, test=20, server=0, seed=0))
+    with pytest.raises(ValueError, match="choose test or validation"):
+        evaluation_set({**cfg, "evaluate-on": "valid"}, inputs, labels, split)
+
+
+def test_learning_rate_selection_uses_the_validation_split_and_its_own_seed(monkeypatch,
+                                                                          tmp_path):
+    """Each strategy gets the lr with the best final VALIDATION accuracy (ties: smaller lr),
+    from runs at selection-seed; the test split is never scored."""
+    from omegaconf import OmegaConf
+
+    from simulations import compare
+
+    scores = {("fedavg", 0.1): 0.7, ("fedavg", 0.3): 0.8, ("fedugm", 0.1): 0.75,
+              ("fedugm", 0.3): 0.75}
+    calls = []
+
+    def fake_simulate(run_config, label=""):
+        calls.append(run_config)
+        return {"accuracy": [0.1, scores[(run_config["strategy"], run_config["lr"])]]}
+
+    monkeypatch.setattr(compare, "simulate", fake_simulate)
+    cfg = OmegaConf.create({"strategies": ["fedavg", "fedugm"], "lr-grid": [0.3, 0.1],
+                            "selection-seed": 100})
+    selection = compare.select_learning_rates(cfg, {"lr": 0.05}, tmp_path)
+    assert selection["fedavg"]["chosen"] == 0.3 and selection["fedugm"]["chosen"] == 0.1
+    assert selection["fedavg"]["validation_accuracy"] == {"0.1": 0.7, "0.3": 0.8}
+    assert len(calls) == 4
+    assert all(c["evaluate-on"] == "validation" and c["seed"] == 100 for c in calls)
