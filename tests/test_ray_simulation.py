@@ -46,9 +46,10 @@ def test_simulation_on_ray(strategy, run_config, tmp_path):
         expected = (["client", "delta", "fisher", "metrics", "ugm-scales"] if strategy == "fedugm"
                     else ["arrays", "metrics"])
         assert round_log["records"] == expected
-        # FedUGM's float16 Δ + F cost FedAvg's float32 θ: 4 bytes per parameter and client
-        # (plus the serialized arrays' headers)
-        assert round_log["bytes"] == pytest.approx(3 * 4 * parameters, rel=0.02)
+        # FedUGM's float16 Δ + F cost FedAvg's float32 θ: 4 bytes per parameter and client,
+        # plus a .npy header (≤ 256 bytes) per array: 4 tensors, FedUGM sends 2 records
+        arrays = 3 * 4 * (2 if strategy == "fedugm" else 1)
+        assert 0 < round_log["bytes"] - 3 * 4 * parameters <= 256 * arrays
     assert history["accuracy"][-1] > history["accuracy"][0] + 0.4, history["accuracy"]
     assert history["loss"][-1] < history["loss"][0]
     if strategy == "fedugm":  # the ledger holds every client under its partition id
