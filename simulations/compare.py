@@ -1,4 +1,4 @@
-"""Compare Flower's FedAvg and FedProx with FedUGM on identical non-IID partitions, on Ray.
+"""Compare Flower's FedAvg, FedProx, FedAvgM, FedAdam with FedUGM on identical partitions, on Ray.
 
     python -m simulations.compare                                   # multi-round (default)
     python -m simulations.compare configs/compare_one_shot.yaml     # one-shot merging
@@ -11,10 +11,11 @@ split before training and after every round.
 
 Config: the app's run config (``[tool.flwr.app.config]`` in pyproject.toml), then
 ``configs/adversaries.yaml`` and ``configs/compare.yaml``, then an optional overlay YAML,
-then ``key=value`` overrides. With ``lr-grid=[...]`` each strategy first gets its learning
-rate chosen on the validation split (``server-examples``, one run per lr at
-``selection-seed``; see :func:`select_learning_rates`), then runs ``seeds`` at it, scored on
-the test split. Writes to ``out``: ``rounds.csv`` (strategy, seed, round,
+then ``key=value`` overrides. With ``lr-grid=[...]`` each strategy first gets its settings
+chosen on the validation split (``server-examples``): every lr of the grid, crossed with the
+strategy's own ``tune`` grids (e.g. FedProx's ``proximal-mu``), one run each at
+``selection-seed`` (:func:`select_settings`); then ``seeds`` run at the chosen setting,
+scored on the test split. Writes to ``out``: ``rounds.csv`` (strategy, seed, round,
 accuracy, loss, seconds), ``summary.json`` (``{"strategies": {name: {"final_accuracy":
 [one per seed], "rounds_to_fedavg_final": [...], "seconds": [...], "reply_bytes_per_round":
 [...]}}, "config": {...}}``; reply bytes: the tensors of all replies of a round, summed)
@@ -24,11 +25,13 @@ and ``accuracy_vs_round.png``; prints a table.
 from __future__ import annotations
 
 import csv
+import itertools
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from simulations.runner import (
     CONFIGS,
@@ -47,6 +50,7 @@ from simulations.runner import (
 COMPARE_CONFIG = CONFIGS / "compare.yaml"
 #: line style and marker per strategy, so coinciding curves stay visible
 STYLES = {"fedavg": ("-", "o"), "fedprox": ("--", "s"), "fedugm": ("-", "^"),
+          "fedavgm": ("--", "v"), "fedadam": (":", "P"),
           "task-arithmetic": (":", "x"), "fisher-averaging": ("-.", "d")}
 
 
@@ -120,33 +124,52 @@ def plot(histories: dict[str, list[dict]], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
-def select_learning_rates(cfg, base: dict, out: Path) -> dict[str, dict]:
-    """Per strategy, the ``lr-grid`` value with the best final accuracy on the VALIDATION
-    split (``evaluate-on=validation``: the ``server-examples`` split, never the test set),
-    one run each at ``selection-seed``; ties go to the smaller lr. Returns ``{strategy:
-    {"chosen": lr, "validation_accuracy": {lr: final accuracy}}}``."""
-    grid = sorted(float(lr) for lr in cfg["lr-grid"])
-    runs = [(name, lr) for name in cfg.strategies for lr in grid]
+def setting_grid(cfg, name: str) -> list[dict[str, Any]]:
+    """Every setting a strategy is tried at: ``lr-grid`` × its ``tune`` grids (e.g.
+    ``tune: {fedprox: {proximal-mu: [0.01, 0.1]}}``), as run-config overrides."""
+    axes = {"lr": [float(v) for v in cfg["lr-grid"]]}
+    axes.update({str(k): list(v) for k, v in (cfg["tune"].get(name) or {}).items()})
+    return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+
+
+def select_settings(cfg, base: dict, out: Path) -> dict[str, dict]:
+    """Per strategy, the setting of :func:`setting_grid` with the best final accuracy on the
+    VALIDATION split (``evaluate-on=validation``: the ``server-examples`` split, never the
+    test set), one run each at ``selection-seed``; ties go to the smaller lr, then to the
+    earlier setting. Returns ``{strategy: {"chosen": {key: value}, "validation": [{**setting,
+    "accuracy": a}, ...], "mean_over_lr_grid": m}}``; ``m`` averages, over the lr grid, the
+    best accuracy at each lr (how forgiving the method is of its learning rate)."""
+    runs = [(name, setting) for name in cfg.strategies for setting in setting_grid(cfg, name)]
     selection: dict[str, dict] = {}
-    for done, (name, lr) in enumerate(runs, start=1):
-        run_config = {**base, "strategy": str(name), "lr": lr, "evaluate-on": "validation",
+    for done, (name, setting) in enumerate(runs, start=1):
+        tag = " ".join(f"{k}={v:g}" for k, v in setting.items())
+        run_config = {**base, **setting, "strategy": str(name), "evaluate-on": "validation",
                       "seed": int(cfg["selection-seed"]),
-                      "out": str(out / "selection" / f"lr{lr:g}")}
-        history = simulate(run_config, label=f"[select {done}/{len(runs)}] {name} lr={lr:g}")
-        scores = selection.setdefault(str(name), {"validation_accuracy": {}})
-        scores["validation_accuracy"][f"{lr:g}"] = history["accuracy"][-1]
-    for scores in selection.values():
-        accuracy = scores["validation_accuracy"]
-        scores["chosen"] = float(max(accuracy, key=lambda lr: (accuracy[lr], -float(lr))))
+                      "out": str(out / "selection" / tag.replace(" ", "_"))}
+        history = simulate(run_config, label=f"[select {done}/{len(runs)}] {name} {tag}")
+        entry = selection.setdefault(str(name), {"validation": []})
+        entry["validation"].append({**setting, "accuracy": history["accuracy"][-1]})
+    for entry in selection.values():
+        scored = entry["validation"]
+        best = max(scored, key=lambda r: (r["accuracy"], -r["lr"], -scored.index(r)))
+        entry["chosen"] = {k: v for k, v in best.items() if k != "accuracy"}
+        per_lr: dict[float, float] = {}
+        for r in scored:
+            per_lr[r["lr"]] = max(per_lr.get(r["lr"], 0.0), r["accuracy"])
+        entry["mean_over_lr_grid"] = statistics.fmean(per_lr.values())
     return selection
 
 
 def format_selection(selection: dict[str, dict], seed: int) -> str:
-    lines = [f"learning rate chosen on the validation split (seed {seed}):",
-             "| strategy | validation accuracy (%) per lr | chosen lr |", "|---|---|---|"]
-    for name, scores in selection.items():
-        cells = ", ".join(f"{lr}: {100 * a:.2f}" for lr, a in scores["validation_accuracy"].items())
-        lines.append(f"| {name} | {cells} | {scores['chosen']:g} |")
+    lines = [f"settings chosen on the validation split (seed {seed}):",
+             "| strategy | validation accuracy (%) per setting | chosen | mean over the lr "
+             "grid (%) |", "|---|---|---|---|"]
+    for name, entry in selection.items():
+        cells = ", ".join(
+            " ".join(f"{k} {v:g}" for k, v in r.items() if k != "accuracy")
+            + f": {100 * r['accuracy']:.2f}" for r in entry["validation"])
+        chosen = " ".join(f"{k} {v:g}" for k, v in entry["chosen"].items())
+        lines.append(f"| {name} | {cells} | {chosen} | {100 * entry['mean_over_lr_grid']:.2f} |")
     return "\n".join(lines)
 
 
@@ -157,15 +180,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    base = plain(cfg, "strategies", "seeds", "lr-grid", "selection-seed")
-    selection = select_learning_rates(cfg, base, out) if cfg["lr-grid"] else {}
+    base = plain(cfg, "strategies", "seeds", "lr-grid", "tune", "selection-seed")
+    selection = select_settings(cfg, base, out) if cfg["lr-grid"] else {}
     histories: dict[str, list[dict]] = {name: [] for name in cfg.strategies}
     runs = [(seed, name) for seed in cfg.seeds for name in cfg.strategies]
     for done, (seed, name) in enumerate(runs, start=1):
         run_config = {**base, "strategy": str(name), "seed": int(seed),
                       "out": str(out / "histories")}
         if selection:
-            run_config["lr"] = selection[str(name)]["chosen"]
+            run_config.update(selection[str(name)]["chosen"])
         histories[str(name)].append(simulate(run_config, label=f"[{done}/{len(runs)}] {name}"))
 
     with open(out / "rounds.csv", "w", newline="") as handle:
@@ -178,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     writer.writerow([name, h["seed"], r, f"{a:.4f}", f"{lo:.4f}", f"{s:.2f}"])
     summary = summarize(histories)
     write_json(out / "summary.json", {"strategies": summary, "config": plain(cfg),
-                                      "lr_selection": selection,
+                                      "selection": selection,
                                       "wall_time_s": time.perf_counter() - start})
     skew = f" {cfg['dirichlet-alpha']}" if cfg.partition == "dirichlet" else ""
     title = (f"{cfg.task}, {cfg['num-clients']} clients, {cfg.partition}{skew}, "

@@ -6,7 +6,10 @@ adversaries: the simulations plug theirs in through :class:`ClientRole`
 (``simulations.adversaries``).
 
 Run config keys (defaults and one-line docs in ``pyproject.toml`` ``[tool.flwr.app.config]``):
-``strategy`` (fedavg | fedprox | fedugm | task-arithmetic [α_t = 1] | fisher-averaging),
+``strategy`` (Flower's fedavg | fedprox | fedavgm | fedadam, or fedugm | task-arithmetic
+[α_t = 1] | fisher-averaging), ``server-lr`` / ``server-momentum`` (FedAvgM's server
+learning rate and momentum), ``fedadam-eta`` / ``fedadam-tau`` (FedAdam's server learning
+rate and adaptivity),
 ``num-server-rounds``, ``num-clients``, ``fraction-train``, ``local-epochs``, ``batch-size``,
 ``lr``, ``optimizer``, ``prior-delta`` (FedUGM's δ), ``proximal-mu`` (FedProx's μ),
 ``fisher``, ``alpha``, ``scale``, ``fisher-clip``, the data (``task``, ``model``,
@@ -46,7 +49,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 from safetensors.torch import load_file, save_file
 
 from fl_ugm.client import handle_evaluate, handle_query, handle_train, train_classifier
@@ -55,7 +58,10 @@ from fl_ugm.protocol import REMOVAL_KEY
 from fl_ugm.strategy import FedUGM
 from simulations import tasks
 
-STRATEGIES = ("fedavg", "fedprox", "fedugm", "task-arithmetic", "fisher-averaging")
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedugm", "task-arithmetic",
+              "fisher-averaging")
+#: Flower's own strategies (they sample every node; FedUGM's options do not apply)
+FLOWER_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam")
 #: How long the ServerApp waits for ``num-clients`` SuperNodes before it gives up (seconds).
 NODE_WAIT_SECONDS = 60.0
 
@@ -146,7 +152,8 @@ def excluded_clients(cfg: Mapping[str, Any]) -> list[str]:
 
 
 def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
-    """Flower's own FedAvg/FedProx, or FedUGM (with its UGM or a baseline merge rule)."""
+    """Flower's own FedAvg/FedProx/FedAvgM/FedAdam, or FedUGM (with its UGM or a baseline
+    merge rule)."""
     fraction = float(cfg.get("fraction-train", 1.0))
     common = {
         "fraction_train": fraction,
@@ -156,13 +163,18 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
     }
     name = str(cfg["strategy"])
     excluded = excluded_clients(cfg)
-    if excluded and name in ("fedavg", "fedprox"):
+    if excluded and name in FLOWER_STRATEGIES:
         raise ValueError("exclude-clients needs a FedUGM strategy (fedugm, task-arithmetic, "
-                         "fisher-averaging); Flower's FedAvg and FedProx sample every node.")
+                         f"fisher-averaging); Flower's {name} samples every node.")
     if name == "fedavg":
         return FedAvg(**common)
     if name == "fedprox":
         return FedProx(proximal_mu=float(cfg["proximal-mu"]), **common)
+    if name == "fedavgm":
+        return FedAvgM(server_learning_rate=float(cfg["server-lr"]),
+                       server_momentum=float(cfg["server-momentum"]), **common)
+    if name == "fedadam":
+        return FedAdam(eta=float(cfg["fedadam-eta"]), tau=float(cfg["fedadam-tau"]), **common)
     if name in ("fedugm", "task-arithmetic", "fisher-averaging"):
         # task arithmetic as in the paper: α_t = 1 for every client
         alpha = "ones" if name == "task-arithmetic" else str(cfg["alpha"])

@@ -68,7 +68,10 @@ def load_config(argv: Sequence[str], layers: Sequence[Mapping | Path], *, prog: 
     bad = [arg for arg in args if "=" not in arg]
     if bad:
         raise SystemExit(f"{prog}: arguments must be key=value, got {bad}; see --help.")
-    OmegaConf.set_struct(default, True)
+    OmegaConf.set_struct(default, True)  # a typo in a top-level key is an error ...
+    for key in default:
+        if isinstance(default[key], DictConfig):  # ... but mappings (tune) take any entries
+            OmegaConf.set_struct(default[key], False)
     try:
         return OmegaConf.merge(default, OmegaConf.from_cli(args))
     except ConfigKeyError as err:

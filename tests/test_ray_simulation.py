@@ -1,5 +1,5 @@
 """A real Flower simulation on Ray (3 clients, 2 rounds, scikit-learn digits): FedUGM, and
-the same ClientApp under Flower's built-in FedAvg."""
+the same ClientApp under Flower's built-in FedAvg and FedAvgM (server momentum)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def run_config():
     return config
 
 
-@pytest.mark.parametrize("strategy", ["fedugm", "fedavg"])
+@pytest.mark.parametrize("strategy", ["fedugm", "fedavg", "fedavgm"])
 def test_simulation_on_ray(strategy, run_config, tmp_path):
     from flwr.simulation import run_simulation
 

@@ -220,27 +220,52 @@ def test_the_server_scores_the_test_or_the_validation_split():
         evaluation_set({**cfg, "evaluate-on": "valid"}, inputs, labels, split)
 
 
-def test_learning_rate_selection_uses_the_validation_split_and_its_own_seed(monkeypatch,
-                                                                          tmp_path):
-    """Each strategy gets the lr with the best final VALIDATION accuracy (ties: smaller lr),
-    from runs at selection-seed; the test split is never scored."""
+def test_setting_selection_uses_the_validation_split_and_its_own_seed(monkeypatch, tmp_path):
+    """Each strategy gets the setting (lr × its own tune grid) with the best final VALIDATION
+    accuracy (ties: smaller lr), from runs at selection-seed; the mean over the lr grid takes
+    the best setting at each lr."""
     from omegaconf import OmegaConf
 
     from simulations import compare
 
-    scores = {("fedavg", 0.1): 0.7, ("fedavg", 0.3): 0.8, ("fedugm", 0.1): 0.75,
-              ("fedugm", 0.3): 0.75}
+    scores = {("fedavg", 0.1, None): 0.7, ("fedavg", 0.3, None): 0.8,
+              ("fedugm", 0.1, None): 0.75, ("fedugm", 0.3, None): 0.75,
+              ("fedprox", 0.1, 0.01): 0.6, ("fedprox", 0.1, 1.0): 0.9,
+              ("fedprox", 0.3, 0.01): 0.7, ("fedprox", 0.3, 1.0): 0.5}
     calls = []
 
     def fake_simulate(run_config, label=""):
         calls.append(run_config)
-        return {"accuracy": [0.1, scores[(run_config["strategy"], run_config["lr"])]]}
+        key = (run_config["strategy"], run_config["lr"], run_config.get("proximal-mu"))
+        return {"accuracy": [0.1, scores[key]]}
 
     monkeypatch.setattr(compare, "simulate", fake_simulate)
-    cfg = OmegaConf.create({"strategies": ["fedavg", "fedugm"], "lr-grid": [0.3, 0.1],
+    cfg = OmegaConf.create({"strategies": ["fedavg", "fedugm", "fedprox"], "lr-grid": [0.3, 0.1],
+                            "tune": {"fedprox": {"proximal-mu": [0.01, 1.0]}},
                             "selection-seed": 100})
-    selection = compare.select_learning_rates(cfg, {"lr": 0.05}, tmp_path)
-    assert selection["fedavg"]["chosen"] == 0.3 and selection["fedugm"]["chosen"] == 0.1
-    assert selection["fedavg"]["validation_accuracy"] == {"0.1": 0.7, "0.3": 0.8}
-    assert len(calls) == 4
+    selection = compare.select_settings(cfg, {"lr": 0.05}, tmp_path)
+    assert selection["fedavg"]["chosen"] == {"lr": 0.3}
+    assert selection["fedugm"]["chosen"] == {"lr": 0.1}  # a tie: the smaller lr
+    assert selection["fedprox"]["chosen"] == {"lr": 0.1, "proximal-mu": 1.0}
+    assert selection["fedavg"]["mean_over_lr_grid"] == pytest.approx(0.75)
+    assert selection["fedprox"]["mean_over_lr_grid"] == pytest.approx((0.9 + 0.7) / 2)
+    assert len(calls) == 2 + 2 + 4
     assert all(c["evaluate-on"] == "validation" and c["seed"] == 100 for c in calls)
+    table = compare.format_selection(selection, 100)
+    assert "| fedprox |" in table and "lr 0.1 proximal-mu 1" in table
+
+
+def test_the_app_builds_flowers_own_server_optimizers():
+    from flwr.serverapp.strategy import FedAdam, FedAvgM
+
+    from simulations.flower_app import build_strategy
+
+    cfg = {"strategy": "fedavgm", "server-lr": 0.7, "server-momentum": 0.5,
+           "fedadam-eta": 0.02, "fedadam-tau": 0.003}
+    avgm = build_strategy(cfg, 4)
+    assert type(avgm) is FedAvgM
+    assert (avgm.server_learning_rate, avgm.server_momentum) == (0.7, 0.5)
+    adam = build_strategy({**cfg, "strategy": "fedadam"}, 4)
+    assert type(adam) is FedAdam and (adam.eta, adam.tau) == (0.02, 0.003)
+    with pytest.raises(ValueError, match="Flower's fedavgm samples every node"):
+        build_strategy({**cfg, "exclude-clients": "1"}, 4)
