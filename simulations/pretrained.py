@@ -31,7 +31,6 @@ import importlib.util
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -40,7 +39,10 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from fl_ugm.ledger import write_atomically
 
 __all__ = [
     "IMAGE_NORMALIZATIONS",
@@ -110,25 +112,9 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 def _save_atomic(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file via a temporary file in the same folder + ``os.replace``."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _load(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(path)
+    """A safetensors file written atomically (``fl_ugm.ledger.write_atomically``)."""
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    write_atomically(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
 
 
 class _Progress:
@@ -361,7 +347,7 @@ def fashion_mnist_features(
     )
     path = cache_directory(cache_dir) / name
     if path.is_file():
-        cached = _load(path)
+        cached = load_file(path)
         return cached["features"], cached["labels"], cached["is_test"]
 
     images, labels, is_test = load_fashion_mnist()
@@ -540,7 +526,7 @@ def tweet_features(
     texts, labels = load_tweets(limit)
     topics = tweet_topics(texts)
     if path.is_file():
-        cached = _load(path)
+        cached = load_file(path)
         if not torch.equal(cached["labels"], labels):
             raise ValueError(f"{path} does not match the installed corpus; delete it to re-encode")
         embeddings = cached["embeddings"]

@@ -308,8 +308,6 @@ class SubsetLinearGrid(LinearGrid):
 def test_subset_replies_through_the_ledger_and_replay_removal(tmp_path):
     """Clients that send only 'w' of {'w', 'backbone'}: 'backbone' keeps the global's value
     bit for bit, the ledger records 'w' only, and replay removal equals retraining."""
-    from fl_ugm.merge import ugm_merge
-
     hessians, xty, theta0 = linear_problem(seed=8, clients=3)
     backbone = torch.randn(4, 3, dtype=torch.float64)
     grid = SubsetLinearGrid(hessians, xty)
