@@ -18,7 +18,8 @@ Two ways to answer FedUGM's train message:
 
   Train under FedUGM's prior as the derivation assumes: add (δ / 2n)·‖w − θ‖² to your mean
   loss (FedProx's proximal term with μ = δ / n), δ =
-  ``fl_ugm.protocol.proximal_precision(msg.content["config"], n)``.
+  ``fl_ugm.protocol.proximal_precision(msg.content, n)``; with FedUGM's
+  ``carried_precision`` that is a tensor per parameter (Σ δ_i (w_i − θ_i)² / 2n).
 
 * **The ready-made classifier loop**: :func:`handle_train` (cross-entropy on in-memory
   tensors, SGD or Adam), which answers any strategy: FedUGM gets the UGM reply, Flower's
@@ -30,9 +31,11 @@ Fisher of the trainable parameters (a SUM over the n_t examples), ``num-examples
 client's stable id, in the wire dtype the server asked for. Frozen parameters are not sent:
 the server keeps the global's values there.
 
-The proximal prior: FedUGM sends its δ as ``"ugm-prior"``; FedProx sends ``"proximal-mu"``
-(μ/2·‖w − θ‖² on a MEAN loss, i.e. precision μ·n_t on the summed loss). Both become the
-term (precision / 2n)·‖w − θ‖² added to the mean loss, the H0 = δ of the derivation.
+The proximal prior: FedUGM sends its δ as ``"ugm-prior"`` (and, with a carried precision,
+a per-parameter precision as the ``"ugm-prior-precision"`` ArrayRecord); FedProx sends
+``"proximal-mu"`` (μ/2·‖w − θ‖² on a MEAN loss, i.e. precision μ·n_t on the summed loss).
+All become the term (precision / 2n)·‖w − θ‖² added to the mean loss, the H0 of the
+derivation.
 
 Let the server find this client's node (removal, excluded clients)::
 
@@ -56,6 +59,7 @@ from fl_ugm.protocol import (
     FISHER_ESTIMATORS,
     FISHER_KEY,
     NUM_EXAMPLES_KEY,
+    PRIOR_KEY,
     WIRE_DTYPE_KEY,
     build_ugm_reply,
     proximal_precision,
@@ -79,19 +83,20 @@ def train_classifier(
     lr: float,
     seed: int,
     optimizer: str = "sgd",
-    prox_precision: float = 0.0,
+    prox_precision: float | Mapping[str, Tensor] = 0.0,
     anchor: Mapping[str, Tensor] | None = None,
     training_fisher: TrainingFisher | None = None,
 ) -> float:
-    """Fine-tune in place on mean cross-entropy + (prox_precision / 2n)·‖w − anchor‖².
+    """Fine-tune in place on mean cross-entropy + (1 / 2n)·Σ P·(w − anchor)².
 
-    ``n`` = ``len(inputs)``, so ``prox_precision`` is the prior precision on the summed loss
-    (FedProx's μ = prox_precision / n). ``anchor`` defaults to the weights on entry. A
-    fractional ``epochs`` (e.g. 0.5) ends with that fraction of an epoch's mini-batches. In a
-    model with BatchNorm, a last mini-batch of one example joins the one before (BatchNorm
-    cannot train on one). If a
-    :class:`TrainingFisher` is given it sees each batch's cross-entropy gradient (before the
-    proximal gradient is added). Returns the last epoch's mean cross-entropy (nats).
+    ``n`` = ``len(inputs)``, so P = ``prox_precision`` is the prior precision on the summed
+    loss (FedProx's μ = P / n): a float, or per parameter a tensor of its shape (a
+    per-coordinate precision; a parameter it does not name gets none). ``anchor`` defaults
+    to the weights on entry. A fractional ``epochs`` (e.g. 0.5) ends with that fraction of
+    an epoch's mini-batches. In a model with BatchNorm, a last mini-batch of one example
+    joins the one before (BatchNorm cannot train on one). If a :class:`TrainingFisher` is
+    given it sees each batch's cross-entropy gradient (before the proximal gradient is
+    added). Returns the last epoch's mean cross-entropy (nats).
     """
     if not epochs > 0:
         raise ValueError(f"train_classifier: epochs={epochs}; it must be > 0.")
@@ -106,7 +111,11 @@ def train_classifier(
     opt_cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
     opt = opt_cls(params.values(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    prox_scale = prox_precision / n
+    if isinstance(prox_precision, Mapping):
+        prox_scale: dict[str, Tensor | float] = {k: v / n for k, v in prox_precision.items()
+                                                 if k in params}
+    else:
+        prox_scale = dict.fromkeys(params, prox_precision / n) if prox_precision > 0 else {}
     batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     model.train()
     last_epoch_loss = float("nan")
@@ -125,11 +134,16 @@ def train_classifier(
             seen += len(batch)
             if training_fisher is not None:
                 training_fisher.update(len(batch))
-            if prox_scale > 0:  # gradient of (prox_scale / 2)·‖w − centre‖²
+            if prox_scale:  # gradient of Σ (P / 2n)·(w − centre)²
                 with torch.no_grad():
-                    for key, p in params.items():
-                        if p.grad is not None:
-                            p.grad.add_(p - centre[key], alpha=prox_scale)
+                    for key, scale in prox_scale.items():
+                        p = params[key]
+                        if p.grad is None:
+                            continue
+                        if isinstance(scale, Tensor):
+                            p.grad.addcmul_(p - centre[key], scale)
+                        else:
+                            p.grad.add_(p - centre[key], alpha=scale)
             opt.step()
         last_epoch_loss = total / seen
     return last_epoch_loss
@@ -174,7 +188,8 @@ def handle_train(
     loss = train_classifier(
         model, inputs, targets,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, optimizer=optimizer,
-        prox_precision=proximal_precision(config, n), training_fisher=training_fisher,
+        prox_precision=_prior_for(model, proximal_precision(msg.content, n), config),
+        training_fisher=training_fisher,
     )  # fmt: skip
     if not ugm:
         metrics = MetricRecord({NUM_EXAMPLES_KEY: n, "train-loss": loss})
@@ -190,6 +205,19 @@ def handle_train(
     return ugm_reply(msg, model, fisher=fisher, num_examples=n, client_id=client_id,
                      metrics={"train-loss": loss}, arrayrecord_key=arrayrecord_key,
                      configrecord_key=configrecord_key)
+
+
+def _prior_for(model: nn.Module, prior: float | dict[str, Tensor], config: ConfigRecord
+               ) -> float | dict[str, Tensor | float]:
+    """A per-parameter prior completed with δ for the parameters it does not name."""
+    if not isinstance(prior, dict):
+        return prior
+    unknown = sorted(set(prior) - {k for k, _ in model.named_parameters()})
+    if unknown:
+        raise ValueError(f"the server's per-parameter prior names parameters this model lacks: "
+                         f"{unknown[:5]}.")
+    delta = float(config.get(PRIOR_KEY, 0.0))
+    return {k: prior.get(k, delta) for k, _ in model.named_parameters()}
 
 
 def ugm_reply(

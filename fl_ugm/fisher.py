@@ -16,6 +16,10 @@ Likelihoods: ``"categorical"`` (classification), ``"gaussian"`` (regression) and
 * ``kind="sampled"`` draws each example's target from the model's own predictive
   distribution: the true Fisher, what the paper's code uses (default).
 * ``kind="empirical"`` uses the true targets.
+* ``kind="exact"`` (categorical likelihood) is the true Fisher without sampling noise: the
+  expectation over each example's C classes, Σ_i Σ_c p_ic (∇ℓ(x_i, c))², computed exactly
+  with C backward passes per batch (C times the sampled Fisher's cost; the sampled one is
+  its unbiased one-draw estimate).
 * :class:`TrainingFisher` is the cheap estimator accumulated during local training.
 
 Per-example gradients: ``nn.Linear``, ``nn.Conv2d`` and ``nn.BatchNorm1d/2d/3d`` (an affine
@@ -44,8 +48,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
-FisherKind = Literal["sampled", "empirical"]
-FISHER_KINDS: tuple[str, ...] = ("sampled", "empirical")
+FisherKind = Literal["sampled", "empirical", "exact"]
+FISHER_KINDS: tuple[str, ...] = ("sampled", "empirical", "exact")
 
 
 class Likelihood(Protocol):
@@ -159,8 +163,10 @@ def diagonal_fisher(
         examples. ``inputs``: a tensor, a tuple (``model(*inputs)``) or a dict
         (``model(**inputs)``). With ``kind="sampled"`` the targets are only used for their
         mask (token-categorical) and may be None.
-    kind : {"sampled", "empirical"}
-        Targets drawn from the model (true Fisher) or the given targets (empirical Fisher).
+    kind : {"sampled", "empirical", "exact"}
+        Targets drawn from the model (true Fisher), the given targets (empirical Fisher), or
+        every class weighted by its predicted probability (the true Fisher's exact
+        expectation; categorical likelihood only).
     likelihood : {"categorical", "gaussian", "token-categorical"} or Likelihood
         Per-example NLL and sampler; pass an object with ``nll`` and ``sample`` for a custom
         loss (e.g. ``GaussianLikelihood(variance=0.5)``).
@@ -191,6 +197,9 @@ def diagonal_fisher(
                 f"{tuple(LIKELIHOODS)} or pass an object with nll() and sample()."
             )
         likelihood = LIKELIHOODS[likelihood]()
+    if kind == "exact" and type(likelihood) is not CategoricalLikelihood:
+        raise ValueError("diagonal_fisher: kind='exact' sums over the classes of a "
+                         "categorical likelihood; use kind='sampled' for this likelihood.")
     if chunk_size < 1:
         raise ValueError(f"diagonal_fisher: chunk_size must be ≥ 1, got {chunk_size}.")
     if parameters not in FISHER_PARAMETERS:
@@ -397,9 +406,18 @@ class _PerExampleSquares:
         self._captured = {}
         with torch.enable_grad():
             outputs = call_model(self.model, inputs)
-            if kind == "sampled":
-                observed = (targets,) if self.sample_reads_targets else ()
-                targets = self.likelihood.sample(outputs.detach(), generator, *observed)
+            if kind == "exact":  # every class c, each example's loss weighted by √p_ic
+                if outputs.dim() != 2:
+                    raise ValueError("diagonal_fisher: kind='exact' needs [batch, classes] "
+                                     f"logits; got shape {tuple(outputs.shape)}.")
+                root_probs = torch.softmax(outputs.detach().float(), dim=-1).sqrt()
+                draws = [(torch.full_like(root_probs[:, 0], c, dtype=torch.long),
+                          root_probs[:, c]) for c in range(outputs.shape[1])]
+            else:
+                if kind == "sampled":
+                    observed = (targets,) if self.sample_reads_targets else ()
+                    targets = self.likelihood.sample(outputs.detach(), generator, *observed)
+                draws = [(targets, None)]
             captured = self._captured
             self._captured = {}
             # a layer called twice per forward (weight sharing) has no per-call closed form
@@ -408,20 +426,22 @@ class _PerExampleSquares:
                     _, weight_key, bias_key = self.fast.pop(name)
                     self.fallback_keys += [k for k in (weight_key, bias_key) if k is not None]
             names = [n for n in captured if n in self.fast]
-            if names:
-                total = self.likelihood.nll(outputs, targets).sum()
-                output_grads = torch.autograd.grad(
-                    total, [captured[n][0][1] for n in names], allow_unused=True
-                )
-                for name, out_grad in zip(names, output_grads, strict=True):
-                    if out_grad is None:  # layer does not influence the output
-                        continue
-                    module, weight_key, bias_key = self.fast[name]
-                    layer_input = captured[name][0][0]
-                    self._add_closed_form(module, layer_input, out_grad, fisher, weight_key,
-                                          bias_key)
-        if self.fallback_keys:
-            self._add_fallback(inputs, targets.detach(), fisher)
+            for index, (draw, weight) in enumerate(draws):
+                if names:
+                    nll = self.likelihood.nll(outputs, draw)
+                    total = (nll if weight is None else nll * weight).sum()
+                    output_grads = torch.autograd.grad(
+                        total, [captured[n][0][1] for n in names], allow_unused=True,
+                        retain_graph=index < len(draws) - 1)
+                    for name, out_grad in zip(names, output_grads, strict=True):
+                        if out_grad is None:  # layer does not influence the output
+                            continue
+                        module, weight_key, bias_key = self.fast[name]
+                        layer_input = captured[name][0][0]
+                        self._add_closed_form(module, layer_input, out_grad, fisher,
+                                              weight_key, bias_key)
+                if self.fallback_keys:
+                    self._add_fallback(inputs, draw.detach(), weight, fisher)
 
     def _add_closed_form(self, module, x, g, fisher, weight_key, bias_key) -> None:
         x = x.float()
@@ -472,23 +492,28 @@ class _PerExampleSquares:
             if bias_key is not None:
                 fisher[bias_key] += (gs.sum(2) ** 2).sum(0)
 
-    def _add_fallback(self, inputs: Any, targets: Tensor, fisher: dict[str, Tensor]) -> None:
-        """Per-example gradients of the remaining parameters with torch.func.vmap(grad)."""
+    def _add_fallback(self, inputs: Any, targets: Tensor, weights: Tensor | None,
+                      fisher: dict[str, Tensor]) -> None:
+        """Per-example gradients of the remaining parameters with torch.func.vmap(grad), each
+        example's loss times its ``weights`` entry (None: 1)."""
         model = self.model
         wanted = {k: p.detach() for k, p in model.named_parameters() if k in self.fallback_keys}
         fixed = {k: p.detach() for k, p in model.named_parameters() if k not in wanted}
         fixed.update(dict(model.named_buffers()))
         likelihood = self.likelihood
 
-        def example_loss(trainable: dict[str, Tensor], x: Any, y: Tensor) -> Tensor:
+        def example_loss(trainable: dict[str, Tensor], x: Any, y: Tensor, w: Tensor) -> Tensor:
             one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, x)
             args, kwargs = ((), one) if isinstance(one, Mapping) else (
                 (tuple(one) if isinstance(one, tuple | list) else (one,)), {})
             out = functional_call(model, {**fixed, **trainable}, args, kwargs)
-            return likelihood.nll(_as_tensor(out), y.unsqueeze(0)).sum()
+            return likelihood.nll(_as_tensor(out), y.unsqueeze(0)).sum() * w
 
-        per_example = vmap(grad(example_loss), in_dims=(None, 0, 0), chunk_size=self.chunk_size)
-        for key, values in per_example(wanted, inputs, targets).items():
+        if weights is None:
+            weights = torch.ones(targets.shape[0], device=targets.device)
+        per_example = vmap(grad(example_loss), in_dims=(None, 0, 0, 0),
+                           chunk_size=self.chunk_size)
+        for key, values in per_example(wanted, inputs, targets, weights).items():
             fisher[key] += (values.float() ** 2).sum(0)
 
 

@@ -9,8 +9,10 @@ Layout of a ledger directory (safetensors for tensors, one small JSON index; doc
                                      "delta/<key>", "fisher/<key>", "applied/<key>"
     globals/round-000007.safetensors the global state after round 7 (the last ``keep_globals``)
     history/round-000007.g000.safetensors  round 7 as merged: "start/<key>" (the global its
-                                     clients started from) and, per participant i,
-                                     "c<i>/delta/<key>", "c<i>/fisher/<key>" (``history_dtype``)
+                                     clients started from), "momentum/<key>" (the server
+                                     momentum it started from, if any) and, per participant
+                                     i, "c<i>/delta/<key>", "c<i>/fisher/<key>"
+                                     (``history_dtype``)
 
 The history (every round, or the last ``history_rounds``) is what replay removal
 (``fl_ugm.removal``) recomputes the training without a client from.
@@ -42,7 +44,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -102,11 +104,14 @@ class Contribution:
 @dataclass(frozen=True)
 class HistoryRound:
     """One merged round from the history: the global its clients started from (full
-    precision) and every participant's contribution as merged (``history_dtype``)."""
+    precision), every participant's contribution as merged (``history_dtype``) and the
+    server momentum m_{r−1} the round started from (full precision; empty without server
+    momentum, ``fl_ugm.server_optimizer``)."""
 
     round: int
     start: dict[str, Tensor]
     participants: list[Contribution]  # shares are empty: the history does not store them
+    momentum: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Ledger:
@@ -220,7 +225,8 @@ class Ledger:
             participants.append(Contribution(
                 info["id"], info["num_examples"], info["alpha"],
                 _group(tensors, f"c{index}/delta/"), _group(tensors, f"c{index}/fisher/"), {}))
-        return HistoryRound(round_, _group(tensors, "start/"), participants)
+        return HistoryRound(round_, _group(tensors, "start/"), participants,
+                            _group(tensors, "momentum/"))
 
     def first_round(self, client_id: str) -> int | None:
         """The first round ``client_id`` contributed to (None if unknown)."""
@@ -338,11 +344,13 @@ class Ledger:
 
     def record_round(self, round_: int, contributions: Sequence[Contribution],
                      new_global: Mapping[str, Tensor],
-                     start_global: Mapping[str, Tensor] | None = None) -> None:
+                     start_global: Mapping[str, Tensor] | None = None,
+                     momentum: Mapping[str, Tensor] | None = None) -> None:
         """Store one merged round as one commit: each contribution with a client id (its
         ``share`` added to the client's ``applied`` sum, in float64), the round's history
-        (with ``start_global``, the global the clients started from; every contribution)
-        and the global after the round."""
+        (with ``start_global``, the global the clients started from, ``momentum``, the
+        server momentum buffer the round started from, and every contribution) and the
+        global after the round."""
         with self.batch():
             for item in contributions:
                 if item.client_id is None:
@@ -356,7 +364,7 @@ class Ledger:
                                    alpha=item.alpha, applied=applied)
             if start_global is not None:
                 self._record_history(HistoryRound(round_, dict(start_global),
-                                                  list(contributions)))
+                                                  list(contributions), dict(momentum or {})))
             self.record_global(round_, new_global)
 
     def commit_removal(self, client_id: str, round_: int, state: Mapping[str, Tensor], *,
@@ -448,6 +456,7 @@ class Ledger:
         """Store one round's history and drop rounds beyond ``history_rounds``."""
         dtype = HISTORY_DTYPES[self.history_dtype]
         tensors = {f"start/{k}": v for k, v in entry.start.items()}
+        tensors.update({f"momentum/{k}": v for k, v in entry.momentum.items()})
         for index, item in enumerate(entry.participants):
             for kind, values in (("delta", item.delta), ("fisher", item.fisher)):
                 tensors.update({f"c{index}/{kind}/{k}": _stored(v, dtype)

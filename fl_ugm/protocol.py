@@ -9,7 +9,11 @@ Server → client, ``train`` (Flower's FedAvg layout; the record names follow th
 
     {"arrays": ArrayRecord(the global state dict),
      "config": ConfigRecord({"server-round": r, UGM_KEY: True, FISHER_KEY: "sampled",
-                             PRIOR_KEY: δ, [REMOVAL_KEY: True], ...the run's train config})}
+                             PRIOR_KEY: δ, [REMOVAL_KEY: True], ...the run's train config}),
+     [PRIOR_RECORD: ArrayRecord(H0 per parameter, float32: δ + the carried precision)]}
+
+With ``PRIOR_RECORD`` (FedUGM's ``carried_precision``) the client's proximal prior is that
+per-coordinate precision instead of the scalar δ; a parameter it does not name gets δ.
 
 Client → server, the UGM reply::
 
@@ -64,13 +68,16 @@ REMOVAL_KEY = "ugm-removal"
 FEDPROX_MU_KEY = "proximal-mu"
 #: Flower's FedAvg puts the server round in every train config; clients may seed with it.
 SERVER_ROUND_KEY = "server-round"
+#: Optional ArrayRecord of the train message: the prior precision per parameter entry (on
+#: the summed loss), replacing δ in the client's proximal term.
+PRIOR_RECORD = "ugm-prior-precision"
 #: The dtype the server asks clients to send Δ and F in (one of WIRE_DTYPES).
 WIRE_DTYPE_KEY = "ugm-wire-dtype"
 #: "float32" as is; "float16" scaled per tensor (module docstring).
 WIRE_DTYPES = ("float32", "float16")
 #: Fisher estimators a client can be asked for: the two of ``fl_ugm.fisher.diagonal_fisher``
 #: and the cheap one accumulated during training (``fl_ugm.fisher.TrainingFisher``).
-FISHER_ESTIMATORS = ("sampled", "empirical", "training")
+FISHER_ESTIMATORS = ("sampled", "empirical", "exact", "training")
 
 # --------------------------------------------------------------------------- client → server
 DELTA_RECORD = "delta"
@@ -257,8 +264,15 @@ def ugm_requested(config: ConfigRecord) -> bool:
     return bool(config.get(UGM_KEY, False))
 
 
-def proximal_precision(config: ConfigRecord, num_examples: int) -> float:
-    """Precision of the proximal prior on the SUMMED loss: δ (FedUGM), μ·n (FedProx), or 0."""
+def proximal_precision(content: RecordDict | ConfigRecord, num_examples: int
+                       ) -> float | dict[str, Tensor]:
+    """Precision of the proximal prior on the SUMMED loss, from a train message's content (or
+    its config alone): per parameter δ + the carried precision (``PRIOR_RECORD``, FedUGM),
+    δ (FedUGM), μ·n (FedProx), or 0."""
+    record = content.array_records.get(PRIOR_RECORD) if isinstance(content, RecordDict) \
+        else None
+    config = content if isinstance(content, ConfigRecord) else next(
+        iter(content.config_records.values()), ConfigRecord())
     if ugm_requested(config):
         value = float(config.get(PRIOR_KEY, 0.0))
     elif FEDPROX_MU_KEY in config:
@@ -267,7 +281,12 @@ def proximal_precision(config: ConfigRecord, num_examples: int) -> float:
         return 0.0
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"the server asked for a proximal precision of {value}; need ≥ 0.")
-    return value
+    if record is None or not ugm_requested(config):
+        return value
+    per_entry = record.to_torch_state_dict()
+    if any(not bool(torch.isfinite(v).all() and (v >= 0).all()) for v in per_entry.values()):
+        raise ValueError(f"the server's {PRIOR_RECORD} has NaN/Inf or negative entries.")
+    return per_entry
 
 
 def build_ugm_reply(

@@ -13,10 +13,12 @@ the derivation,
 
 α is recomputed over the round's remaining participants, and the round is merged with the
 run's rule and prior; D_{r+1} = D_r + (replayed step − recorded step), both steps merged
-from the stored contributions, so storage round-off cancels to first order. The result is
-the newest global + D. No client trains. The plan also holds the rewritten history (the
-training as it would have been without the client), which the commit stores in place of
-the old one.
+from the stored contributions, so storage round-off cancels to first order. A run with
+server momentum (``fl_ugm.server_optimizer``) has both steps go through its momentum: the
+recorded one from the buffer the history stored with the round, the replayed one from the
+replayed buffer. The result is the newest global + D. No client trains. The plan also
+holds the rewritten history (the training as it would have been without the client),
+which the commit stores in place of the old one.
 
 Two knobs adapt the derivation's quadratic model to nets (chosen on
 ``simulations.unlearn``'s scenarios, seeds 0–2; docs/design.md §1 has the numbers):
@@ -88,6 +90,7 @@ from fl_ugm.ledger import (
 )
 from fl_ugm.merge import PriorPrecision, prior_at, remove_client
 from fl_ugm.merge_rules import MergeRule, client_alphas, merge_round, merge_rule
+from fl_ugm.server_optimizer import momentum_update, uses_server_optimizer
 
 log = logging.getLogger(__name__)
 #: How a client is removed: recompute the training without it from the stored history, or
@@ -139,12 +142,14 @@ def removal_update(
 @dataclass
 class RemovalPlan:
     """A computed removal: the new global, the report, and for a replay the rewritten
-    history and the remaining clients' records (``Ledger.commit_removal`` stores them)."""
+    history and the remaining clients' records (``Ledger.commit_removal`` stores them) and,
+    for a run with server momentum, the replayed momentum buffer (the strategy's to keep)."""
 
     state: dict[str, Tensor]
     report: dict
     history: list[HistoryRound] | None = None
     records: list[ClientRecord] = field(default_factory=list)
+    momentum: dict[str, Tensor] | None = None  # a replay's server momentum after its last round
 
 
 def remove_from_ledger(ledger: Ledger, client_id: str, **options) -> tuple[dict[str, Tensor],
@@ -205,8 +210,18 @@ def plan_removal(
             raise LedgerError(f"shared_rank={shared_rank}; give 0 (off) or a rank > 0.")
         return _replay(ledger, client_id, rule, prior_precision, recentring=recentring,
                        shared_rank=shared_rank, approximate=approximate)
+    if uses_server_optimizer(*_server_optimizer(ledger)):
+        raise LedgerError("this ledger's run used server momentum (server_lr, server_momentum "
+                          f"= {_server_optimizer(ledger)}); the one-round eq13 update assumes "
+                          "each merge was applied as is. Use method='replay'.")
     return RemovalPlan(*_eq13(ledger, client_id, prior_precision, recenter=recenter,
                               revert_uninformed=revert_uninformed, client_reply=client_reply))
+
+
+def _server_optimizer(ledger: Ledger) -> tuple[float, float]:
+    """(η, β) of the ledger's run (1, 0 for a ledger written before server momentum)."""
+    return (float(ledger.meta.get("server_lr", 1.0)),
+            float(ledger.meta.get("server_momentum", 0.0)))
 
 
 def _eq13(ledger: Ledger, client_id: str, prior_precision: PriorPrecision, *, recenter: bool,
@@ -287,6 +302,8 @@ def _replay(ledger: Ledger, client_id: str, rule: MergeRule, prior: PriorPrecisi
     latest: dict[str, tuple[int, Contribution]] = {}  # each remaining client's last round
     rewritten: list[HistoryRound] = []
     own = (_own_directions(ledger, record, rounds, shared_rank) if shared_rank else {})
+    server_lr, server_momentum = _server_optimizer(ledger)
+    momentum: dict[str, Tensor] | None = None  # the replayed m_{r−1}
     for index, round_ in enumerate(rounds):
         entry = ledger.history_round(round_)
         start = {k: entry.start[k].double() for k in float_keys}
@@ -299,12 +316,23 @@ def _replay(ledger: Ledger, client_id: str, rule: MergeRule, prior: PriorPrecisi
                      for i in kept]
         alphas = client_alphas([p.num_examples for p in recentred], mode, scale) if kept else []
         replayed, shares = _merged_step(rule, replayed_start, recentred, prior, alphas)
+        stored_momentum = {k: v.double() for k, v in entry.momentum.items()}
+        # the run's own buffer at the first replayed round, or where the run restarted it
+        replayed_momentum = stored_momentum if index == 0 or not stored_momentum else momentum
+        if uses_server_optimizer(server_lr, server_momentum):  # θ_r = θ_{r−1} + η m_r
+            recorded = {k: server_lr * v for k, v in
+                        momentum_update(recorded, stored_momentum, server_momentum).items()}
+            momentum = replayed_momentum  # a round nobody is left in keeps both, as FedUGM
+            if kept:
+                momentum = momentum_update(replayed, replayed_momentum, server_momentum)
+                replayed = {k: server_lr * v for k, v in momentum.items()}
         for key in float_keys:
             drift[key] += replayed[key] - recorded[key]
         participants = [Contribution(p.client_id, p.num_examples, a, p.delta, p.fisher, {})
                         for p, a in zip(recentred, alphas, strict=True)]
         rewritten.append(HistoryRound(round_, {**entry.start, **{
-            k: replayed_start[k].to(entry.start[k].dtype) for k in float_keys}}, participants))
+            k: replayed_start[k].to(entry.start[k].dtype) for k in float_keys}}, participants,
+            {k: v.to(newest[k].dtype) for k, v in (replayed_momentum or {}).items()}))
         for i, item, share in zip(kept, participants, shares, strict=True):
             if item.client_id is not None:  # the client's record follows the rewrite
                 change = applied_change.setdefault(item.client_id, {})
@@ -327,11 +355,14 @@ def _replay(ledger: Ledger, client_id: str, rule: MergeRule, prior: PriorPrecisi
         "client_first_round": first, "approximate": not reaches_back,
         "history_dtype": ledger.history_dtype,
         "prior_precision": prior if isinstance(prior, float) else "tensor",
+        "server_lr": server_lr, "server_momentum": server_momentum,
         "update_l2_norm": float(change), "reverted_fraction": 0.0,
         "replay_seconds": time.perf_counter() - started,
         "remaining_clients": [c for c in ledger.client_ids() if c != client_id],
     }  # fmt: skip
-    return RemovalPlan(state, report, rewritten, records)
+    if momentum is not None:
+        momentum = {k: v.to(newest[k].dtype) for k, v in momentum.items()}
+    return RemovalPlan(state, report, rewritten, records, momentum)
 
 
 def _own_directions(ledger: Ledger, record: ClientRecord, rounds: list[int],

@@ -107,6 +107,7 @@ def remove_client(
     ledger.commit_removal(client_id, removal_round, plan.state, history=plan.history,
                           records=plan.records)
     strategy.roster.exclude(client_id)
+    strategy.momentum = plan.momentum  # the replayed server momentum (None: restart from 0)
     report = plan.report
     report.update(removal_round=removal_round, removal_seconds=time.perf_counter() - started)
     detail = (f"replayed rounds {report['replayed_rounds'][0]}–{report['replayed_rounds'][1]}"

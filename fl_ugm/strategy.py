@@ -27,6 +27,7 @@ from fl_ugm.merge import InvalidClientInput, PriorPrecision, clip_fisher_inflati
 from fl_ugm.merge_rules import ALPHA_MODES, MERGE_RULES, client_alphas, merge_round, merge_rule
 from fl_ugm.protocol import (
     FISHER_ESTIMATORS,
+    PRIOR_RECORD,
     WIRE_DTYPES,
     ClientUpdate,
     DroppedReply,
@@ -34,6 +35,7 @@ from fl_ugm.protocol import (
     ugm_train_config,
 )
 from fl_ugm.roster import ClientRoster
+from fl_ugm.server_optimizer import check_server_optimizer, momentum_step, uses_server_optimizer
 
 #: Fisher clips up to this many times the median are honest variation (logged at INFO):
 #: honest clients reached 13× at lr 0.5 in simulations.unlearn; the attack benchmark's
@@ -59,9 +61,11 @@ class FedUGM(FedAvg):
         task-arithmetic setting).
     scale : float (default: 1.0)
         λ, multiplies every α_t.
-    fisher : {"sampled", "empirical", "training"} (default: "sampled")
+    fisher : {"sampled", "empirical", "exact", "training"} (default: "sampled")
         The Fisher estimator clients are asked for: labels drawn from the model (the true
-        Fisher), true labels, or the cheap estimate accumulated during local training.
+        Fisher), true labels, every class weighted by its probability (the true Fisher
+        without sampling noise, C times the cost), or the cheap estimate accumulated during
+        local training.
     server_fisher : Mapping[str, Tensor], optional
         n_0·F_0, a Fisher (sum) of data the server holds; added to δ in H0 on the server.
     merge : {"ugm", "fisher-averaging", "task-arithmetic"} (default: "ugm")
@@ -86,6 +90,19 @@ class FedUGM(FedAvg):
         entry (a relative precision of 2⁻¹¹ over 29 binades, so a Fisher's range is kept)
         and makes a reply as large as FedAvg's full-model reply; "float32" doubles it. The
         server decodes to float32 before it merges (``fl_ugm.protocol``).
+    server_lr, server_momentum : float (default: 1.0, 0.0)
+        η and β of server momentum on the merged update (``fl_ugm.server_optimizer``):
+        m_r = β m_{r−1} + (θ⁺_r − θ_{r−1}), θ_r = θ_{r−1} + η m_r, as Flower's FedAvgM does
+        for the plain average. The defaults apply the merge as it is (the exact UGM round).
+        Replay removal replays the momentum; ``method="eq13"`` removal refuses a run with
+        β > 0 or η ≠ 1 (its one-round update assumes each merge was applied as is).
+    carried_precision : float (default: 0.0)
+        γ ∈ [0, 1), a global posterior precision carried across rounds: after round r,
+        C_r = γ · (C_{r−1} + Σ_t α_t F_t) (the round's aggregate Fisher, after the clip), and
+        round r + 1 uses H0 = δ + C_r per parameter entry, both in the merge and as the
+        clients' proximal prior (sent as ``fl_ugm.protocol.PRIOR_RECORD``, float32, one
+        tensor per parameter: a second model-sized download). 0 turns it off. Not yet
+        combinable with a ledger (the replay removal would have to replay C).
     excluded_clients : iterable of str (default: ())
         Client ids never sampled in this run (e.g. to retrain without them); like removed
         clients, they count against ``min_train_nodes`` and ``min_available_nodes``.
@@ -105,6 +122,11 @@ class FedUGM(FedAvg):
         Client id ↔ node id, and the excluded (removed) clients.
     round_offset : int
         Rounds completed before this run (``resume_from_ledger``).
+    momentum : dict[str, Tensor] or None
+        The server momentum buffer m_r after the last round (None: no momentum yet, or
+        η = 1 and β = 0).
+    carried : dict[str, Tensor] or None
+        The carried precision C_r after the last round (None: none yet, or γ = 0).
 
     Notes
     -----
@@ -125,10 +147,21 @@ class FedUGM(FedAvg):
         ledger: Ledger | str | Path | None = None,
         fisher_clip: float | None = 3.0,
         wire_dtype: str = "float16",
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
+        carried_precision: float = 0.0,
         excluded_clients: Iterable[str] = (),
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
+        check_server_optimizer(server_lr, server_momentum)
+        if not (math.isfinite(carried_precision) and 0 <= carried_precision < 1):
+            raise ValueError(f"FedUGM: carried_precision={carried_precision}; γ must be in "
+                             "[0, 1) (0: off).")
+        if carried_precision and ledger is not None:
+            raise ValueError("FedUGM: carried_precision > 0 cannot be combined with a ledger "
+                             "yet (replay removal would have to replay the carried prior); "
+                             "run without a ledger or with carried_precision=0.")
         for name, value in (("prior_precision", prior_precision), ("scale", scale)):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"FedUGM: {name}={value}; it must be finite and > 0.")
@@ -150,6 +183,11 @@ class FedUGM(FedAvg):
         self.rule = merge_rule(merge)
         self.fisher_clip = fisher_clip
         self.wire_dtype = wire_dtype
+        self.server_lr, self.server_momentum = float(server_lr), float(server_momentum)
+        self._server_step = uses_server_optimizer(self.server_lr, self.server_momentum)
+        self.momentum: dict[str, Tensor] | None = None
+        self.carried_precision = float(carried_precision)
+        self.carried: dict[str, Tensor] | None = None
         self.current_arrays: dict[str, Tensor] | None = None
         self.round_offset = 0
         self._nodes_asked = 0  # train messages sent in the current round
@@ -157,7 +195,8 @@ class FedUGM(FedAvg):
         removed: Iterable[str] = ()
         if self.ledger is not None:
             self.ledger.ensure_meta(prior_precision=self.prior_precision, alpha=alpha,
-                                    scale=self.scale, merge=merge)
+                                    scale=self.scale, merge=merge, server_lr=self.server_lr,
+                                    server_momentum=self.server_momentum)
             if self.server_fisher is not None:
                 self.ledger.ensure_prior(self.merge_prior(self.server_fisher))
             removed = self.ledger.removed_clients()
@@ -183,6 +222,16 @@ class FedUGM(FedAvg):
             return None
         round_, state = self.ledger.global_state()
         self.round_offset = round_
+        self.momentum = None
+        if self._server_step:
+            if round_ in self.ledger.history() and round_ not in \
+                    self.ledger.replay_removal_rounds():  # θ_R = θ_{R−1} + η m_R
+                start = self.ledger.history_round(round_).start
+                self.momentum = {k: (v - start[k]) / self.server_lr for k, v in state.items()
+                                 if v.is_floating_point()}
+            else:
+                log(WARNING, "resume: the ledger has no history of round %d; the server "
+                    "momentum restarts from 0.", round_)
         return round_, ArrayRecord(state)
 
     def summary(self) -> None:
@@ -193,6 +242,11 @@ class FedUGM(FedAvg):
         log(INFO, "\t│\t├── Alpha: %s × scale %g", self.alpha, self.scale)
         log(INFO, "\t│\t├── Client Fisher estimator: %s; replies in %s", self.fisher,
             self.wire_dtype)
+        if self.carried_precision:
+            log(INFO, "\t│\t├── Carried precision: γ %g", self.carried_precision)
+        if self._server_step:
+            log(INFO, "\t│\t├── Server momentum on the merged update: η %g, β %g",
+                self.server_lr, self.server_momentum)
         log(INFO, "\t│\t├── Fisher-inflation clip: %s", "off" if self.fisher_clip is None
             else f"{self.fisher_clip:g} × the median client's per-example Fisher mass")
         log(INFO, "\t│\t└── Ledger: %s; excluded clients: %s",
@@ -225,6 +279,9 @@ class FedUGM(FedAvg):
         config["server-round"] = server_round
         self._nodes_asked = len(node_ids)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        if self.carried is not None:  # the clients' per-coordinate prior δ + C
+            record[PRIOR_RECORD] = ArrayRecord(
+                {k: self.prior_precision + c for k, c in self.carried.items()})
         return self._construct_messages(record, node_ids, MessageType.TRAIN)
 
     def aggregate_train(
@@ -250,8 +307,20 @@ class FedUGM(FedAvg):
                 len(updates), needed, self.min_train_nodes)
             return None, None
         new_state, alphas, shares = merged
+        momentum = self.momentum  # m_{r−1}: the ledger's history records it with the round
+        if self._server_step:
+            new_state, momentum_after = momentum_step(
+                self.current_arrays, new_state, momentum, server_lr=self.server_lr,
+                server_momentum=self.server_momentum)
         if self.ledger is not None:
-            self._record(server_round, updates, alphas, shares, new_state)
+            self._record(server_round, updates, alphas, shares, new_state, momentum)
+        if self._server_step:
+            self.momentum = momentum_after
+        if self.carried_precision:  # C_r = γ (C_{r−1} + Σ α_t F_t)
+            carried = self.carried or {}
+            self.carried = {k: self.carried_precision * (carried.get(k, 0) + sum(
+                a * u.fisher[k] for a, u in zip(alphas, updates, strict=True)))
+                for k in updates[0].fisher}
         metrics = self.train_metrics_aggr_fn([u.content for u in updates], self.weighted_by_key)
         if clipped is not None:
             metrics[FISHER_CLIPPED_METRIC] = clipped
@@ -266,13 +335,18 @@ class FedUGM(FedAvg):
         return remove_client(self, grid, client_id, **options)
 
     def merge_prior(self, keys: Iterable[str]) -> PriorPrecision:
-        """H0 for the tensors ``keys``: δ, or δ + the server Fisher per tensor."""
-        if self.server_fisher is None:
+        """H0 for the tensors ``keys``: δ, plus per tensor the server Fisher and the carried
+        precision where the run has them."""
+        keys = list(keys)
+        if self.server_fisher is None and self.carried is None:
             return self.prior_precision
-        missing = [k for k in keys if k not in self.server_fisher]
+        missing = [k for k in keys if self.server_fisher is not None
+                   and k not in self.server_fisher]
         if missing:
             raise ValueError(f"FedUGM: server_fisher has no entry for {missing[:5]}.")
-        return {k: self.prior_precision + self.server_fisher[k] for k in keys}
+        carried = self.carried or {}
+        return {k: self.prior_precision + (self.server_fisher[k] if self.server_fisher else 0)
+                + carried.get(k, 0) for k in keys}
 
     # ------------------------------------------------------------------ steps of a round
 
@@ -342,9 +416,10 @@ class FedUGM(FedAvg):
         return None
 
     def _record(self, server_round: int, updates: list[ClientUpdate], alphas: list[float],
-                shares: list[dict[str, Tensor]], new_state: dict[str, Tensor]) -> None:
-        """The merged round into the ledger (contributions, history, new global), as one
-        commit."""
+                shares: list[dict[str, Tensor]], new_state: dict[str, Tensor],
+                momentum: dict[str, Tensor] | None) -> None:
+        """The merged round into the ledger (contributions, history with the server
+        momentum the round started from, new global), as one commit."""
         for update in updates:
             if update.client_id is None:
                 log(WARNING, "ledger: node %d sent no client-id; its contribution enters the "
@@ -353,7 +428,7 @@ class FedUGM(FedAvg):
         self.ledger.record_round(server_round, [
             Contribution(u.client_id, u.num_examples, a, u.delta, u.fisher, share)
             for u, a, share in zip(updates, alphas, shares, strict=True)],
-            new_state, start_global=self.current_arrays)  # fmt: skip
+            new_state, start_global=self.current_arrays, momentum=momentum)  # fmt: skip
         rounds = self.ledger.history()
         log(INFO, "ledger: round %d recorded; history %.1f MB (%d rounds, %s)", server_round,
             self.ledger.history_bytes() / 1e6, len(rounds), self.ledger.history_dtype)

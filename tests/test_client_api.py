@@ -357,3 +357,35 @@ def test_subset_replies_and_the_one_round_removal_through_the_strategy(tmp_path)
     assert torch.equal(state["backbone"], backbone)
     assert torch.equal(Ledger(tmp_path).global_state()[1]["backbone"], backbone)
     assert report["method"] == "eq13"
+
+
+def test_a_per_coordinate_proximal_precision_is_one_sgd_step_of_its_gradient():
+    """train_classifier's prior: (1 / 2n) Σ P (w − anchor)² with P a float or a tensor per
+    parameter (a parameter it does not name gets none); one full-batch SGD step checks it."""
+    from fl_ugm.client import train_classifier
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    start = nn.Linear(3, 2)
+    anchor = {k: v.detach() + 0.5 for k, v in start.named_parameters()}
+    precision = {"weight": torch.rand(2, 3) * 8}  # no entry for the bias
+
+    def one_step(prox):
+        model = nn.Linear(3, 2)
+        model.load_state_dict(start.state_dict())
+        train_classifier(model, x, y, epochs=1, batch_size=4, lr=0.1, seed=0,
+                         prox_precision=prox, anchor=anchor)
+        return dict(model.named_parameters())
+
+    reference = nn.Linear(3, 2)
+    reference.load_state_dict(start.state_dict())
+    F.cross_entropy(reference(x), y).backward()
+    stepped = one_step(precision)
+    torch.testing.assert_close(
+        stepped["weight"], start.weight - 0.1 * (reference.weight.grad + precision["weight"] / 4
+                                                 * (start.weight - anchor["weight"])))
+    torch.testing.assert_close(stepped["bias"], start.bias - 0.1 * reference.bias.grad)
+    as_float, as_tensors = one_step(2.0), one_step({"weight": torch.full((2, 3), 2.0),
+                                                    "bias": torch.full((2,), 2.0)})
+    for key in ("weight", "bias"):
+        torch.testing.assert_close(as_float[key], as_tensors[key])

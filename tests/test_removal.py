@@ -351,3 +351,83 @@ def test_the_removed_clients_own_directions_are_outside_the_others_updates(tmp_p
     train(new_strategy(tmp_path / "small"), LinearGrid(*few[:2]), few[2], rounds=2)
     small = Ledger(tmp_path / "small")
     assert float(_own_directions(small, small.client("p1"), small.history(), 10)["w"].norm()) == 0
+
+
+def test_replay_removal_replays_the_server_momentum(tmp_path):
+    """FedUGM with server momentum (η 0.8, β 0.7; fl_ugm.server_optimizer), 6 clients, half
+    sampled per round, 6 rounds. Round 1 is still the exact UGM round (m_0 = 0). Replaying
+    the history without p2 equals running the same protocol, momentum included, without
+    p2, to 1e-8; the strategy keeps the replayed momentum, a resumed run recovers the
+    momentum from the ledger, and eq13 removal refuses such a run."""
+    import random
+
+    from fl_ugm.merge import ugm_merge
+    from fl_ugm.server_removal import RemovalError
+
+    clients, rounds, removed, lr, beta = 6, 6, 2, 0.8, 0.7
+    hessians, xty, theta0 = linear_problem(seed=31, clients=clients, silent={removed: 0})
+    sizes = [5, 9, 14, 20, 27, 35]
+    grid = LinearGrid(hessians, xty, sizes=sizes)
+
+    def strategy():
+        return FedUGM(prior_precision=H0, fraction_train=0.5, min_train_nodes=2,
+                      min_available_nodes=clients, fisher_clip=None, ledger=tmp_path,
+                      server_lr=lr, server_momentum=beta)
+
+    def protocol(participation, left_out):
+        """θ and m after the rounds, each merging its sampled clients but ``left_out``."""
+        theta, momentum = theta0, None
+        for sampled in participation:
+            kept = [t for t in sampled if t not in left_out]
+            if not kept:
+                continue
+            merged = ugm_merge(
+                {"w": theta}, [{"w": (H0 * theta + xty[t]) / (H0 + hessians[t]) - theta}
+                               for t in kept],
+                [{"w": hessians[t]} for t in kept],
+                alphas=[sizes[t] / sum(sizes[u] for u in kept) for t in kept],
+                prior_precision=H0)["w"]
+            momentum = merged - theta + (0 if momentum is None else beta * momentum)
+            theta = theta + lr * momentum
+        return theta, momentum
+
+    random.seed(5)
+    trainer = strategy()
+    trained = train(trainer, grid, theta0, rounds=rounds)
+    participation = [[node - 1 for node in nodes] for kind, nodes in grid.sent
+                     if kind == MessageType.TRAIN]
+    assert 0 < sum(removed in s for s in participation) < rounds
+    theta, momentum = protocol(participation, ())
+    torch.testing.assert_close(trained, theta, rtol=0, atol=1e-10)  # the strategy's rounds
+    torch.testing.assert_close(trainer.momentum["w"], momentum, rtol=0, atol=1e-10)
+    first = protocol(participation[:1], ())[0]  # round 1: η · (the UGM merge − θ0)
+    exact = (H0 * theta0 + sum(sizes[t] * xty[t] for t in participation[0])
+             / sum(sizes[t] for t in participation[0])) / (
+        H0 + sum(sizes[t] * hessians[t] for t in participation[0])
+        / sum(sizes[t] for t in participation[0]))
+    torch.testing.assert_close(first, theta0 + lr * (exact - theta0), rtol=0, atol=1e-12)
+
+    resumed = strategy()
+    resumed.resume_from_ledger()
+    torch.testing.assert_close(resumed.momentum["w"], momentum, rtol=0, atol=1e-10)
+    with pytest.raises(LedgerError, match=r"used server momentum .* Use method='replay'"):
+        remove_from_ledger(Ledger(tmp_path), f"p{removed}", method="eq13")
+    with pytest.raises(RemovalError, match="Use method='replay'"):
+        strategy().remove(grid, f"p{removed}", method="eq13", repair_rounds=0)
+
+    without, momentum_without = protocol(participation, (removed,))
+    assert (without - trained).abs().max() > 1e-2  # p2's influence was real
+    state, report = remove_from_ledger(Ledger(tmp_path), f"p{removed}", recentring=1.0,
+                                       shared_rank=0)
+    torch.testing.assert_close(state["w"], without, rtol=0, atol=1e-8)
+    assert (report["server_lr"], report["server_momentum"]) == (lr, beta)
+    remover = strategy()
+    arrays, _ = remover.remove(grid, f"p{removed}", recentring=1.0, shared_rank=0,
+                               repair_rounds=0)
+    torch.testing.assert_close(arrays.to_torch_state_dict()["w"], without, rtol=0, atol=1e-8)
+    torch.testing.assert_close(remover.momentum["w"], momentum_without, rtol=0, atol=1e-8)
+    # the rewritten history carries the replayed momentum: removing p0 too equals the
+    # protocol without both
+    state, _ = remove_from_ledger(Ledger(tmp_path), "p0", recentring=1.0, shared_rank=0)
+    torch.testing.assert_close(state["w"], protocol(participation, (removed, 0))[0], rtol=0,
+                               atol=1e-8)

@@ -48,6 +48,19 @@ def test_split_is_disjoint_and_complete():
         tasks.split_indices(1797, test=1000, server=797, seed=0)
 
 
+def test_official_test_set_stays_the_test_split():
+    """Fashion-MNIST's last 10,000 images are its official test set: the test split comes
+    only from them, validation and clients only from the 60,000 training images."""
+    split = tasks.split_indices(700, test=100, server=50, seed=3, official_test=100)
+    assert sorted(split.test.tolist()) == list(range(600, 700))
+    assert len(split.server) == 50 and len(split.clients) == 550
+    assert max(split.server.max(), split.clients.max()) < 600
+    assert sorted(np.concatenate([split.server, split.clients]).tolist()) == list(range(600))
+    assert len(tasks.split_indices(700, test=40, server=0, seed=3, official_test=100).test) == 40
+    with pytest.raises(ValueError, match="official test set has 100"):
+        tasks.split_indices(700, test=200, server=0, seed=3, official_test=100)
+
+
 @pytest.mark.parametrize("scheme", ["dirichlet", "iid"])
 def test_partition_covers_pool_and_is_seeded(mnist, scheme):
     labels = mnist[1][:3500]
@@ -200,6 +213,25 @@ def test_every_experiment_has_help_and_creates_nothing(module, capsys, tmp_path,
             main(["seeds"])
 
 
+def test_overlays_stack_and_missing_data_stops_compare_before_any_run(tmp_path, monkeypatch):
+    """YAML overlays apply in order (the quick profile over the benchmark); a task whose
+    data is missing stops compare with the install command before a simulation starts."""
+    from simulations import compare
+    from simulations.runner import load_config, simulation_layers
+
+    cfg = load_config(["configs/fmnist.yaml", "configs/fmnist_quick.yaml", "seeds=[7]"],
+                      simulation_layers(compare.COMPARE_CONFIG), prog="t", doc="")
+    assert cfg.task == "fmnist" and cfg["num-clients"] == 100 and list(cfg.seeds) == [7]
+    full = load_config(["configs/fmnist.yaml"], simulation_layers(compare.COMPARE_CONFIG),
+                       prog="t", doc="")
+    assert cfg["num-server-rounds"] < full["num-server-rounds"]
+    monkeypatch.setattr(tasks, "FASHION_MNIST_DIR", tmp_path)
+    monkeypatch.setattr(compare, "simulate", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
+        compare.main(["configs/fmnist.yaml", f"out={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_server_scores_the_test_or_the_validation_split():
     from simulations.flower_app import evaluation_set
 
@@ -242,7 +274,8 @@ def test_setting_selection_uses_the_validation_split_and_its_own_seed(monkeypatc
     monkeypatch.setattr(compare, "simulate", fake_simulate)
     cfg = OmegaConf.create({"strategies": ["fedavg", "fedugm", "fedprox"], "lr-grid": [0.3, 0.1],
                             "tune": {"fedprox": {"proximal-mu": [0.01, 1.0]}},
-                            "selection-seed": 100})
+                            "selection-seed": 100, "score-rounds": 1,
+                            "reuse-runs": False})
     selection = compare.select_settings(cfg, {"lr": 0.05}, tmp_path)
     assert selection["fedavg"]["chosen"] == {"lr": 0.3}
     assert selection["fedugm"]["chosen"] == {"lr": 0.1}  # a tie: the smaller lr
@@ -253,6 +286,35 @@ def test_setting_selection_uses_the_validation_split_and_its_own_seed(monkeypatc
     assert all(c["evaluate-on"] == "validation" and c["seed"] == 100 for c in calls)
     table = compare.format_selection(selection, 100)
     assert "| fedprox |" in table and "lr 0.1 proximal-mu 1" in table
+
+
+def test_reuse_runs_reads_back_only_a_run_with_the_same_config(monkeypatch, tmp_path):
+    from simulations import compare
+    from simulations.flower_app import history_path
+
+    calls = []
+
+    def fake_simulate(run_config, label=""):
+        calls.append(run_config["lr"])
+        history = {"accuracy": [0.1, run_config["lr"]]}
+        path = history_path(run_config["out"], run_config["strategy"], run_config["seed"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(__import__("json").dumps(history))
+        return history
+
+    monkeypatch.setattr(compare, "simulate", fake_simulate)
+    config = {"strategy": "fedavg", "seed": 0, "lr": 0.5, "out": str(tmp_path)}
+    assert compare.run_once(config, "a", reuse=True)["accuracy"] == [0.1, 0.5]
+    assert compare.run_once(config, "b", reuse=True)["accuracy"] == [0.1, 0.5]
+    assert calls == [0.5]  # read back
+    compare.run_once({**config, "lr": 0.3}, "c", reuse=True)  # another setting: run
+    compare.run_once({**config, "lr": 0.3}, "d", reuse=False)  # reuse off: run
+    assert calls == [0.5, 0.3, 0.3]
+    # a key added to the app after the run: reused at its default value, not at another
+    compare.run_once({**config, "lr": 0.3, "ugm-carry": 0.0}, "e", reuse=True)
+    assert calls == [0.5, 0.3, 0.3]
+    compare.run_once({**config, "lr": 0.3, "ugm-carry": 0.5}, "f", reuse=True)
+    assert calls == [0.5, 0.3, 0.3, 0.3]
 
 
 def test_the_app_builds_flowers_own_server_optimizers():
@@ -269,3 +331,39 @@ def test_the_app_builds_flowers_own_server_optimizers():
     assert type(adam) is FedAdam and (adam.eta, adam.tau) == (0.02, 0.003)
     with pytest.raises(ValueError, match="Flower's fedavgm samples every node"):
         build_strategy({**cfg, "exclude-clients": "1"}, 4)
+
+
+def test_scores_rounds_to_the_best_baseline_and_seconds_per_round():
+    """A run scores the mean of its last k rounds; the best baseline is the non-FedUGM
+    strategy with the highest mean score; rounds to it (and to 95 % of it) are read off
+    each strategy's seed-mean curve; seconds per round is the median round."""
+    from simulations import compare
+
+    def run(seed, accuracy, step=2.0):
+        # cumulative seconds; the first round has 30 s of worker start-up
+        seconds = [10.0 + step * r + 30 * (r > 0) for r in range(len(accuracy))]
+        return {"seed": seed, "accuracy": accuracy, "loss": [0.0] * len(accuracy),
+                "seconds": seconds, "replies": [{"bytes": 100}, {"bytes": 300}]}
+
+    histories = {
+        "fedavg": [run(0, [0.1, 0.5, 0.6, 0.7]), run(1, [0.1, 0.5, 0.6, 0.5])],
+        "fedavgm": [run(0, [0.1, 0.3, 0.8, 0.6]), run(1, [0.1, 0.3, 0.8, 0.8])],
+        "fedugm": [run(0, [0.1, 0.6, 0.7, 0.9], 3.0), run(1, [0.1, 0.7, 0.7, 0.9], 3.0)],
+    }
+    assert compare.score([0.1, 0.5, 0.6, 0.7], 2) == pytest.approx(0.65)
+    assert compare.score([0.1, 0.5], 5) == pytest.approx(0.5)  # never the initial model
+    with pytest.raises(ValueError, match="score-rounds=0"):
+        compare.score([0.1, 0.5], 0)
+    summary = compare.summarize(histories, last_rounds=2)
+    assert summary["fedavgm"]["score"] == pytest.approx([0.7, 0.8])
+    assert summary["fedugm"]["best_baseline"] == "fedavgm"  # 0.75 beats fedavg's 0.6
+    # seed-mean curves: fedavgm .3 .8 .7, fedugm .65 .7 .9; target .75, 95 %: .7125
+    assert summary["fedavgm"]["rounds_to_best_baseline"] == 2
+    assert summary["fedugm"]["rounds_to_best_baseline"] == 3
+    assert summary["fedugm"]["rounds_to_95pct_best_baseline"] == 3
+    assert summary["fedavg"]["rounds_to_best_baseline"] is None
+    assert summary["fedugm"]["seconds_per_round"] == pytest.approx(3.0)
+    assert summary["fedavg"]["reply_bytes_per_round"] == pytest.approx(200)
+    table = compare.format_table(summary, 3, last_rounds=2)
+    assert "accuracy, mean of last 2 rounds" in table and "rounds to fedavgm's score" in table
+    assert "| fedavg | 60.00 ± 7.07 | — | — | 2.00 | 0.000 |" in table

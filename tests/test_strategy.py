@@ -231,6 +231,48 @@ def test_linear_regression_oracle_through_the_strategy():
     torch.testing.assert_close(merged, joint, rtol=0, atol=1e-10)
 
 
+def test_the_carried_precision_keeps_every_round_an_exact_map_on_the_oracle():
+    """carried_precision γ: round r's clients train under, and the merge uses, the prior
+    P = δ + C_{r−1} per coordinate (C_r = γ (C_{r−1} + Σ α F)); on the linear oracle every
+    round's global is then exactly argmin Σ α_t ℓ_t(θ) + ½‖θ − θ_{r−1}‖²_P, whose closed
+    form this test computes round by round (clients sampled at random, sizes unequal)."""
+    import random
+
+    from helpers import LinearGrid, linear_problem
+
+    from fl_ugm.protocol import PRIOR_RECORD
+
+    hessians, xty, theta0 = linear_problem(seed=41, clients=5)
+    sizes, delta, gamma = [7, 12, 20, 31, 44], 0.6, 0.5
+    grid = LinearGrid(hessians, xty, sizes=sizes)
+    strategy = FedUGM(prior_precision=delta, carried_precision=gamma, fraction_train=0.6,
+                      min_train_nodes=2, min_available_nodes=5, fisher_clip=None)
+    random.seed(2)
+    arrays, theta, carried, sent = ArrayRecord({"w": theta0}), theta0, None, []
+    for server_round in range(1, 5):
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        prior = delta if carried is None else delta + carried
+        sent.append(PRIOR_RECORD in messages[0].content.array_records)
+        if carried is not None:
+            torch.testing.assert_close(messages[0].content.array_records[PRIOR_RECORD]
+                                       .to_torch_state_dict()["w"], prior, rtol=0, atol=0)
+        arrays, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages))
+        kept = [m.metadata.dst_node_id - 1 for m in messages]
+        alphas = [sizes[t] / sum(sizes[u] for u in kept) for t in kept]
+        theta = (prior * theta + sum(a * xty[t] for a, t in zip(alphas, kept))) / (
+            prior + sum(a * hessians[t] for a, t in zip(alphas, kept)))
+        torch.testing.assert_close(arrays.to_torch_state_dict()["w"], theta, rtol=0,
+                                   atol=1e-10)
+        carried = gamma * ((0 if carried is None else carried)
+                           + sum(a * hessians[t] for a, t in zip(alphas, kept)))
+        torch.testing.assert_close(strategy.carried["w"], carried, rtol=0, atol=1e-12)
+    assert sent == [False, True, True, True]  # round 1 uses δ alone
+    with pytest.raises(ValueError, match="cannot be combined with a ledger"):
+        FedUGM(carried_precision=0.5, ledger="unused")
+    with pytest.raises(ValueError, match=r"carried_precision=1\.0; γ must be in \[0, 1\)"):
+        FedUGM(carried_precision=1.0)
+
+
 def test_configure_train_asks_for_ugm_and_remembers_the_global():
     state = global_state()
     grid = FakeGrid({1: None, 2: None, 3: None}, Net)
