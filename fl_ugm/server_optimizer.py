@@ -12,6 +12,9 @@ linear-regression oracle exact; with β > 0 round 1 is still the UGM merge (m_0 
 rounds are not a MAP of anything but a heavy-ball step along the merged directions.
 Replay removal (``fl_ugm.removal``) replays the momentum too, from the buffer each round
 started with (stored in the ledger's history).
+
+``server_optimizer="adam"`` applies Flower's FedAdam update to the merged step instead
+(:func:`adam_step`); it is not yet combinable with a ledger.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import math
 from collections.abc import Mapping
 
 from torch import Tensor
+
+SERVER_OPTIMIZERS = ("momentum", "adam")
 
 
 def check_server_optimizer(server_lr: float, server_momentum: float) -> None:
@@ -63,3 +68,30 @@ def momentum_step(
     new_state = dict(merged)
     new_state.update({k: start[k] + server_lr * m for k, m in new_momentum.items()})
     return new_state, new_momentum
+
+
+def adam_step(
+    start: Mapping[str, Tensor],
+    merged: Mapping[str, Tensor],
+    state: tuple[dict[str, Tensor], dict[str, Tensor]] | None,
+    *,
+    server_lr: float,
+    server_round: int,
+    beta_1: float = 0.9,
+    beta_2: float = 0.99,
+    tau: float = 1e-3,
+) -> tuple[dict[str, Tensor], tuple[dict[str, Tensor], dict[str, Tensor]]]:
+    """Flower's FedAdam update applied to the merged step u_r = θ⁺_r − θ_{r−1} (the float
+    entries): m_r = β₁ m_{r−1} + (1 − β₁) u_r, v_r = β₂ v_{r−1} + (1 − β₂) u_r²,
+    θ_r = θ_{r−1} + η̂ m_r / (√v_r + τ) with η̂ = η √(1 − β₂^{r+1}) / (1 − β₁^{r+1}) (as
+    ``flwr.serverapp.strategy.FedAdam``, whose defaults β₁ 0.9, β₂ 0.99, τ 1e-3 these are).
+    Returns (θ_r, (m_r, v_r)); ``state`` None is m_0 = v_0 = 0."""
+    steps = {k: v - start[k] for k, v in merged.items() if v.is_floating_point()}
+    first, second = state if state is not None else ({}, {})
+    first = {k: beta_1 * first.get(k, 0) + (1 - beta_1) * u for k, u in steps.items()}
+    second = {k: beta_2 * second.get(k, 0) + (1 - beta_2) * u * u for k, u in steps.items()}
+    rate = server_lr * math.sqrt(1 - beta_2 ** (server_round + 1)) / (
+        1 - beta_1 ** (server_round + 1))
+    new_state = dict(merged)
+    new_state.update({k: start[k] + rate * first[k] / (second[k].sqrt() + tau) for k in steps})
+    return new_state, (first, second)

@@ -35,7 +35,13 @@ from fl_ugm.protocol import (
     ugm_train_config,
 )
 from fl_ugm.roster import ClientRoster
-from fl_ugm.server_optimizer import check_server_optimizer, momentum_step, uses_server_optimizer
+from fl_ugm.server_optimizer import (
+    SERVER_OPTIMIZERS,
+    adam_step,
+    check_server_optimizer,
+    momentum_step,
+    uses_server_optimizer,
+)
 
 #: Fisher clips up to this many times the median are honest variation (logged at INFO):
 #: honest clients reached 13× at lr 0.5 in simulations.unlearn; the attack benchmark's
@@ -96,6 +102,10 @@ class FedUGM(FedAvg):
         for the plain average. The defaults apply the merge as it is (the exact UGM round).
         Replay removal replays the momentum; ``method="eq13"`` removal refuses a run with
         β > 0 or η ≠ 1 (its one-round update assumes each merge was applied as is).
+    server_optimizer : {"momentum", "adam"} (default: "momentum")
+        "adam": Flower's FedAdam update on the merged step instead (η = ``server_lr``,
+        β₁ = ``server_momentum``, β₂ 0.99, τ 1e-3; ``fl_ugm.server_optimizer.adam_step``).
+        Not yet combinable with a ledger.
     carried_precision : float (default: 0.0)
         γ ∈ [0, 1), a global posterior precision carried across rounds: after round r,
         C_r = γ · (C_{r−1} + Σ_t α_t F_t) (the round's aggregate Fisher, after the clip), and
@@ -150,11 +160,19 @@ class FedUGM(FedAvg):
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
         carried_precision: float = 0.0,
+        server_optimizer: str = "momentum",
         excluded_clients: Iterable[str] = (),
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
         check_server_optimizer(server_lr, server_momentum)
+        if server_optimizer not in SERVER_OPTIMIZERS:
+            raise ValueError(f"FedUGM: server_optimizer={server_optimizer!r}; choose one of "
+                             f"{SERVER_OPTIMIZERS}.")
+        if server_optimizer == "adam" and ledger is not None:
+            raise ValueError("FedUGM: server_optimizer='adam' cannot be combined with a ledger "
+                             "yet (replay removal would have to replay Adam's moments); use "
+                             "server momentum, or run without a ledger.")
         if not (math.isfinite(carried_precision) and 0 <= carried_precision < 1):
             raise ValueError(f"FedUGM: carried_precision={carried_precision}; γ must be in "
                              "[0, 1) (0: off).")
@@ -184,8 +202,11 @@ class FedUGM(FedAvg):
         self.fisher_clip = fisher_clip
         self.wire_dtype = wire_dtype
         self.server_lr, self.server_momentum = float(server_lr), float(server_momentum)
-        self._server_step = uses_server_optimizer(self.server_lr, self.server_momentum)
+        self.server_optimizer = server_optimizer
+        self._server_step = server_optimizer == "adam" or uses_server_optimizer(
+            self.server_lr, self.server_momentum)
         self.momentum: dict[str, Tensor] | None = None
+        self._adam: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
         self.carried_precision = float(carried_precision)
         self.carried: dict[str, Tensor] | None = None
         self.current_arrays: dict[str, Tensor] | None = None
@@ -245,8 +266,8 @@ class FedUGM(FedAvg):
         if self.carried_precision:
             log(INFO, "\t│\t├── Carried precision: γ %g", self.carried_precision)
         if self._server_step:
-            log(INFO, "\t│\t├── Server momentum on the merged update: η %g, β %g",
-                self.server_lr, self.server_momentum)
+            log(INFO, "\t│\t├── Server %s on the merged update: η %g, β %g",
+                self.server_optimizer, self.server_lr, self.server_momentum)
         log(INFO, "\t│\t├── Fisher-inflation clip: %s", "off" if self.fisher_clip is None
             else f"{self.fisher_clip:g} × the median client's per-example Fisher mass")
         log(INFO, "\t│\t└── Ledger: %s; excluded clients: %s",
@@ -308,13 +329,17 @@ class FedUGM(FedAvg):
             return None, None
         new_state, alphas, shares = merged
         momentum = self.momentum  # m_{r−1}: the ledger's history records it with the round
-        if self._server_step:
+        if self.server_optimizer == "adam":
+            new_state, self._adam = adam_step(
+                self.current_arrays, new_state, self._adam, server_lr=self.server_lr,
+                server_round=server_round, beta_1=self.server_momentum)
+        elif self._server_step:
             new_state, momentum_after = momentum_step(
                 self.current_arrays, new_state, momentum, server_lr=self.server_lr,
                 server_momentum=self.server_momentum)
         if self.ledger is not None:
             self._record(server_round, updates, alphas, shares, new_state, momentum)
-        if self._server_step:
+        if self._server_step and self.server_optimizer == "momentum":
             self.momentum = momentum_after
         if self.carried_precision:  # C_r = γ (C_{r−1} + Σ α_t F_t)
             carried = self.carried or {}

@@ -129,16 +129,18 @@ def format_table(summary: dict, num_rounds: int, last_rounds: int = 1) -> str:
     """Markdown table ("—": not reached within the run's rounds, or no baseline to reach)."""
     what = "final accuracy" if last_rounds == 1 else f"accuracy, mean of last {last_rounds} rounds"
     best = next(iter(summary.values()))["best_baseline"] or "the best baseline"
-    lines = [f"| strategy | {what} (%) | rounds to {best}'s score | rounds to 95 % of it | "
-             "s / round | reply MB / round |", "|---|---|---|---|---|---|"]
+    reference = summary.get(best, {}).get("rounds_to_best_baseline")
+    lines = [f"| strategy | {what} (%) | rounds to {best}'s score (× {best}'s) | rounds to "
+             "95 % of it | s / round | reply MB / round |", "|---|---|---|---|---|---|"]
 
     def cell(value: float | None, spec: str = "") -> str:
         return "—" if value is None else format(value, spec)
 
     for name, s in summary.items():
         sent = s["reply_bytes_per_round"]
-        lines.append(f"| {name} | {mean_std(s['score'], 100)} | "
-                     f"{cell(s['rounds_to_best_baseline'])} | "
+        rounds = s["rounds_to_best_baseline"]
+        ratio = f" ({rounds / reference:.2f}×)" if rounds and reference else ""
+        lines.append(f"| {name} | {mean_std(s['score'], 100)} | {cell(rounds)}{ratio} | "
                      f"{cell(s['rounds_to_95pct_best_baseline'])} | "
                      f"{s['seconds_per_round']:.2f} | "
                      f"{cell(None if sent is None else sent / 1e6, '.3f')} |")
@@ -176,10 +178,19 @@ def plot(histories: dict[str, list[dict]], path: Path, title: str) -> None:
 
 def setting_grid(cfg, name: str) -> list[dict[str, Any]]:
     """Every setting a strategy is tried at: ``lr-grid`` × its ``tune`` grids (e.g.
-    ``tune: {fedprox: {proximal-mu: [0.01, 0.1]}}``), as run-config overrides."""
-    axes = {"lr": [float(v) for v in cfg["lr-grid"]]}
-    axes.update({str(k): list(v) for k, v in (cfg["tune"].get(name) or {}).items()})
-    return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+    ``tune: {fedprox: {proximal-mu: [0.01, 0.1]}}``), as run-config overrides. The entry
+    ``variants`` is one axis of whole settings (e.g. ``[{ugm-server-momentum: 0.5},
+    {ugm-server-optimizer: adam, ugm-server-lr: 0.01}]``), for knobs that go together."""
+    axes: dict[str, list] = {"lr": [{"lr": float(v)} for v in cfg["lr-grid"]]}
+    for key, values in (cfg["tune"].get(name) or {}).items():
+        axes[str(key)] = ([dict(v) for v in values] if key == "variants"
+                          else [{str(key): v} for v in values])
+    return [{k: v for part in parts for k, v in part.items()}
+            for parts in itertools.product(*axes.values())]
+
+
+def _value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
 
 
 def run_once(run_config: dict[str, Any], label: str, reuse: bool) -> dict[str, Any]:
@@ -222,7 +233,7 @@ def select_settings(cfg, base: dict, out: Path) -> dict[str, dict]:
     runs = [(name, setting) for name in cfg.strategies for setting in setting_grid(cfg, name)]
     selection: dict[str, dict] = {}
     for done, (name, setting) in enumerate(runs, start=1):
-        tag = " ".join(f"{k}={v:g}" for k, v in setting.items())
+        tag = " ".join(f"{k}={_value(v)}" for k, v in setting.items())
         run_config = {**base, **setting, "strategy": str(name), "evaluate-on": "validation",
                       "seed": int(cfg["selection-seed"]),
                       "out": str(out / "selection" / tag.replace(" ", "_"))}
@@ -248,9 +259,9 @@ def format_selection(selection: dict[str, dict], seed: int) -> str:
              "grid (%) |", "|---|---|---|---|"]
     for name, entry in selection.items():
         cells = ", ".join(
-            " ".join(f"{k} {v:g}" for k, v in r.items() if k != "accuracy")
+            " ".join(f"{k} {_value(v)}" for k, v in r.items() if k != "accuracy")
             + f": {100 * r['accuracy']:.2f}" for r in entry["validation"])
-        chosen = " ".join(f"{k} {v:g}" for k, v in entry["chosen"].items())
+        chosen = " ".join(f"{k} {_value(v)}" for k, v in entry["chosen"].items())
         lines.append(f"| {name} | {cells} | {chosen} | {100 * entry['mean_over_lr_grid']:.2f} |")
     return "\n".join(lines)
 

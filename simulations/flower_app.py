@@ -10,7 +10,8 @@ Run config keys (defaults and one-line docs in ``pyproject.toml`` ``[tool.flwr.a
 [α_t = 1] | fisher-averaging), ``server-lr`` / ``server-momentum`` (FedAvgM's server
 learning rate and momentum), ``fedadam-eta`` / ``fedadam-tau`` (FedAdam's server learning
 rate and adaptivity), ``ugm-server-lr`` / ``ugm-server-momentum`` (FedUGM's server
-momentum on the merged update, ``fl_ugm.server_optimizer``; 1 and 0: none), ``ugm-carry``
+momentum on the merged update, ``fl_ugm.server_optimizer``; 1 and 0: none;
+``ugm-server-optimizer=adam``: FedAdam's update instead, β₁ = ugm-server-momentum), ``ugm-carry``
 (FedUGM's carried precision γ, 0: off),
 ``num-server-rounds``, ``num-clients``, ``fraction-train``, ``local-epochs``, ``batch-size``,
 ``lr``, ``optimizer``, ``prior-delta`` (FedUGM's δ), ``proximal-mu`` (FedProx's μ),
@@ -193,7 +194,8 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
             excluded_clients=excluded, wire_dtype=str(cfg.get("wire-dtype", "float16")),
             server_lr=float(cfg.get("ugm-server-lr", 1.0)),
             server_momentum=float(cfg.get("ugm-server-momentum", 0.0)),
-            carried_precision=float(cfg.get("ugm-carry", 0.0)), **common,
+            carried_precision=float(cfg.get("ugm-carry", 0.0)),
+            server_optimizer=str(cfg.get("ugm-server-optimizer", "momentum")), **common,
         )  # fmt: skip
     raise ValueError(f"unknown strategy {name!r}; choose one of {STRATEGIES}.")
 

@@ -100,8 +100,11 @@ def run_seed(
     inputs: torch.Tensor,
     labels: torch.Tensor,
     merges: Merges = one_shot_merges,
+    draw: int = 0,
 ) -> dict[str, tasks.Evaluation]:
-    """One full one-shot experiment; returns the test evaluation of every merge."""
+    """One full one-shot experiment; returns the test evaluation of every merge. ``seed``
+    fixes the data split, partition, initialisation and pretraining; ``draw`` the clients'
+    minibatch orders and Fisher samples (draw 0: the seed's own)."""
     split = tasks.split_indices(
         len(labels), test=cfg.test_examples, server=cfg.server_examples, seed=seed
     )
@@ -147,14 +150,14 @@ def run_seed(
             loss = train_classifier(
                 model, pool_x[idx], pool_y[idx],
                 epochs=cfg.local_epochs, lr=cfg.lr, prox_precision=delta, anchor=base,
-                seed=seed * 1000 + t, **train,
+                seed=seed * 1000 + t + 7919 * draw, **train,
             )  # fmt: skip
             fishers.append(
                 diagonal_fisher(
                     model,
                     iterate_batches(pool_x[idx], pool_y[idx], cfg.fisher_batch_size),
                     kind=cfg.fisher,
-                    generator=torch.Generator().manual_seed(seed * 1000 + t),
+                    generator=torch.Generator().manual_seed(seed * 1000 + t + 104729 * draw),
                 )
             )
             client_deltas.append(subtract(tasks.get_params(model), base))
@@ -169,14 +172,21 @@ def run_seed(
     return results
 
 
-def format_table(per_seed: list[dict[str, tasks.Evaluation]]) -> str:
-    """Markdown table of test accuracy and loss, mean ± std over seeds."""
-
-    lines = ["| strategy | test accuracy (%) | test loss (nats) |", "|---|---|---|"]
-    for name in per_seed[0]:
-        acc = [r[name].accuracy for r in per_seed]
-        loss = [r[name].loss for r in per_seed]
-        lines.append(f"| {name} | {mean_std(acc, 100, 2)} | {mean_std(loss, 1, 3)} |")
+def format_table(per_seed: list[list[dict[str, tasks.Evaluation]]]) -> str:
+    """Markdown table of test accuracy and loss, mean ± std over seeds (of each seed's mean
+    over its draws); with several draws, the spread across draws: the std over one seed's
+    draws, averaged over seeds."""
+    draws = len(per_seed[0])
+    spread = " spread across draws (points) |" if draws > 1 else ""
+    lines = [f"| strategy | test accuracy (%) | test loss (nats) |{spread}",
+             "|---|---|---|" + ("---|" if draws > 1 else "")]
+    for name in per_seed[0][0]:
+        acc = np.array([[r[name].accuracy for r in seed] for seed in per_seed])  # seeds x draws
+        loss = [float(np.mean([r[name].loss for r in seed])) for seed in per_seed]
+        row = f"| {name} | {mean_std(acc.mean(1).tolist(), 100, 2)} | {mean_std(loss, 1, 3)} |"
+        if draws > 1:
+            row += f" {100 * acc.std(1, ddof=1).mean():.2f} |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -184,10 +194,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_config(argv)
     torch.set_num_threads(cfg.threads)
     inputs, labels = tasks.load_task(cfg.task)
+    if int(cfg.draws) < 1:
+        raise SystemExit(f"one_shot: draws={cfg.draws}; give 1 or more.")
     start = time.perf_counter()
     per_seed = []
     for seed in cfg.seeds:
-        per_seed.append(run_seed(cfg, int(seed), inputs, labels))
+        per_seed.append([run_seed(cfg, int(seed), inputs, labels, draw=draw)
+                         for draw in range(int(cfg.draws))])
         progress(f"[seed {seed}] done at {time.perf_counter() - start:.1f} s")
     wall = time.perf_counter() - start
 
@@ -196,10 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = {
         "strategies": {
             name: {
-                "final_accuracy": [r[name].accuracy for r in per_seed],
-                "final_loss": [r[name].loss for r in per_seed],
+                "final_accuracy": [float(np.mean([r[name].accuracy for r in seed]))
+                                   for seed in per_seed],
+                "final_loss": [float(np.mean([r[name].loss for r in seed]))
+                               for seed in per_seed],
+                "accuracy_per_draw": [[r[name].accuracy for r in seed] for seed in per_seed],
             }
-            for name in per_seed[0]
+            for name in per_seed[0][0]
         },
         "config": plain(cfg),
         "wall_time_s": wall,

@@ -288,6 +288,23 @@ def test_setting_selection_uses_the_validation_split_and_its_own_seed(monkeypatc
     assert "| fedprox |" in table and "lr 0.1 proximal-mu 1" in table
 
 
+def test_a_variants_axis_keeps_knobs_that_go_together():
+    from omegaconf import OmegaConf
+
+    from simulations import compare
+
+    cfg = OmegaConf.create({"lr-grid": [0.1, 0.3], "tune": {"fedugm": {
+        "variants": [{"ugm-server-momentum": 0.5},
+                     {"ugm-server-optimizer": "adam", "ugm-server-lr": 0.01}],
+        "ugm-carry": [0.0, 0.5]}}})
+    grid = compare.setting_grid(cfg, "fedugm")
+    assert len(grid) == 2 * 2 * 2
+    assert {"lr": 0.3, "ugm-server-optimizer": "adam", "ugm-server-lr": 0.01,
+            "ugm-carry": 0.5} in grid
+    assert not any("ugm-server-optimizer" in g and "ugm-server-momentum" in g for g in grid)
+    assert compare.setting_grid(cfg, "fedavg") == [{"lr": 0.1}, {"lr": 0.3}]
+
+
 def test_reuse_runs_reads_back_only_a_run_with_the_same_config(monkeypatch, tmp_path):
     from simulations import compare
     from simulations.flower_app import history_path
@@ -366,4 +383,5 @@ def test_scores_rounds_to_the_best_baseline_and_seconds_per_round():
     assert summary["fedavg"]["reply_bytes_per_round"] == pytest.approx(200)
     table = compare.format_table(summary, 3, last_rounds=2)
     assert "accuracy, mean of last 2 rounds" in table and "rounds to fedavgm's score" in table
+    assert "| fedugm | 80.00 ± 0.00 | 3 (1.50×) | 3 |" in table
     assert "| fedavg | 60.00 ± 7.07 | — | — | 2.00 | 0.000 |" in table

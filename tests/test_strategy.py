@@ -354,6 +354,32 @@ def test_full_loop_in_process_with_flowers_own_start(strategy_name):
     assert sorted(result.train_metrics_clientapp) == [1, 2, 3]
 
 
+def test_server_adam_on_the_merged_step_is_flowers_fedadam_when_the_merge_is_fedavg():
+    """server_optimizer="adam" applies FedAdam's update to the merged step: with the merge
+    reduced to FedAvg's (rule task-arithmetic, α = n/Σn, a negligible δ) three rounds on
+    the in-process grid end where Flower's own FedAdam ends."""
+    from flwr.serverapp.strategy import FedAdam
+
+    data, _ = separable_task()
+    kwargs = {"min_train_nodes": 3, "min_available_nodes": 3, "fraction_evaluate": 0.0}
+    torch.manual_seed(0)
+    initial = {k: v.clone() for k, v in Net().state_dict().items()}
+    ends = []
+    for strategy in (FedAdam(eta=0.05, **kwargs),
+                     FedUGM(prior_precision=1e-12, merge="task-arithmetic",
+                            server_optimizer="adam", server_lr=0.05, server_momentum=0.9,
+                            wire_dtype="float32", **kwargs)):
+        result = strategy.start(grid=FakeGrid(data, Net), initial_arrays=ArrayRecord(initial),
+                                num_rounds=3)
+        ends.append(result.arrays.to_torch_state_dict())
+    for key in PARAM_KEYS + FLOAT_BUFFERS:
+        torch.testing.assert_close(ends[1][key], ends[0][key].float(), rtol=1e-4, atol=1e-5)
+    for key in ("fc.weight", "bn.weight", "bn.running_mean"):  # (fc.bias precedes bn: fixed)
+        assert (ends[1][key] - initial[key]).abs().max() > 0.05
+    with pytest.raises(ValueError, match="server_optimizer='adam' cannot be combined"):
+        FedUGM(server_optimizer="adam", ledger="unused")
+
+
 def test_server_fisher_is_added_to_the_prior():
     state = global_state()
     server_fisher = {k: torch.full_like(state[k], 3.0) for k in PARAM_KEYS}
