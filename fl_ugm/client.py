@@ -188,7 +188,8 @@ def handle_train(
     loss = train_classifier(
         model, inputs, targets,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, optimizer=optimizer,
-        prox_precision=_prior_for(model, proximal_precision(msg.content, n), config),
+        prox_precision=_prior_for(model, proximal_precision(msg.content, n, configrecord_key),
+                                  config),
         training_fisher=training_fisher,
     )  # fmt: skip
     if not ugm:

@@ -264,15 +264,17 @@ def ugm_requested(config: ConfigRecord) -> bool:
     return bool(config.get(UGM_KEY, False))
 
 
-def proximal_precision(content: RecordDict | ConfigRecord, num_examples: int
-                       ) -> float | dict[str, Tensor]:
-    """Precision of the proximal prior on the SUMMED loss, from a train message's content (or
-    its config alone): per parameter δ + the carried precision (``PRIOR_RECORD``, FedUGM),
-    δ (FedUGM), μ·n (FedProx), or 0."""
-    record = content.array_records.get(PRIOR_RECORD) if isinstance(content, RecordDict) \
-        else None
-    config = content if isinstance(content, ConfigRecord) else next(
-        iter(content.config_records.values()), ConfigRecord())
+def proximal_precision(content: RecordDict | ConfigRecord, num_examples: int,
+                       configrecord_key: str = "config") -> float | dict[str, Tensor]:
+    """Precision of the proximal prior on the SUMMED loss, from a train message's content (its
+    ``configrecord_key`` config and optional ``PRIOR_RECORD``) or its config alone: per
+    parameter δ + the carried precision (``PRIOR_RECORD``, FedUGM), δ (FedUGM), μ·n
+    (FedProx), or 0."""
+    if isinstance(content, ConfigRecord):
+        config, record = content, None
+    else:
+        config = content.config_records.get(configrecord_key, ConfigRecord())
+        record = content.array_records.get(PRIOR_RECORD)
     if ugm_requested(config):
         value = float(config.get(PRIOR_KEY, 0.0))
     elif FEDPROX_MU_KEY in config:

@@ -210,10 +210,11 @@ def plan_removal(
             raise LedgerError(f"shared_rank={shared_rank}; give 0 (off) or a rank > 0.")
         return _replay(ledger, client_id, rule, prior_precision, recentring=recentring,
                        shared_rank=shared_rank, approximate=approximate)
-    if uses_server_optimizer(*_server_optimizer(ledger)):
+    optimizer = _server_optimizer(ledger)
+    if uses_server_optimizer(*optimizer):
         raise LedgerError("this ledger's run used server momentum (server_lr, server_momentum "
-                          f"= {_server_optimizer(ledger)}); the one-round eq13 update assumes "
-                          "each merge was applied as is. Use method='replay'.")
+                          f"= {optimizer}); the one-round eq13 update assumes each merge was "
+                          "applied as is. Use method='replay'.")
     return RemovalPlan(*_eq13(ledger, client_id, prior_precision, recenter=recenter,
                               revert_uninformed=revert_uninformed, client_reply=client_reply))
 

@@ -42,6 +42,12 @@ def uses_server_optimizer(server_lr: float, server_momentum: float) -> bool:
     return server_lr != 1.0 or server_momentum != 0.0
 
 
+def _float_steps(start: Mapping[str, Tensor], merged: Mapping[str, Tensor]
+                 ) -> dict[str, Tensor]:
+    """u_r = θ⁺_r − θ_{r−1} for the floating-point entries (integer buffers do not move)."""
+    return {k: v - start[k] for k, v in merged.items() if v.is_floating_point()}
+
+
 def momentum_update(step: Mapping[str, Tensor], momentum: Mapping[str, Tensor] | None,
                     server_momentum: float) -> dict[str, Tensor]:
     """m_r = β · m_{r−1} + u_r per key of ``step`` (u_r); a missing m_{r−1} counts as 0."""
@@ -63,7 +69,7 @@ def momentum_step(
     (None or a missing key: 0). Only floating-point entries move (integer buffers such as
     BatchNorm's ``num_batches_tracked`` take the merged value); m_r has the float keys, in
     the state's dtype."""
-    steps = {k: v - start[k] for k, v in merged.items() if v.is_floating_point()}
+    steps = _float_steps(start, merged)
     new_momentum = momentum_update(steps, momentum, server_momentum)
     new_state = dict(merged)
     new_state.update({k: start[k] + server_lr * m for k, m in new_momentum.items()})
@@ -86,7 +92,7 @@ def adam_step(
     θ_r = θ_{r−1} + η̂ m_r / (√v_r + τ) with η̂ = η √(1 − β₂^{r+1}) / (1 − β₁^{r+1}) (as
     ``flwr.serverapp.strategy.FedAdam``, whose defaults β₁ 0.9, β₂ 0.99, τ 1e-3 these are).
     Returns (θ_r, (m_r, v_r)); ``state`` None is m_0 = v_0 = 0."""
-    steps = {k: v - start[k] for k, v in merged.items() if v.is_floating_point()}
+    steps = _float_steps(start, merged)
     first, second = state if state is not None else ({}, {})
     first = {k: beta_1 * first.get(k, 0) + (1 - beta_1) * u for k, u in steps.items()}
     second = {k: beta_2 * second.get(k, 0) + (1 - beta_2) * u * u for k, u in steps.items()}

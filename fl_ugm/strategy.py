@@ -328,19 +328,20 @@ class FedUGM(FedAvg):
                 len(updates), needed, self.min_train_nodes)
             return None, None
         new_state, alphas, shares = merged
-        momentum = self.momentum  # m_{r−1}: the ledger's history records it with the round
+        # the optimizer state moves only once the round is recorded; the ledger's history
+        # keeps the momentum m_{r−1} the round started from
+        momentum, adam = self.momentum, self._adam
         if self.server_optimizer == "adam":
-            new_state, self._adam = adam_step(
-                self.current_arrays, new_state, self._adam, server_lr=self.server_lr,
+            new_state, adam = adam_step(
+                self.current_arrays, new_state, adam, server_lr=self.server_lr,
                 server_round=server_round, beta_1=self.server_momentum)
         elif self._server_step:
-            new_state, momentum_after = momentum_step(
+            new_state, momentum = momentum_step(
                 self.current_arrays, new_state, momentum, server_lr=self.server_lr,
                 server_momentum=self.server_momentum)
         if self.ledger is not None:
-            self._record(server_round, updates, alphas, shares, new_state, momentum)
-        if self._server_step and self.server_optimizer == "momentum":
-            self.momentum = momentum_after
+            self._record(server_round, updates, alphas, shares, new_state, self.momentum)
+        self.momentum, self._adam = momentum, adam
         if self.carried_precision:  # C_r = γ (C_{r−1} + Σ α_t F_t)
             carried = self.carried or {}
             self.carried = {k: self.carried_precision * (carried.get(k, 0) + sum(

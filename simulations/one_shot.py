@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from fl_ugm.client import OPTIMIZERS, train_classifier
-from fl_ugm.fisher import diagonal_fisher, iterate_batches
+from fl_ugm.fisher import FISHER_KINDS, diagonal_fisher, iterate_batches
 from fl_ugm.merge import fisher_averaging, task_arithmetic, ugm_merge, weighted_average
 from simulations import runner, tasks
 from simulations.runner import mean_std, plain, progress, write_json
@@ -39,7 +39,7 @@ CHOICES = {
     "model": tasks.MODELS,
     "partition": tasks.SCHEMES,
     "optimizer": OPTIMIZERS,
-    "fisher": ("sampled", "empirical", "exact"),
+    "fisher": FISHER_KINDS,
 }
 
 
