@@ -6,11 +6,11 @@
 For an MLP (784-128-10), a small CNN and a fine-tuning head (EfficientNet-Lite0's: a 1x1
 conv 320->1280 + BatchNorm + a 1280->10 classifier on frozen 320x1x1 backbone features,
 the image case of README "Fine-tuning cases"), times on the same data and batch size:
-one SGD training epoch; ``diagonal_fisher`` (sampled and empirical; closed-form per-example
-squares for Linear/Conv2d); a plain ``torch.func.vmap(grad)`` Fisher as the reference
-implementation; and a training epoch that also feeds :class:`TrainingFisher`. Inputs are
-random tensors of MNIST shape (the head: of the backbone's output shape): the cost does not
-depend on the values.
+one SGD training epoch; ``diagonal_fisher`` (sampled, empirical, and exact: one backward
+pass per class; closed-form per-example squares for Linear/Conv2d); a plain
+``torch.func.vmap(grad)`` Fisher as the reference implementation; and a training epoch
+that also feeds :class:`TrainingFisher`. Inputs are random tensors of MNIST shape (the
+head: of the backbone's output shape): the cost does not depend on the values.
 """
 
 from __future__ import annotations
@@ -85,13 +85,15 @@ def bench_model(name: str, model: nn.Module, x, y, bs: int, repeats: int, sync) 
         "sampled": lambda: diagonal_fisher(
             model, iterate_batches(x, y, bs), kind="sampled", generator=gen),
         "empirical": lambda: diagonal_fisher(model, iterate_batches(x, y, bs), kind="empirical"),
+        "exact": lambda: diagonal_fisher(model, iterate_batches(x, y, bs), kind="exact"),
         "vmap": lambda: vmap_fisher(model, x, y, bs),
         "cheap": lambda: train_epoch(model, x, y, bs, TrainingFisher(model)),
     }
     med = interleaved_medians(methods, repeats, sync)
     epoch = med["epoch"]
     return (f"{name:5} {epoch:13.3f} {med['sampled'] / epoch:8.2f}x "
-            f"{med['empirical'] / epoch:8.2f}x {med['vmap'] / epoch:9.2f}x "
+            f"{med['empirical'] / epoch:8.2f}x {med['exact'] / epoch:8.2f}x "
+            f"{med['vmap'] / epoch:9.2f}x "
             f"{100 * (med['cheap'] / epoch - 1):+13.1f}%")
 
 
@@ -113,7 +115,7 @@ def main() -> None:
              else f"threads {torch.get_num_threads()}")
     print(f"torch {torch.__version__}, {where}, "
           f"{args.examples} examples, batch {bs}, median of {args.repeats}")
-    print(f"{'model':5} {'train epoch s':>13} {'sampled':>9} {'empirical':>9} "
+    print(f"{'model':5} {'train epoch s':>13} {'sampled':>9} {'empirical':>9} {'exact':>9} "
           f"{'vmap(grad)':>10} {'TrainingFisher':>14}")
     for name, build, x in (("mlp", mlp, images), ("cnn", cnn, images),
                            ("head", head, features)):

@@ -18,11 +18,12 @@ chosen on the validation split (``server-examples``): every lr of the grid, cros
 strategy's own ``tune`` grids (e.g. FedProx's ``proximal-mu``), one run each at
 ``selection-seed`` (:func:`select_settings`); then ``seeds`` run at the chosen setting,
 scored on the test split. A run's score is its mean accuracy over the last ``score-rounds``
-rounds (1: the final round). ``reuse-runs=true`` reads back every run whose history and
-run config are already in ``out`` (:func:`run_once`). Writes to ``out``: ``rounds.csv``
-(strategy, seed, round, accuracy, loss, seconds), ``summary.json`` (``{"strategies": {name:
-:func:`summarize`'s entry}, "selection": ..., "config": {...}}``) and
-``accuracy_vs_round.png``; prints a table.
+rounds (1: the final round); ``report-rounds=[1, 3, 5]`` adds the accuracy after each of
+these rounds to the table (the fine-tuning regime's horizons). ``reuse-runs=true`` reads
+back every run whose history and run config are already in ``out`` (:func:`run_once`).
+Writes to ``out``: ``rounds.csv`` (strategy, seed, round, accuracy, loss, seconds),
+``summary.json`` (``{"strategies": {name: :func:`summarize`'s entry}, "selection": ...,
+"config": {...}}``) and ``accuracy_vs_round.png``; prints a table.
 """
 
 from __future__ import annotations
@@ -88,9 +89,12 @@ def seconds_per_round(seconds: Sequence[float]) -> float:
         if len(seconds) > 1 else float("nan")
 
 
-def summarize(histories: dict[str, list[dict]], last_rounds: int = 1) -> dict[str, dict]:
+def summarize(histories: dict[str, list[dict]], last_rounds: int = 1,
+              report_rounds: Sequence[int] = ()) -> dict[str, dict]:
     """Per strategy: its scores (:func:`score`, one per seed), final accuracy and loss,
-    seconds per round, reply bytes per round, and rounds to the best baseline's score.
+    seconds per round, reply bytes per round, rounds to the best baseline's score, and
+    ``accuracy_after_round``: ``{k: [accuracy after round k, one per seed]}`` for each k of
+    ``report_rounds`` (the few-round horizons of the fine-tuning regime).
 
     The best baseline is the strategy other than :data:`METHOD` with the highest mean score
     (T); on each strategy's accuracy curve averaged over seeds, ``rounds_to_best_baseline``
@@ -113,6 +117,7 @@ def summarize(histories: dict[str, list[dict]], last_rounds: int = 1) -> dict[st
             "score": scores[name],
             "final_accuracy": [h["accuracy"][-1] for h in runs],
             "final_loss": [h["loss"][-1] for h in runs],
+            "accuracy_after_round": {k: [h["accuracy"][k] for h in runs] for k in report_rounds},
             "seconds": [h["seconds"][-1] for h in runs],
             "seconds_per_round": statistics.fmean(seconds_per_round(h["seconds"])
                                                   for h in runs),
@@ -130,8 +135,11 @@ def format_table(summary: dict, num_rounds: int, last_rounds: int = 1) -> str:
     what = "final accuracy" if last_rounds == 1 else f"accuracy, mean of last {last_rounds} rounds"
     best = next(iter(summary.values()))["best_baseline"] or "the best baseline"
     reference = summary.get(best, {}).get("rounds_to_best_baseline")
-    lines = [f"| strategy | {what} (%) | rounds to {best}'s score (× {best}'s) | rounds to "
-             "95 % of it | s / round | reply MB / round |", "|---|---|---|---|---|---|"]
+    after = list(next(iter(summary.values()))["accuracy_after_round"])
+    lines = [f"| strategy | {what} (%) | "
+             + "".join(f"after round {k} (%) | " for k in after)
+             + f"rounds to {best}'s score (× {best}'s) | rounds to 95 % of it | s / round | "
+             "reply MB / round |", "|---|---|---|---|---|---|" + "---|" * len(after)]
 
     def cell(value: float | None, spec: str = "") -> str:
         return "—" if value is None else format(value, spec)
@@ -140,7 +148,9 @@ def format_table(summary: dict, num_rounds: int, last_rounds: int = 1) -> str:
         sent = s["reply_bytes_per_round"]
         rounds = s["rounds_to_best_baseline"]
         ratio = f" ({rounds / reference:.2f}×)" if rounds and reference else ""
-        lines.append(f"| {name} | {mean_std(s['score'], 100)} | {cell(rounds)}{ratio} | "
+        lines.append(f"| {name} | {mean_std(s['score'], 100)} | "
+                     + "".join(f"{mean_std(a, 100)} | " for a in s["accuracy_after_round"].values())
+                     + f"{cell(rounds)}{ratio} | "
                      f"{cell(s['rounds_to_95pct_best_baseline'])} | "
                      f"{s['seconds_per_round']:.2f} | "
                      f"{cell(None if sent is None else sent / 1e6, '.3f')} |")
@@ -187,6 +197,24 @@ def setting_grid(cfg, name: str) -> list[dict[str, Any]]:
                           else [{str(key): v} for v in values])
     return [{k: v for part in parts for k, v in part.items()}
             for parts in itertools.product(*axes.values())]
+
+
+def check_grids(cfg) -> None:
+    """Stop with a clear message, before any run, when ``strategies`` or a ``tune`` grid
+    names an unknown strategy or a key the app's run config does not have (a typo would
+    otherwise fail only when its run starts, possibly an hour into a benchmark)."""
+    from simulations.flower_app import STRATEGIES
+
+    known = set(app_run_config())
+    for name in [*cfg.strategies, *(cfg["tune"] or {})]:
+        if name not in STRATEGIES:
+            raise SystemExit(f"compare: unknown strategy {name!r}; choose from {STRATEGIES}.")
+    for name in cfg["tune"] or {}:
+        unknown = {k for setting in setting_grid(cfg, name) for k in setting} - known
+        if unknown:
+            raise SystemExit(f"compare: tune.{name} varies {sorted(unknown)}, which are not "
+                             "run-config keys (`python -m simulations.compare --help` lists "
+                             "them).")
 
 
 def _value(value: Any) -> str:
@@ -282,12 +310,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_config(sys.argv[1:] if argv is None else argv,
                       simulation_layers(COMPARE_CONFIG), prog="compare", doc=__doc__)
     quiet_flower_console()
+    check_grids(cfg)
     require_task_data(str(cfg.task))
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     base = plain(cfg, "strategies", "seeds", "lr-grid", "tune", "selection-seed",
-                 "score-rounds", "reuse-runs")
+                 "score-rounds", "reuse-runs", "report-rounds")
     last_rounds = int(cfg["score-rounds"])
     selection = select_settings(cfg, base, out) if cfg["lr-grid"] else {}
     histories: dict[str, list[dict]] = {name: [] for name in cfg.strategies}
@@ -308,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for r, (a, lo, s) in enumerate(zip(h["accuracy"], h["loss"], h["seconds"],
                                                    strict=True)):
                     writer.writerow([name, h["seed"], r, f"{a:.4f}", f"{lo:.4f}", f"{s:.2f}"])
-    summary = summarize(histories, last_rounds)
+    summary = summarize(histories, last_rounds, [int(k) for k in cfg["report-rounds"]])
     write_json(out / "summary.json", {"strategies": summary, "config": plain(cfg),
                                       "selection": selection,
                                       "wall_time_s": time.perf_counter() - start})

@@ -232,6 +232,30 @@ def test_overlays_stack_and_missing_data_stops_compare_before_any_run(tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_compare_checks_its_grids_before_any_run_and_every_documented_command_passes(
+        tmp_path, monkeypatch):
+    """A typo in ``tune`` (a strategy or a run-config key) stops compare before the first
+    run; every ``python -m simulations.compare configs/...`` command written in a config's
+    header loads on the compare layers (an unknown key is an error) and passes the check."""
+    import re
+
+    from simulations import compare
+    from simulations.runner import CONFIGS, load_config, simulation_layers
+
+    monkeypatch.setattr(compare, "simulate", lambda *a, **k: pytest.fail("a run started"))
+    for typo, message in [("tune={fedprox: {proximal-nu: [0.1]}}", "proximal-nu"),
+                          ("tune={fedprx: {proximal-mu: [0.1]}}", "unknown strategy 'fedprx'")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            compare.main(["lr-grid=[0.1]", typo, f"out={tmp_path}"])
+    commands = {tuple(re.findall(r"configs/\S+\.yaml", line))
+                for path in CONFIGS.glob("*.yaml") for line in path.read_text().splitlines()
+                if line.startswith("#") and "python -m simulations.compare configs/" in line}
+    assert ("configs/tune_mnist.yaml", "configs/tune_mnist_5epochs.yaml") in commands
+    for overlays in sorted(commands):
+        compare.check_grids(load_config(list(overlays), simulation_layers(
+            compare.COMPARE_CONFIG), prog="t", doc=""))
+
+
 def test_the_server_scores_the_test_or_the_validation_split():
     from simulations.flower_app import evaluation_set
 
@@ -385,3 +409,9 @@ def test_scores_rounds_to_the_best_baseline_and_seconds_per_round():
     assert "accuracy, mean of last 2 rounds" in table and "rounds to fedavgm's score" in table
     assert "| fedugm | 80.00 ± 0.00 | 3 (1.50×) | 3 |" in table
     assert "| fedavg | 60.00 ± 7.07 | — | — | 2.00 | 0.000 |" in table
+    # the few-round horizons (the fine-tuning regime): accuracy after round k, per seed
+    summary = compare.summarize(histories, last_rounds=2, report_rounds=[1, 3])
+    assert summary["fedugm"]["accuracy_after_round"] == {1: [0.6, 0.7], 3: [0.9, 0.9]}
+    table = compare.format_table(summary, 3, last_rounds=2)
+    assert "| after round 1 (%) | after round 3 (%) |" in table
+    assert "| fedugm | 80.00 ± 0.00 | 65.00 ± 7.07 | 90.00 ± 0.00 | 3 (1.50×) |" in table
