@@ -3,8 +3,9 @@
     python benchmarks/cuda_agreement.py        # needs torch with CUDA and a visible GPU
 
 Prints, per case, the largest relative difference between the CUDA and the CPU result
-(the same weights, data and targets: empirical Fishers, so no sampling is involved; per
-tensor, max |gpu − cpu| / max |cpu|, the worst tensor named), twice: with PyTorch's CUDA
+(the same weights, data and targets: empirical Fishers, and for the categorical cases
+exact ones too, so no sampling is involved; per tensor, max |gpu − cpu| / max |cpu|, the
+worst tensor named), twice: with PyTorch's CUDA
 defaults (cuDNN convolutions may use TF32, 10-bit mantissas, on Ampere and later) and with
 TF32 off. Exits with status 1 if any difference with TF32 off exceeds 1e-4. CI never has a
 GPU; this is run by hand where one is lent (BENCHMARKS.md records the card and figures).
@@ -69,20 +70,24 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}")
     worst = 0.0
     for name, model, x, y, likelihood in cases():
-        cpu = diagonal_fisher(model, iterate_batches(x, y, 64), kind="empirical",
-                              likelihood=likelihood)
-        model.to(device)
-        cells = []
-        for tf32 in (torch.backends.cudnn.allow_tf32, False):
-            torch.backends.cudnn.allow_tf32 = tf32
-            gpu = diagonal_fisher(model, iterate_batches(x.to(device), y.to(device), 64),
-                                  kind="empirical", likelihood=likelihood)
-            assert all(v.device.type == "cuda" for v in gpu.values())
-            difference, key = relative_difference(gpu, cpu)
-            cells.append(f"{difference:.2e} ({key})")
-        torch.backends.cudnn.allow_tf32 = True  # PyTorch's default
-        worst = max(worst, difference)
-        print(f"diagonal_fisher, {name:38} CUDA defaults {cells[0]:22} TF32 off {cells[1]}")
+        # the exact Fisher (one backward pass per class) is for categorical likelihoods
+        for kind in ("empirical", "exact") if likelihood == "categorical" else ("empirical",):
+            model.cpu()
+            cpu = diagonal_fisher(model, iterate_batches(x, y, 64), kind=kind,
+                                  likelihood=likelihood)
+            model.to(device)
+            cells = []
+            for tf32 in (torch.backends.cudnn.allow_tf32, False):
+                torch.backends.cudnn.allow_tf32 = tf32
+                gpu = diagonal_fisher(model, iterate_batches(x.to(device), y.to(device), 64),
+                                      kind=kind, likelihood=likelihood)
+                assert all(v.device.type == "cuda" for v in gpu.values())
+                difference, key = relative_difference(gpu, cpu)
+                cells.append(f"{difference:.2e} ({key})")
+            torch.backends.cudnn.allow_tf32 = True  # PyTorch's default
+            worst = max(worst, difference)
+            print(f"diagonal_fisher {kind:9}, {name:38} CUDA defaults {cells[0]:22} "
+                  f"TF32 off {cells[1]}")
 
     gen = torch.Generator().manual_seed(1)
     base = {"w": torch.randn(1000, 300, generator=gen), "b": torch.randn(300, generator=gen)}
