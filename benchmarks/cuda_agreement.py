@@ -5,10 +5,10 @@
 Prints, per case, the largest relative difference between the CUDA and the CPU result
 (the same weights, data and targets: empirical Fishers, and for the categorical cases
 exact ones too, so no sampling is involved; per tensor, max |gpu − cpu| / max |cpu|, the
-worst tensor named), twice: with PyTorch's CUDA
-defaults (cuDNN convolutions may use TF32, 10-bit mantissas, on Ampere and later) and with
-TF32 off. Exits with status 1 if any difference with TF32 off exceeds 1e-4. CI never has a
-GPU; this is run by hand where one is lent (BENCHMARKS.md records the card and figures).
+worst tensor named), twice: with PyTorch's CUDA defaults (cuDNN convolutions may use TF32,
+10-bit mantissas, on Ampere and later) and with TF32 off. Exits with status 1 if any
+difference with TF32 off exceeds 1e-4. CI never has a GPU; this is run by hand where one
+is lent (BENCHMARKS.md records the card and figures).
 """
 
 from __future__ import annotations

@@ -133,9 +133,10 @@ def summarize(histories: dict[str, list[dict]], last_rounds: int = 1,
 def format_table(summary: dict, num_rounds: int, last_rounds: int = 1) -> str:
     """Markdown table ("—": not reached within the run's rounds, or no baseline to reach)."""
     what = "final accuracy" if last_rounds == 1 else f"accuracy, mean of last {last_rounds} rounds"
-    best = next(iter(summary.values()))["best_baseline"] or "the best baseline"
+    first = next(iter(summary.values()))
+    best = first["best_baseline"] or "the best baseline"
     reference = summary.get(best, {}).get("rounds_to_best_baseline")
-    after = list(next(iter(summary.values()))["accuracy_after_round"])
+    after = list(first["accuracy_after_round"])
     lines = [f"| strategy | {what} (%) | "
              + "".join(f"after round {k} (%) | " for k in after)
              + f"rounds to {best}'s score (× {best}'s) | rounds to 95 % of it | s / round | "
@@ -199,11 +200,18 @@ def setting_grid(cfg, name: str) -> list[dict[str, Any]]:
             for parts in itertools.product(*axes.values())]
 
 
-def check_grids(cfg) -> None:
+def check_benchmark_config(cfg) -> None:
     """Stop with a clear message, before any run, when ``strategies`` or a ``tune`` grid
-    names an unknown strategy or a key the app's run config does not have (a typo would
-    otherwise fail only when its run starts, possibly an hour into a benchmark)."""
+    names an unknown strategy or a key the app's run config does not have, or a
+    ``report-rounds`` entry is not a round of the run (a typo would otherwise fail only when
+    its run starts, or when the table is printed, possibly an hour into a benchmark)."""
     from simulations.flower_app import STRATEGIES
+
+    rounds = int(cfg["num-server-rounds"])
+    outside = [k for k in cfg["report-rounds"] if not 0 <= int(k) <= rounds]
+    if outside:
+        raise SystemExit(f"compare: report-rounds {outside} are not rounds of this run "
+                         f"(0 = the initial model, up to num-server-rounds={rounds}).")
 
     known = set(app_run_config())
     for name in [*cfg.strategies, *(cfg["tune"] or {})]:
@@ -310,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_config(sys.argv[1:] if argv is None else argv,
                       simulation_layers(COMPARE_CONFIG), prog="compare", doc=__doc__)
     quiet_flower_console()
-    check_grids(cfg)
+    check_benchmark_config(cfg)
     require_task_data(str(cfg.task))
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)

@@ -234,9 +234,10 @@ def test_overlays_stack_and_missing_data_stops_compare_before_any_run(tmp_path, 
 
 def test_compare_checks_its_grids_before_any_run_and_every_documented_command_passes(
         tmp_path, monkeypatch):
-    """A typo in ``tune`` (a strategy or a run-config key) stops compare before the first
-    run; every ``python -m simulations.compare configs/...`` command written in a config's
-    header loads on the compare layers (an unknown key is an error) and passes the check."""
+    """A typo in ``tune`` (a strategy or a run-config key) or a report round the run does
+    not have stops compare before the first run; every ``python -m simulations.compare
+    configs/...`` command written in a config's header loads on the compare layers (an
+    unknown key is an error) and passes the check."""
     import re
 
     from simulations import compare
@@ -244,7 +245,8 @@ def test_compare_checks_its_grids_before_any_run_and_every_documented_command_pa
 
     monkeypatch.setattr(compare, "simulate", lambda *a, **k: pytest.fail("a run started"))
     for typo, message in [("tune={fedprox: {proximal-nu: [0.1]}}", "proximal-nu"),
-                          ("tune={fedprx: {proximal-mu: [0.1]}}", "unknown strategy 'fedprx'")]:
+                          ("tune={fedprx: {proximal-mu: [0.1]}}", "unknown strategy 'fedprx'"),
+                          ("report-rounds=[1,30]", "report-rounds [30] are not rounds")]:
         with pytest.raises(SystemExit, match=re.escape(message)):
             compare.main(["lr-grid=[0.1]", typo, f"out={tmp_path}"])
     commands = {tuple(re.findall(r"configs/\S+\.yaml", line))
@@ -252,7 +254,7 @@ def test_compare_checks_its_grids_before_any_run_and_every_documented_command_pa
                 if line.startswith("#") and "python -m simulations.compare configs/" in line}
     assert ("configs/tune_mnist.yaml", "configs/tune_mnist_5epochs.yaml") in commands
     for overlays in sorted(commands):
-        compare.check_grids(load_config(list(overlays), simulation_layers(
+        compare.check_benchmark_config(load_config(list(overlays), simulation_layers(
             compare.COMPARE_CONFIG), prog="t", doc=""))
 
 
