@@ -254,41 +254,6 @@ def remove_client(
 # --------------------------------------------------------------------------- merge backends
 
 
-def clip_fisher_inflation(
-    fishers: Sequence[Params], num_examples: Sequence[float], factor: float
-) -> tuple[list[dict[str, Tensor]], list[tuple[int, str, float]]]:
-    """The Fisher-inflation defence: (fishers with outliers scaled down, what was clipped).
-
-    Per tensor, each client's per-example Fisher mass ΣF_t / n_t is compared with the lower
-    median over clients (robust to any minority of inflated clients); a tensor above
-    ``factor`` × median is multiplied by ``factor`` × median / mass, so its mass is exactly
-    the bound. A client then weighs at most ``factor`` median clients of its size in the
-    merge. Tensors are only replaced, never modified. Non-finite masses are left for
-    validation to reject and do not count towards the median; with fewer than 2 finite
-    masses or a zero median, that tensor is left as it is. The report lists
-    (client index, key, mass / median) per clipped tensor.
-    """
-    if factor < 1:
-        raise ValueError(f"clip_fisher_inflation: factor={factor}; it must be ≥ 1.")
-    out = [dict(f) for f in fishers]
-    clipped: list[tuple[int, str, float]] = []
-    if len(out) < 2:
-        return out, clipped
-    for key in out[0]:
-        masses = torch.tensor([float(f[key].double().sum()) / n
-                               for f, n in zip(out, num_examples, strict=True)],
-                              dtype=torch.float64)
-        finite = masses[torch.isfinite(masses)]
-        if len(finite) < 2 or not float(finite.median()) > 0:
-            continue
-        median = float(finite.median())  # the lower median
-        for index, mass in enumerate(masses.tolist()):
-            if math.isfinite(mass) and mass > factor * median:
-                out[index][key] = out[index][key] * (factor * median / mass)
-                clipped.append((index, key, mass / median))
-    return out, clipped
-
-
 def _merge_numba(base, deltas, fishers, alphas, priors, compute):
     """All tensors through the fused kernel, one call per compute dtype."""
 

@@ -4,28 +4,40 @@ plugs :class:`Adversary` into the simulated ClientApp.
 
 Run config keys (defaults in ``configs/adversaries.yaml``):
 
-* ``backdoor-client`` (-1: none): that partition stamps the ``backdoor-trigger`` (one of
-  :data:`TRIGGERS`, :func:`add_trigger`) on all its examples and relabels them
-  ``backdoor-target``;
+* ``backdoor-client`` (-1: none; an int or a list of ints): those partitions stamp the
+  ``backdoor-trigger`` (one of :data:`TRIGGERS`, :func:`add_trigger`) on all their examples
+  and relabel them ``backdoor-target``;
 * ``flip-client`` (-1: none): that partition relabels its examples of class ``flip-source``
   as ``flip-target`` (-1: its most common class, and the next class; :func:`flip_classes`);
-* ``attack-client`` (-1: none) sends hostile replies, ``attack`` one of :data:`ATTACKS`,
-  scaled by ``attack-scale`` (see :func:`attack`).
+* ``attack-client`` (-1: none; an int or a list of ints) send hostile replies, ``attack``
+  one of :data:`ATTACKS`, scaled by ``attack-scale`` (see :func:`attack`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context, Message
 from torch import Tensor
 
-from simulations.flower_app import ClientRole, client_data
+from fl_ugm.protocol import (
+    CLIENT_ID_KEY,
+    CLIENT_RECORD,
+    DELTA_RECORD,
+    FISHER_RECORD,
+    METRICS_RECORD,
+    SCALES_RECORD,
+    build_ugm_reply,
+)
+from simulations.flower_app import ClientRole, client_data, run_client_train
 
-ATTACKS = ("inflate", "flip-inflate", "flip")
+#: inflate: Fisher × scale; flip-inflate: −Δ and Fisher × scale; flip: −Δ; scale: Δ × scale;
+#: norm-match: Δ rescaled to the norm of the honest update the client would have sent (with
+#: ``backdoor-client`` on the same partition: a backdoor that no norm bound sees).
+ATTACKS = ("inflate", "flip-inflate", "flip", "scale", "norm-match")
 #: Backdoor triggers: a white 4×4 square in the bottom-right corner (pixels blank in every
 #: digit, so no other client's data touches their weights), or a 6×6 checkerboard in the
 #: centre (pixels most digits ink, in a pattern none has; a plain white square there was
@@ -58,11 +70,29 @@ def flip_classes(cfg: Mapping[str, Any], labels: Tensor) -> tuple[int, int]:
     return source, (source + 1) % 10 if target < 0 else target
 
 
+def partitions(cfg: Mapping[str, Any], key: str) -> set[int]:
+    """The partitions a role key names: an int (-1: none) or a list of ints."""
+    value = cfg.get(key, -1)
+    values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    return {int(v) for v in values if int(v) >= 0}
+
+
+def backdoor_success(model: torch.nn.Module, inputs: Tensor, labels: Tensor, *, target: int,
+                     trigger: str) -> float:
+    """The backdoor's success rate: of the examples not of class ``target``, the fraction
+    the model classifies as ``target`` once ``trigger`` is stamped on."""
+    keep = labels != target
+    model.eval()
+    with torch.no_grad():
+        predicted = model(add_trigger(inputs[keep], trigger)).argmax(1)
+    return float((predicted == target).double().mean())
+
+
 def poisoned(cfg: Mapping[str, Any], partition_id: int, inputs: Tensor,
              labels: Tensor) -> tuple[Tensor, Tensor]:
     """Partition ``partition_id``'s (inputs, labels) as it trains on them: triggered and
-    relabelled if it is the ``backdoor-client``, label-flipped if it is the ``flip-client``."""
-    if partition_id == int(cfg.get("backdoor-client", -1)):
+    relabelled if it is a ``backdoor-client``, label-flipped if it is the ``flip-client``."""
+    if partition_id in partitions(cfg, "backdoor-client"):
         inputs = add_trigger(inputs, str(cfg.get("backdoor-trigger", "corner")))
         labels = torch.full_like(labels, int(cfg["backdoor-target"]))
     if partition_id == int(cfg.get("flip-client", -1)):
@@ -71,26 +101,70 @@ def poisoned(cfg: Mapping[str, Any], partition_id: int, inputs: Tensor,
     return inputs, labels
 
 
-def attack(reply: Message, request: Message, kind: str, scale: float) -> None:
+def update_of(reply: Message, request: Message) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(Δ, F) of a reply in float32: a UGM reply's records decoded from the wire dtype, or
+    for a plain FedAvg reply (θ_t, no Fisher) θ_t − θ of its float entries and no F."""
+    content = reply.content
+    if DELTA_RECORD not in content.array_records:
+        sent = request.content.array_records["arrays"].to_torch_state_dict()
+        trained = content.array_records["arrays"].to_torch_state_dict()
+        return {k: v - sent[k] for k, v in trained.items() if v.is_floating_point()}, {}
+    scales = content.config_records.get(SCALES_RECORD, {})
+
+    def decoded(name: str) -> dict[str, Tensor]:
+        return {k: v.float() * float(scales.get(f"{name}/{k}", 1.0)) for k, v in
+                content.array_records[name].to_torch_state_dict().items()}
+
+    return decoded(DELTA_RECORD), decoded(FISHER_RECORD)
+
+
+def replace_update(reply: Message, request: Message, delta: Mapping[str, Tensor],
+                   fisher: Mapping[str, Tensor]) -> None:
+    """Put (Δ, F) into ``reply`` in place, encoded as it was (UGM: same wire dtype; FedAvg:
+    θ + Δ)."""
+    content = reply.content
+    if DELTA_RECORD not in content.array_records:
+        sent = request.content.array_records["arrays"].to_torch_state_dict()
+        trained = content.array_records["arrays"].to_torch_state_dict()
+        content["arrays"] = ArrayRecord({k: sent[k] + delta[k] if k in delta else v
+                                         for k, v in trained.items()})
+        return
+    client = content.config_records.get(CLIENT_RECORD, {}).get(CLIENT_ID_KEY)
+    wire = "float16" if SCALES_RECORD in content.config_records else "float32"
+    rebuilt = build_ugm_reply(delta, fisher, content.metric_records[METRICS_RECORD], client,
+                              wire)
+    for name in rebuilt:
+        content[name] = rebuilt[name]
+
+
+def attack(reply: Message, request: Message, kind: str, scale: float,
+           honest: Message | None = None) -> None:
     """Make ``reply`` hostile, in place: ``inflate`` multiplies the reported Fisher by
     ``scale``; ``flip-inflate`` also sends −Δ (to FedAvg: θ − Δ); ``flip`` sends −Δ with the
-    honest Fisher. A plain FedAvg reply has no Fisher, so ``inflate`` leaves it honest."""
+    honest Fisher; ``scale`` sends Δ × ``scale``; ``norm-match`` rescales Δ to the norm of
+    the ``honest`` reply's. A plain FedAvg reply has no Fisher, so ``inflate`` leaves it
+    honest. Δ and F are decoded to float32 and sent back in the reply's wire dtype (so a
+    float16 reply cannot overflow)."""
     if kind not in ATTACKS:
         raise ValueError(f"unknown attack {kind!r}; choose one of {ATTACKS}.")
-    records = reply.content.array_records
-    if "fisher" in records and kind != "flip":
-        fisher = records["fisher"].to_torch_state_dict()
-        reply.content["fisher"] = ArrayRecord({k: v * scale for k, v in fisher.items()})
-    if kind == "inflate":
-        return
-    if "delta" in records:
-        delta = records["delta"].to_torch_state_dict()
-        reply.content["delta"] = ArrayRecord({k: -v for k, v in delta.items()})
-    else:
-        sent = request.content.array_records["arrays"].to_torch_state_dict()
-        trained = records["arrays"].to_torch_state_dict()
-        reply.content["arrays"] = ArrayRecord({
-            k: 2 * sent[k] - v if v.is_floating_point() else v for k, v in trained.items()})
+    delta, fisher = update_of(reply, request)
+    if kind in ("inflate", "flip-inflate"):
+        fisher = {k: v * scale for k, v in fisher.items()}
+    if kind in ("flip", "flip-inflate"):
+        delta = {k: -v for k, v in delta.items()}
+    if kind == "scale":
+        delta = {k: v * scale for k, v in delta.items()}
+    if kind == "norm-match":
+        if honest is None:
+            raise ValueError("attack='norm-match' needs the honest reply to match.")
+        target = _norm(update_of(honest, request)[0])
+        factor = target / max(_norm(delta), 1e-30)
+        delta = {k: v * factor for k, v in delta.items()}
+    replace_update(reply, request, delta, fisher)
+
+
+def _norm(tensors: Mapping[str, Tensor]) -> float:
+    return math.sqrt(sum(float(v.double().square().sum()) for v in tensors.values()))
 
 
 class Adversary(ClientRole):
@@ -103,5 +177,9 @@ class Adversary(ClientRole):
 
     def tamper(self, cfg: Mapping[str, Any], context: Context, request: Message,
                reply: Message) -> None:
-        if int(context.node_config["partition-id"]) == int(cfg.get("attack-client", -1)):
-            attack(reply, request, str(cfg["attack"]), float(cfg["attack-scale"]))
+        if int(context.node_config["partition-id"]) not in partitions(cfg, "attack-client"):
+            return
+        kind = str(cfg["attack"])
+        honest = (run_client_train(request, context, cfg, ClientRole())
+                  if kind == "norm-match" else None)
+        attack(reply, request, kind, float(cfg["attack-scale"]), honest)

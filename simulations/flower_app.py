@@ -6,8 +6,10 @@ adversaries: the simulations plug theirs in through :class:`ClientRole`
 (``simulations.adversaries``).
 
 Run config keys (defaults and one-line docs in ``pyproject.toml`` ``[tool.flwr.app.config]``):
-``strategy`` (Flower's fedavg | fedprox | fedavgm | fedadam, or fedugm | task-arithmetic
-[α_t = 1] | fisher-averaging), ``server-lr`` / ``server-momentum`` (FedAvgM's server
+``strategy`` (Flower's fedavg | fedprox | fedavgm | fedadam | multikrum | fedtrimmedavg, or
+fedugm | task-arithmetic [α_t = 1] | fisher-averaging), ``krum-malicious`` (MultiKrum's f: it
+averages the sampled nodes less f) / ``trimmed-beta`` (FedTrimmedAvg's cut per side),
+``server-lr`` / ``server-momentum`` (FedAvgM's server
 learning rate and momentum), ``fedadam-eta`` / ``fedadam-tau`` (FedAdam's server learning
 rate and adaptivity), ``ugm-server-lr`` / ``ugm-server-momentum`` (FedUGM's server
 momentum on the merged update, ``fl_ugm.server_optimizer``; 1 and 0: none;
@@ -15,7 +17,9 @@ momentum on the merged update, ``fl_ugm.server_optimizer``; 1 and 0: none;
 (FedUGM's carried precision γ, 0: off),
 ``num-server-rounds``, ``num-clients``, ``fraction-train``, ``local-epochs``, ``batch-size``,
 ``lr``, ``optimizer``, ``prior-delta`` (FedUGM's δ), ``proximal-mu`` (FedProx's μ),
-``fisher``, ``alpha``, ``scale``, ``fisher-clip``, the data (``task``, ``model``,
+``fisher``, ``alpha``, ``scale``, ``fisher-clip``, ``update-screen`` / ``screen-norm-bound``
+/ ``screen-min-cosine`` (FedUGM's update screen, ``fl_ugm.robust.UpdateScreen``; 0 and -1
+turn its two parts off), the data (``task``, ``model``,
 ``partition``, ``dirichlet-alpha``, ``classes-per-client``, ``seed``, ``test-examples``,
 ``server-examples`` and ``pretrain-epochs``: > 0 pretrains the initial model on the server's
 own split, the one-shot setting), ``out`` (a directory for the run's history JSON, see
@@ -52,19 +56,27 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedTrimmedAvg,
+    MultiKrum,
+    Strategy,
+)
 from safetensors.torch import load_file, save_file
 
 from fl_ugm.client import handle_evaluate, handle_query, handle_train, train_classifier
 from fl_ugm.ledger import Ledger, write_atomically
 from fl_ugm.protocol import REMOVAL_KEY
+from fl_ugm.robust import UpdateScreen
 from fl_ugm.strategy import FedUGM
 from simulations import tasks
 
-STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedugm", "task-arithmetic",
-              "fisher-averaging")
-#: Flower's own strategies (they sample every node; FedUGM's options do not apply)
-FLOWER_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam")
+#: Flower's own strategies (FedUGM's options do not apply to them)
+FLOWER_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "multikrum", "fedtrimmedavg")
+STRATEGIES = (*FLOWER_STRATEGIES, "fedugm", "task-arithmetic", "fisher-averaging")
 #: How long the ServerApp waits for ``num-clients`` SuperNodes before it gives up (seconds).
 NODE_WAIT_SECONDS = 60.0
 
@@ -156,8 +168,8 @@ def excluded_clients(cfg: Mapping[str, Any]) -> list[str]:
 
 
 def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
-    """Flower's own FedAvg/FedProx/FedAvgM/FedAdam, or FedUGM (with its UGM or a baseline
-    merge rule)."""
+    """Flower's own FedAvg/FedProx/FedAvgM/FedAdam/MultiKrum/FedTrimmedAvg, or FedUGM (with
+    its UGM or a baseline merge rule)."""
     fraction = float(cfg.get("fraction-train", 1.0))
     common = {
         "fraction_train": fraction,
@@ -179,6 +191,13 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
                        server_momentum=float(cfg["server-momentum"]), **common)
     if name == "fedadam":
         return FedAdam(eta=float(cfg["fedadam-eta"]), tau=float(cfg["fedadam-tau"]), **common)
+    if name == "multikrum":  # averages the sampled nodes less f, as Blanchard et al. do
+        malicious = int(cfg["krum-malicious"])
+        sampled = max(int(num_clients * fraction), common["min_train_nodes"])
+        return MultiKrum(num_malicious_nodes=malicious,
+                         num_nodes_to_select=max(sampled - malicious, 1), **common)
+    if name == "fedtrimmedavg":
+        return FedTrimmedAvg(beta=float(cfg["trimmed-beta"]), **common)
     if name in ("fedugm", "task-arithmetic", "fisher-averaging"):
         # task arithmetic as in the paper: α_t = 1 for every client
         alpha = "ones" if name == "task-arithmetic" else str(cfg["alpha"])
@@ -191,6 +210,7 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
             scale=float(cfg["scale"]), fisher=str(cfg["fisher"]),
             merge="ugm" if name == "fedugm" else name, ledger=ledger,
             fisher_clip=float(cfg.get("fisher-clip", 3.0)) or None,
+            update_screen=update_screen(cfg),
             excluded_clients=excluded, wire_dtype=str(cfg.get("wire-dtype", "float16")),
             server_lr=float(cfg.get("ugm-server-lr", 1.0)),
             server_momentum=float(cfg.get("ugm-server-momentum", 0.0)),
@@ -198,6 +218,16 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
             server_optimizer=str(cfg.get("ugm-server-optimizer", "momentum")), **common,
         )  # fmt: skip
     raise ValueError(f"unknown strategy {name!r}; choose one of {STRATEGIES}.")
+
+
+def update_screen(cfg: Mapping[str, Any]) -> UpdateScreen | None:
+    """FedUGM's update screen from ``update-screen``, ``screen-norm-bound`` (0: no norm bound)
+    and ``screen-min-cosine`` (-1: no cosine screen)."""
+    if not cfg.get("update-screen", True):
+        return None
+    bound = float(cfg.get("screen-norm-bound", 3.0))
+    cosine = float(cfg.get("screen-min-cosine", -1.0))
+    return UpdateScreen(norm_bound=bound or None, min_cosine=None if cosine == -1 else cosine)
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout_s: float = NODE_WAIT_SECONDS) -> None:

@@ -69,7 +69,7 @@ from safetensors.torch import load_file
 from fl_ugm.ledger import Ledger
 from fl_ugm.removal import remove_from_ledger, subtract_applied
 from simulations import runner
-from simulations.adversaries import add_trigger, flip_classes, poisoned
+from simulations.adversaries import TRIGGERS, backdoor_success, flip_classes, poisoned
 from simulations.federaser import federaser_server_app
 from simulations.flower_app import client_partition, experiment_for, fresh_model
 from simulations.runner import mean_std, plain, progress
@@ -170,12 +170,10 @@ class Judge:
 
     def attack_success(self, state) -> float:
         scenario = self.cfg["scenario"]
-        if scenario in ("corner", "checker"):
-            target = int(self.cfg["backdoor-target"])
-            keep = self.y_test != target
-            triggered = add_trigger(self.x_test[keep], scenario)
-            return float((self.probabilities(state, triggered).argmax(1) == target).double()
-                         .mean())
+        if scenario in TRIGGERS:
+            self.model.load_state_dict(state)
+            return backdoor_success(self.model, self.x_test, self.y_test, trigger=scenario,
+                                    target=int(self.cfg["backdoor-target"]))
         if scenario == "label-flip":
             source, target = flip_classes(self.cfg, self.y_clean)
             chosen = self.y_test == source

@@ -1,4 +1,4 @@
-"""The Fisher-inflation defence (FedUGM's ``fisher_clip``, ``merge.clip_fisher_inflation``)."""
+"""The Fisher-inflation defence (FedUGM's ``fisher_clip``, ``robust.clip_fisher_inflation``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from flwr.serverapp.strategy import FedAvg
 from helpers import PARAM_KEYS, global_state, message, ugm_reply
 
 from fl_ugm import FedUGM
-from fl_ugm.merge import clip_fisher_inflation
+from fl_ugm.robust import clip_fisher_inflation
 from fl_ugm.strategy import FISHER_CLIPPED_METRIC
 
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -48,7 +48,9 @@ def fedavg_of(replies, state):
 
 
 def ugm_of(replies, state, **kwargs):
-    strategy = FedUGM(prior_precision=1.0, min_train_nodes=1, **kwargs)
+    """FedUGM's merge of ``replies`` with the Fisher clip alone (the update screen is
+    test_robust.py's)."""
+    strategy = FedUGM(prior_precision=1.0, min_train_nodes=1, **{"update_screen": None, **kwargs})
     strategy.current_arrays = state
     return strategy.aggregate_train(1, replies)[0].to_torch_state_dict()
 
@@ -106,7 +108,7 @@ def test_clip_fisher_inflation_scales_outliers_to_exactly_the_bound():
         FedUGM(fisher_clip=0.5)
 
 
-@pytest.mark.parametrize("kind", ["inflate", "flip-inflate", "flip"])
+@pytest.mark.parametrize("kind", ["inflate", "flip-inflate", "flip", "scale"])
 def test_the_benchmark_attacks_do_what_they_say(kind):
     from simulations.adversaries import attack
 
@@ -115,8 +117,8 @@ def test_the_benchmark_attacks_do_what_they_say(kind):
     reply = ugm_reply(1, 40, state, seed=1)
     attack(reply, honest, kind, 1e6)
     before, after = honest.content.array_records, reply.content.array_records
-    fisher_scale = 1.0 if kind == "flip" else 1e6
-    delta_sign = 1.0 if kind == "inflate" else -1.0
+    fisher_scale = 1e6 if kind in ("inflate", "flip-inflate") else 1.0
+    delta_sign = {"inflate": 1.0, "scale": 1e6}.get(kind, -1.0)
     for key in PARAM_KEYS:
         torch.testing.assert_close(after["fisher"][key].numpy(),
                                    fisher_scale * before["fisher"][key].numpy())
@@ -129,10 +131,41 @@ def test_the_benchmark_attacks_do_what_they_say(kind):
     attack(plain, request, kind, 1e6)
     sent = plain.content.array_records["arrays"].to_torch_state_dict()
     for key in PARAM_KEYS:
-        expected = trained[key] if kind == "inflate" else state[key] - 1
+        expected = {"inflate": trained[key], "scale": state[key] + 1e6}.get(kind, state[key] - 1)
         torch.testing.assert_close(sent[key], expected)
     with pytest.raises(ValueError, match="unknown attack"):
         attack(plain, request, "bribe", 1.0)
+
+
+def test_attacks_on_float16_replies_and_the_norm_matched_backdoor():
+    """A float16 reply is decoded before the attack and re-encoded after it (an inflated
+    Fisher stays finite); norm-match gives Δ the honest reply's norm and keeps its direction."""
+    from fl_ugm.protocol import build_ugm_reply, parse_ugm_reply
+    from simulations.adversaries import attack, update_of
+
+    state = global_state()
+    honest = ugm_reply(1, 40, state, seed=1)
+    delta, fisher = update_of(honest, honest)
+    half = message(build_ugm_reply(delta, fisher, MetricRecord({"num-examples": 40}), "c1",
+                                   "float16"), src=1)
+    attack(half, honest, "inflate", 1e6)
+    update = parse_ugm_reply(half.content, state, node_id=1)
+    for key in PARAM_KEYS:
+        torch.testing.assert_close(update.fisher[key], 1e6 * fisher[key], rtol=1e-3, atol=0)
+    assert update.client_id == "c1"
+
+    backdoored = ugm_reply(1, 40, state, seed=2)
+    poisoned_delta, _ = update_of(backdoored, backdoored)
+    attack(backdoored, honest, "norm-match", 1.0, honest=honest)
+    matched, _ = update_of(backdoored, backdoored)
+    def norm(tensors):
+        return sum(float(v.square().sum()) for v in tensors.values()) ** 0.5
+
+    assert norm(matched) == pytest.approx(norm(delta), rel=1e-6)
+    assert norm(poisoned_delta) != pytest.approx(norm(delta), rel=1e-2)
+    for key in delta:
+        torch.testing.assert_close(matched[key] * norm(poisoned_delta) / norm(delta),
+                                   poisoned_delta[key])
 
 
 def test_honest_clips_are_info_and_large_ones_warnings(caplog):

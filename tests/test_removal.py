@@ -12,7 +12,7 @@ import pytest
 import torch
 from flwr.app import MetricRecord
 from flwr.common import MessageType
-from helpers import H0, LinearGrid, linear_problem, new_strategy, retrained, train
+from helpers import H0, NO_SCREEN, LinearGrid, linear_problem, new_strategy, retrained, train
 
 from fl_ugm import FedUGM, RemovalError
 from fl_ugm.ledger import Ledger, LedgerError, LedgerMismatchError
@@ -213,7 +213,7 @@ def test_replay_removal_equals_retraining_through_the_same_protocol(tmp_path):
     def strategy():
         return FedUGM(prior_precision=H0, server_fisher=server_fisher, fraction_train=0.5,
                       min_train_nodes=2, min_available_nodes=clients, fisher_clip=None,
-                      ledger=tmp_path)
+                      ledger=tmp_path, **NO_SCREEN)
 
     random.seed(4)  # Flower samples the nodes with random.sample
     trained = train(strategy(), grid, theta0, rounds=rounds)
@@ -282,7 +282,7 @@ def test_history_retention_dtype_and_the_approximate_replay(tmp_path, caplog):
     grid = LinearGrid(hessians, xty)
     ledger = Ledger(tmp_path, history_rounds=3, history_dtype="bfloat16")
     strategy = FedUGM(prior_precision=H0, min_train_nodes=3, min_available_nodes=3,
-                      ledger=ledger)
+                      ledger=ledger, **NO_SCREEN)
     with caplog.at_level("INFO", logger="flwr"):
         train(strategy, grid, theta0, rounds=5)
     assert "ledger: round 5 recorded; history" in caplog.text
@@ -372,7 +372,7 @@ def test_replay_removal_replays_the_server_momentum(tmp_path):
     def strategy():
         return FedUGM(prior_precision=H0, fraction_train=0.5, min_train_nodes=2,
                       min_available_nodes=clients, fisher_clip=None, ledger=tmp_path,
-                      server_lr=lr, server_momentum=beta)
+                      server_lr=lr, server_momentum=beta, **NO_SCREEN)
 
     def protocol(participation, left_out):
         """θ and m after the rounds, each merging its sampled clients but ``left_out``."""

@@ -376,6 +376,29 @@ def test_the_app_builds_flowers_own_server_optimizers():
         build_strategy({**cfg, "exclude-clients": "1"}, 4)
 
 
+def test_the_app_builds_flowers_robust_strategies_and_fedugms_update_screen():
+    from flwr.serverapp.strategy import FedTrimmedAvg, MultiKrum
+
+    from simulations.flower_app import build_strategy
+    from simulations.runner import app_run_config
+
+    cfg = {**app_run_config(), "krum-malicious": 4, "trimmed-beta": 0.1}
+    krum = build_strategy({**cfg, "strategy": "multikrum", "fraction-train": 0.2}, 100)
+    assert type(krum) is MultiKrum  # 20 sampled, f = 4: it averages 16
+    assert (krum.num_malicious_nodes, krum.num_nodes_to_select) == (4, 16)
+    trimmed = build_strategy({**cfg, "strategy": "fedtrimmedavg"}, 10)
+    assert type(trimmed) is FedTrimmedAvg and trimmed.beta == 0.1
+    ugm = build_strategy({**cfg, "strategy": "fedugm"}, 10)
+    assert (ugm.update_screen.norm_bound, ugm.update_screen.min_cosine) == (3.0, None)
+    screen = build_strategy({**cfg, "strategy": "fedugm", "screen-min-cosine": 0}, 10)
+    assert screen.update_screen.min_cosine == 0.0
+    parts = build_strategy({**cfg, "strategy": "fedugm", "screen-norm-bound": 0,
+                            "screen-min-cosine": -1}, 10).update_screen
+    assert (parts.norm_bound, parts.min_cosine) == (None, None)
+    assert build_strategy({**cfg, "strategy": "fedugm", "update-screen": False},
+                          10).update_screen is None
+
+
 def test_scores_rounds_to_the_best_baseline_and_seconds_per_round():
     """A run scores the mean of its last k rounds; the best baseline is the non-FedUGM
     strategy with the highest mean score; rounds to it (and to 95 % of it) are read off

@@ -246,7 +246,8 @@ def test_the_carried_precision_keeps_every_round_an_exact_map_on_the_oracle():
     sizes, delta, gamma = [7, 12, 20, 31, 44], 0.6, 0.5
     grid = LinearGrid(hessians, xty, sizes=sizes)
     strategy = FedUGM(prior_precision=delta, carried_precision=gamma, fraction_train=0.6,
-                      min_train_nodes=2, min_available_nodes=5, fisher_clip=None)
+                      min_train_nodes=2, min_available_nodes=5, fisher_clip=None,
+                      update_screen=None)
     random.seed(2)
     arrays, theta, carried, sent = ArrayRecord({"w": theta0}), theta0, None, []
     for server_round in range(1, 5):
