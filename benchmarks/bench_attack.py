@@ -38,7 +38,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,10 +103,9 @@ def run(cfg, setup: dict, strategy_label: str, attack: str | None, attackers: li
         inputs, labels, split, _ = experiment_for(run_config)
         model = fresh_model(run_config, inputs)
         model.load_state_dict(load_file(run_config["save-final"]))
-        with torch.no_grad():
-            result["backdoor"] = backdoor_success(
-                model, inputs[split.test], labels[split.test], trigger="checker",
-                target=int(run_config["backdoor-target"]))
+        result["backdoor"] = backdoor_success(
+            model, inputs[split.test], labels[split.test], trigger="checker",
+            target=int(run_config["backdoor-target"]))
     return result
 
 
@@ -126,7 +124,7 @@ def main(argv: list[str]) -> int:
     honest: dict[tuple[int, str], list[dict]] = {}  # (num-clients, strategy) -> per seed
     for threat in cfg.threats:
         setup, attackers = THREATS[threat]
-        clients = int(setup["num-clients"])
+        clients, folder = int(setup["num-clients"]), threat.replace("/", "-of-")
         rows = {}
         for label in cfg.strategies:
             if (clients, label) not in honest:
@@ -137,15 +135,15 @@ def main(argv: list[str]) -> int:
                 if attack == "flip-inflate" and STRATEGIES[label][0] != "fedugm":
                     continue  # no Fisher to inflate: the same run as flip
                 rows[label][attack] = [
-                    run(cfg, setup, label, attack, attackers, seed,
-                        f"{threat.replace('/', '-of-')}/{attack}") for seed in seeds]
+                    run(cfg, setup, label, attack, attackers, seed, f"{folder}/{attack}")
+                    for seed in seeds]
             progress(f"{threat} {label} done ({time.perf_counter() - start:.0f} s elapsed)")
         summary["threats"][threat] = rows
         tables.append(format_table(threat, rows, list(cfg.attacks), len(seeds)))
         if "FedUGM" in cfg.strategies:  # the floor of any defence that leaves them out
             excluded = {"exclude-clients": ",".join(str(a) for a in attackers)}
             floor = [run(cfg, {**setup, **excluded}, "FedUGM", None, [], seed,
-                         f"{threat.replace('/', '-of-')}/attackers-excluded") for seed in seeds]
+                         f"{folder}/attackers-excluded") for seed in seeds]
             summary["threats"][threat]["FedUGM without the attackers"] = floor
             tables.append(f"FedUGM without the attackers (never sampled; what a defence that "
                           f"leaves them out from round 1 can reach at best): "

@@ -104,10 +104,10 @@ class FedUGM(FedAvg):
         with ``UpdateScreen(min_cosine=0.0)`` also a Δ whose cosine with the coordinate-wise
         median of the round's deltas is ≤ 0 is left out (at most ⌊(T − 1)/2⌋ of T clients:
         the defence against flipped updates, off by default for its cost to honest non-IID
-        runs, README "Update poisoning"). Both are logged with node and client id;
-        the round's train metrics count them (``SCREENED_OUT_METRIC``,
-        ``NORM_BOUNDED_METRIC``). The ledger records what was merged: a scaled Δ as scaled, a
-        dropped client not at all. Screened-out clients do not count against
+        runs, README "Defences against hostile clients"). Both are logged with node and
+        client id; the round's train metrics count them (``SCREENED_OUT_METRIC``,
+        ``NORM_BOUNDED_METRIC``). The ledger records what was merged: a scaled Δ as scaled,
+        a dropped client not at all. Screened-out clients do not count against
         ``min_train_nodes``. ``None`` turns the screen off.
     wire_dtype : {"float16", "float32"} (default: "float16")
         The dtype clients send Δ and F in: "float16" scales each tensor by its largest
