@@ -27,10 +27,10 @@ from fl_ugm.protocol import (
     CLIENT_ID_KEY,
     CLIENT_RECORD,
     DELTA_RECORD,
-    FISHER_RECORD,
     METRICS_RECORD,
     SCALES_RECORD,
     build_ugm_reply,
+    parse_ugm_reply,
 )
 from simulations.flower_app import ClientRole, client_data, run_client_train
 
@@ -102,20 +102,16 @@ def poisoned(cfg: Mapping[str, Any], partition_id: int, inputs: Tensor,
 
 
 def update_of(reply: Message, request: Message) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(Δ, F) of a reply in float32: a UGM reply's records decoded from the wire dtype, or
-    for a plain FedAvg reply (θ_t, no Fisher) θ_t − θ of its float entries and no F."""
+    """(Δ, F) of a reply: a UGM reply decoded from its wire dtype as the server decodes it
+    (``fl_ugm.protocol.parse_ugm_reply``), or for a plain FedAvg reply (θ_t, no Fisher)
+    θ_t − θ of its float entries and no F."""
+    sent = request.content.array_records["arrays"].to_torch_state_dict()
     content = reply.content
     if DELTA_RECORD not in content.array_records:
-        sent = request.content.array_records["arrays"].to_torch_state_dict()
         trained = content.array_records["arrays"].to_torch_state_dict()
         return {k: v - sent[k] for k, v in trained.items() if v.is_floating_point()}, {}
-    scales = content.config_records.get(SCALES_RECORD, {})
-
-    def decoded(name: str) -> dict[str, Tensor]:
-        return {k: v.float() * float(scales.get(f"{name}/{k}", 1.0)) for k, v in
-                content.array_records[name].to_torch_state_dict().items()}
-
-    return decoded(DELTA_RECORD), decoded(FISHER_RECORD)
+    update = parse_ugm_reply(content, sent, node_id=reply.metadata.src_node_id)
+    return update.delta, update.fisher
 
 
 def replace_update(reply: Message, request: Message, delta: Mapping[str, Tensor],
@@ -143,8 +139,8 @@ def attack(reply: Message, request: Message, kind: str, scale: float,
     ``scale``; ``flip-inflate`` also sends −Δ (to FedAvg: θ − Δ); ``flip`` sends −Δ with the
     honest Fisher; ``scale`` sends Δ × ``scale``; ``norm-match`` rescales Δ to the norm of
     the ``honest`` reply's. A plain FedAvg reply has no Fisher, so ``inflate`` leaves it
-    honest. Δ and F are decoded to float32 and sent back in the reply's wire dtype (so a
-    float16 reply cannot overflow)."""
+    honest. Δ and F are decoded as the server decodes them and sent back in the reply's wire
+    dtype (so a float16 reply cannot overflow)."""
     if kind not in ATTACKS:
         raise ValueError(f"unknown attack {kind!r}; choose one of {ATTACKS}.")
     delta, fisher = update_of(reply, request)

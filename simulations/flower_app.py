@@ -9,8 +9,8 @@ Run config keys (defaults and one-line docs in ``pyproject.toml`` ``[tool.flwr.a
 ``strategy`` (Flower's fedavg | fedprox | fedavgm | fedadam | multikrum | fedtrimmedavg, or
 fedugm | task-arithmetic [α_t = 1] | fisher-averaging), ``krum-malicious`` (MultiKrum's f: it
 averages the sampled nodes less f) / ``trimmed-beta`` (FedTrimmedAvg's cut per side),
-``server-lr`` / ``server-momentum`` (FedAvgM's server
-learning rate and momentum), ``fedadam-eta`` / ``fedadam-tau`` (FedAdam's server learning
+``server-lr`` / ``server-momentum`` (FedAvgM's server learning rate and momentum),
+``fedadam-eta`` / ``fedadam-tau`` (FedAdam's server learning
 rate and adaptivity), ``ugm-server-lr`` / ``ugm-server-momentum`` (FedUGM's server
 momentum on the merged update, ``fl_ugm.server_optimizer``; 1 and 0: none;
 ``ugm-server-optimizer=adam``: FedAdam's update instead, β₁ = ugm-server-momentum), ``ugm-carry``

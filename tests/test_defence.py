@@ -113,9 +113,10 @@ def test_the_benchmark_attacks_do_what_they_say(kind):
     from simulations.adversaries import attack
 
     state = global_state()
+    request = message(RecordDict({"arrays": ArrayRecord(state)}))  # the train message
     honest = ugm_reply(1, 40, state, seed=1)
     reply = ugm_reply(1, 40, state, seed=1)
-    attack(reply, honest, kind, 1e6)
+    attack(reply, request, kind, 1e6)
     before, after = honest.content.array_records, reply.content.array_records
     fisher_scale = 1e6 if kind in ("inflate", "flip-inflate") else 1.0
     delta_sign = {"inflate": 1.0, "scale": 1e6}.get(kind, -1.0)
@@ -125,7 +126,6 @@ def test_the_benchmark_attacks_do_what_they_say(kind):
         torch.testing.assert_close(after["delta"][key].numpy(),
                                    delta_sign * before["delta"][key].numpy())
     # a FedAvg reply (θ_t) has no Fisher: flipping sends 2θ − θ_t, inflating changes nothing
-    request = message(RecordDict({"arrays": ArrayRecord(state)}))
     trained = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
     plain = message(RecordDict({"arrays": ArrayRecord(trained)}))
     attack(plain, request, kind, 1e6)
@@ -144,20 +144,21 @@ def test_attacks_on_float16_replies_and_the_norm_matched_backdoor():
     from simulations.adversaries import attack, update_of
 
     state = global_state()
+    request = message(RecordDict({"arrays": ArrayRecord(state)}))  # the train message
     honest = ugm_reply(1, 40, state, seed=1)
-    delta, fisher = update_of(honest, honest)
+    delta, fisher = update_of(honest, request)
     half = message(build_ugm_reply(delta, fisher, MetricRecord({"num-examples": 40}), "c1",
                                    "float16"), src=1)
-    attack(half, honest, "inflate", 1e6)
+    attack(half, request, "inflate", 1e6)
     update = parse_ugm_reply(half.content, state, node_id=1)
     for key in PARAM_KEYS:
         torch.testing.assert_close(update.fisher[key], 1e6 * fisher[key], rtol=1e-3, atol=0)
     assert update.client_id == "c1"
 
     backdoored = ugm_reply(1, 40, state, seed=2)
-    poisoned_delta, _ = update_of(backdoored, backdoored)
-    attack(backdoored, honest, "norm-match", 1.0, honest=honest)
-    matched, _ = update_of(backdoored, backdoored)
+    poisoned_delta, _ = update_of(backdoored, request)
+    attack(backdoored, request, "norm-match", 1.0, honest=honest)
+    matched, _ = update_of(backdoored, request)
     def norm(tensors):
         return sum(float(v.square().sum()) for v in tensors.values()) ** 0.5
 
