@@ -54,8 +54,10 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from torch import Tensor, nn
 
+from fl_ugm.client_duals import DUAL_STATE_RECORD, next_dual, reported_delta
 from fl_ugm.fisher import TrainingFisher, diagonal_fisher, iterate_batches
 from fl_ugm.protocol import (
+    DUAL_STEP_KEY,
     FISHER_ESTIMATORS,
     FISHER_KEY,
     NUM_EXAMPLES_KEY,
@@ -86,8 +88,9 @@ def train_classifier(
     prox_precision: float | Mapping[str, Tensor] = 0.0,
     anchor: Mapping[str, Tensor] | None = None,
     training_fisher: TrainingFisher | None = None,
+    dual: Mapping[str, Tensor] | None = None,
 ) -> float:
-    """Fine-tune in place on mean cross-entropy + (1 / 2n)·Σ P·(w − anchor)².
+    """Fine-tune in place on mean cross-entropy + (1 / 2n)·Σ P·(w − anchor)² − ⟨λ, w⟩ / n.
 
     ``n`` = ``len(inputs)``, so P = ``prox_precision`` is the prior precision on the summed
     loss (FedProx's μ = P / n): a float, or per parameter a tensor of its shape (a
@@ -96,7 +99,9 @@ def train_classifier(
     an epoch's mini-batches. In a model with BatchNorm, a last mini-batch of one example
     joins the one before (BatchNorm cannot train on one). If a :class:`TrainingFisher` is
     given it sees each batch's cross-entropy gradient (before the proximal gradient is
-    added). Returns the last epoch's mean cross-entropy (nats).
+    added). ``dual`` λ (per parameter, in the units of a SUMMED loss's gradient; a
+    parameter it does not name gets none) is the linear term of client dual variables
+    (``fl_ugm.client_duals``). Returns the last epoch's mean cross-entropy (nats).
     """
     if not epochs > 0:
         raise ValueError(f"train_classifier: epochs={epochs}; it must be > 0.")
@@ -111,6 +116,7 @@ def train_classifier(
     opt_cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
     opt = opt_cls(params.values(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
+    linear = {k: v.to(params[k]) for k, v in (dual or {}).items() if k in params}
     if isinstance(prox_precision, Mapping):
         prox_scale: dict[str, Tensor | float] = {k: v / n for k, v in prox_precision.items()
                                                  if k in params}
@@ -134,6 +140,11 @@ def train_classifier(
             seen += len(batch)
             if training_fisher is not None:
                 training_fisher.update(len(batch))
+            if linear:  # gradient of −⟨λ, w⟩ / n
+                with torch.no_grad():
+                    for key, value in linear.items():
+                        if params[key].grad is not None:
+                            params[key].grad.sub_(value, alpha=1.0 / n)
             if prox_scale:  # gradient of Σ (P / 2n)·(w − centre)²
                 with torch.no_grad():
                     for key, scale in prox_scale.items():
@@ -164,6 +175,7 @@ def handle_train(
     client_id: str | None = None,
     arrayrecord_key: str = "arrays",
     configrecord_key: str = "config",
+    state: RecordDict | None = None,
 ) -> Message:
     """Answer a train message: load the global, fine-tune, reply (UGM or standard).
 
@@ -171,9 +183,11 @@ def handle_train(
     in a deployment); UGM replies carry it so the server can record and later remove this
     client's contribution (without it, FedUGM merges the reply but cannot remove it later).
     ``arrayrecord_key`` / ``configrecord_key`` are the strategy's record names (Flower's
-    defaults). Raises ``ValueError`` for a malformed request or empty local data; inside a
-    ClientApp, Flower turns the exception into an error reply, which the strategy logs and
-    skips.
+    defaults). ``state`` is the node's persistent state (Flower's ``context.state``): when
+    the server asks for client dual variables (``DUAL_STEP_KEY``) this client's λ lives
+    there between rounds (``fl_ugm.client_duals``). Raises ``ValueError`` for a malformed
+    request, empty local data, or a request for duals without ``state``; inside a ClientApp,
+    Flower turns the exception into an error reply, which the strategy logs and skips.
     """
     config = msg.content.config_records.get(configrecord_key, ConfigRecord())
     load_global(msg, model, arrayrecord_key)
@@ -185,12 +199,13 @@ def handle_train(
     if ugm and kind not in FISHER_ESTIMATORS:
         raise ValueError(f"unknown Fisher estimator {kind!r}; choose one of {FISHER_ESTIMATORS}.")
     training_fisher = TrainingFisher(model) if ugm and kind == "training" else None
+    prior = _prior_for(model, proximal_precision(msg.content, n, configrecord_key), config)
+    dual_step = float(config.get(DUAL_STEP_KEY, 0.0)) if ugm else 0.0
+    dual = _stored_dual(model, state, dual_step)
     loss = train_classifier(
         model, inputs, targets,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, optimizer=optimizer,
-        prox_precision=_prior_for(model, proximal_precision(msg.content, n, configrecord_key),
-                                  config),
-        training_fisher=training_fisher,
+        prox_precision=prior, training_fisher=training_fisher, dual=dual,
     )  # fmt: skip
     if not ugm:
         metrics = MetricRecord({NUM_EXAMPLES_KEY: n, "train-loss": loss})
@@ -203,9 +218,38 @@ def handle_train(
         generator = torch.Generator().manual_seed(seed)
         batches = iterate_batches(inputs, targets, fisher_batch_size)
         fisher = diagonal_fisher(model, batches, kind=kind, generator=generator)
-    return ugm_reply(msg, model, fisher=fisher, num_examples=n, client_id=client_id,
-                     metrics={"train-loss": loss}, arrayrecord_key=arrayrecord_key,
-                     configrecord_key=configrecord_key)
+    reply = ugm_reply(msg, model, fisher=fisher, num_examples=n, client_id=client_id,
+                      metrics={"train-loss": loss}, arrayrecord_key=arrayrecord_key,
+                      configrecord_key=configrecord_key, dual=dual)
+    if dual is not None and state is not None:
+        start = _global_state(msg, arrayrecord_key)
+        step = {k: p.detach().cpu() - start[k] for k, p in model.named_parameters()
+                if k in dual}
+        state[DUAL_STATE_RECORD] = ArrayRecord(next_dual(dual, step, prior, dual_step))
+    return reply
+
+
+def _stored_dual(model: nn.Module, state: RecordDict | None, dual_step: float
+                 ) -> dict[str, Tensor] | None:
+    """This node's λ from ``state`` (zeros in its first round), or None without duals."""
+    if not (math.isfinite(dual_step) and dual_step >= 0):
+        raise ValueError(f"the server asked for a dual step of {dual_step}; need ≥ 0.")
+    if not dual_step:
+        return None
+    if state is None:
+        raise ValueError("the server asks for client dual variables (FedUGM "
+                         "client_dual_step > 0), which live in the node's persistent state: "
+                         "pass it, handle_train(..., state=context.state).")
+    trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if DUAL_STATE_RECORD not in state.array_records:
+        return {k: torch.zeros_like(p, device="cpu") for k, p in trainable.items()}
+    dual = state.array_records[DUAL_STATE_RECORD].to_torch_state_dict()
+    if set(dual) != set(trainable) or any(dual[k].shape != p.shape
+                                          for k, p in trainable.items()):
+        raise ValueError(f"this node's stored dual ('{DUAL_STATE_RECORD}' in context.state) "
+                         "does not match the model's trainable parameters: the model changed "
+                         "within the run; start a new run (or delete the record).")
+    return dual
 
 
 def _prior_for(model: nn.Module, prior: float | dict[str, Tensor], config: ConfigRecord
@@ -231,6 +275,7 @@ def ugm_reply(
     metrics: Mapping[str, int | float] | None = None,
     arrayrecord_key: str = "arrays",
     configrecord_key: str = "config",
+    dual: Mapping[str, Tensor] | None = None,
 ) -> Message:
     """The UGM reply to FedUGM's train message ``msg``, from ``model`` fine-tuned from the
     global that ``msg`` carries (any training loop, any device).
@@ -258,6 +303,10 @@ def ugm_reply(
         Extra train metrics for the reply's MetricRecord (e.g. the loss).
     arrayrecord_key, configrecord_key : str
         The strategy's record names (Flower's defaults).
+    dual : Mapping[str, Tensor], optional
+        The client dual λ this model was trained with (``fl_ugm.client_duals``, one tensor
+        per trainable parameter, summed-loss gradient units): the reply then carries
+        Δ − λ / (P + F) for those parameters, P the proximal prior of ``msg``.
 
     Returns
     -------
@@ -313,6 +362,19 @@ def ugm_reply(
         if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
             raise ValueError(f"ugm_reply: fisher['{key}'] has NaN/Inf or negative entries; a "
                              "Fisher is a sum of squares.")
+    if dual is not None:
+        if not set(dual) <= set(fisher):
+            raise ValueError(f"ugm_reply: dual keys {sorted(set(dual) - set(fisher))[:5]} are "
+                             "not trainable parameters of the model.")
+        for key, values in dual.items():
+            if tuple(values.shape) != tuple(delta[key].shape):
+                raise ValueError(f"ugm_reply: dual['{key}'] has shape {tuple(values.shape)}, "
+                                 f"the parameter {tuple(delta[key].shape)}.")
+        prior = _prior_for(model, proximal_precision(msg.content, int(num_examples),
+                                                     configrecord_key), config)
+        delta = reported_delta(delta, fisher, prior,
+                               {k: v.to(device="cpu", dtype=delta[k].dtype)
+                                for k, v in dual.items()})
     record = MetricRecord({NUM_EXAMPLES_KEY: num_examples, **dict(metrics or {})})
     content = build_ugm_reply(delta, fisher, record, client_id,
                               str(config.get(WIRE_DTYPE_KEY, "float32")))

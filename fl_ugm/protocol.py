@@ -9,11 +9,14 @@ Server → client, ``train`` (Flower's FedAvg layout; the record names follow th
 
     {"arrays": ArrayRecord(the global state dict),
      "config": ConfigRecord({"server-round": r, UGM_KEY: True, FISHER_KEY: "sampled",
-                             PRIOR_KEY: δ, [REMOVAL_KEY: True], ...the run's train config}),
+                             PRIOR_KEY: δ, [REMOVAL_KEY: True], [DUAL_STEP_KEY: ρ],
+                             ...the run's train config}),
      [PRIOR_RECORD: ArrayRecord(H0 per parameter, float32: δ + the carried precision)]}
 
 With ``PRIOR_RECORD`` (FedUGM's ``carried_precision``) the client's proximal prior is that
 per-coordinate precision instead of the scalar δ; a parameter it does not name gets δ.
+With ``DUAL_STEP_KEY`` (FedUGM's ``client_dual_step``) the client keeps a dual variable
+across rounds and sends the corrected Δ' in place of Δ (``fl_ugm.client_duals``).
 
 Client → server, the UGM reply::
 
@@ -73,6 +76,8 @@ SERVER_ROUND_KEY = "server-round"
 PRIOR_RECORD = "ugm-prior-precision"
 #: The dtype the server asks clients to send Δ and F in (one of WIRE_DTYPES).
 WIRE_DTYPE_KEY = "ugm-wire-dtype"
+#: Train-config key: ρ of client dual variables (``fl_ugm.client_duals``); absent or 0 = off.
+DUAL_STEP_KEY = "ugm-dual-step"
 #: "float32" as is; "float16" scaled per tensor (module docstring).
 WIRE_DTYPES = ("float32", "float16")
 #: Fisher estimators a client can be asked for: the two of ``fl_ugm.fisher.diagonal_fisher``
@@ -128,7 +133,7 @@ class DroppedReply:
 
 def ugm_train_config(
     config: ConfigRecord, *, fisher: str, prior_precision: float, removal: bool = False,
-    wire_dtype: str = "float32",
+    wire_dtype: str = "float32", dual_step: float = 0.0,
 ) -> ConfigRecord:
     """``config`` plus the keys that ask a client for a UGM reply (in place; returned)."""
     if wire_dtype not in WIRE_DTYPES:
@@ -139,6 +144,8 @@ def ugm_train_config(
     config[WIRE_DTYPE_KEY] = wire_dtype
     if removal:
         config[REMOVAL_KEY] = True
+    if dual_step:
+        config[DUAL_STEP_KEY] = float(dual_step)
     return config
 
 

@@ -131,6 +131,13 @@ class FedUGM(FedAvg):
         clients' proximal prior (sent as ``fl_ugm.protocol.PRIOR_RECORD``, float32, one
         tensor per parameter: a second model-sized download). 0 turns it off. Not yet
         combinable with a ledger (the replay removal would have to replay C).
+    client_dual_step : float (default: 0.0)
+        ρ ≥ 0 of client dual variables (``fl_ugm.client_duals``, FedDyn's drift correction in
+        UGM's units): each client keeps λ_t in its node state, trains on
+        ℓ_t − ⟨λ_t, w⟩ + ½‖w − θ‖²_P, sends Δ_t − λ_t / (P + F_t) and keeps
+        λ_t − ρ·P·Δ_t. The server merges as always (exact on the oracle for any λ; the
+        ledger records what was sent). Clients must keep state between rounds
+        (``handle_train(..., state=context.state)``). 0 turns it off.
     excluded_clients : iterable of str (default: ())
         Client ids never sampled in this run (e.g. to retrain without them); like removed
         clients, they count against ``min_train_nodes`` and ``min_available_nodes``.
@@ -179,6 +186,7 @@ class FedUGM(FedAvg):
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
         carried_precision: float = 0.0,
+        client_dual_step: float = 0.0,
         server_optimizer: str = "momentum",
         excluded_clients: Iterable[str] = (),
         **fedavg_kwargs,
@@ -199,6 +207,9 @@ class FedUGM(FedAvg):
             raise ValueError("FedUGM: carried_precision > 0 cannot be combined with a ledger "
                              "yet (replay removal would have to replay the carried prior); "
                              "run without a ledger or with carried_precision=0.")
+        if not (math.isfinite(client_dual_step) and client_dual_step >= 0):
+            raise ValueError(f"FedUGM: client_dual_step={client_dual_step}; ρ must be finite "
+                             "and ≥ 0 (0: off).")
         for name, value in (("prior_precision", prior_precision), ("scale", scale)):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"FedUGM: {name}={value}; it must be finite and > 0.")
@@ -229,6 +240,7 @@ class FedUGM(FedAvg):
         self._adam: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
         self.carried_precision = float(carried_precision)
         self.carried: dict[str, Tensor] | None = None
+        self.client_dual_step = float(client_dual_step)
         self.current_arrays: dict[str, Tensor] | None = None
         self.round_offset = 0
         self._nodes_asked = 0  # train messages sent in the current round
@@ -285,6 +297,8 @@ class FedUGM(FedAvg):
             self.wire_dtype)
         if self.carried_precision:
             log(INFO, "\t│\t├── Carried precision: γ %g", self.carried_precision)
+        if self.client_dual_step:
+            log(INFO, "\t│\t├── Client dual variables: ρ %g", self.client_dual_step)
         if self._server_step:
             log(INFO, "\t│\t├── Server %s on the merged update: η %g, β %g",
                 self.server_optimizer, self.server_lr, self.server_momentum)
@@ -317,7 +331,7 @@ class FedUGM(FedAvg):
             len(candidates), f"; {left_out} excluded clients left out" if left_out else "")
         config = ugm_train_config(config, fisher=self.fisher,
                                   prior_precision=self.prior_precision,
-                                  wire_dtype=self.wire_dtype)
+                                  wire_dtype=self.wire_dtype, dual_step=self.client_dual_step)
         config["server-round"] = server_round
         self._nodes_asked = len(node_ids)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})

@@ -24,8 +24,9 @@ from torch import nn
 
 from fl_ugm import FedUGM
 from fl_ugm.client import handle_evaluate, handle_query, handle_train
+from fl_ugm.client_duals import next_dual, reported_delta
 from fl_ugm.merge import task_arithmetic
-from fl_ugm.protocol import CLIENT_RECORD, PRIOR_KEY, PRIOR_RECORD
+from fl_ugm.protocol import CLIENT_RECORD, DUAL_STEP_KEY, PRIOR_KEY, PRIOR_RECORD
 
 
 class Net(nn.Module):
@@ -173,8 +174,10 @@ class LinearGrid:
     """Nodes 1..T hold ½‖y − Xθ‖² (XᵀX diagonal); a TRAIN message is answered with the exact
     minimiser of that loss plus ½‖θ − θ_global‖²_{H0}, with H0 the message's δ, its
     per-coordinate ``PRIOR_RECORD`` if it has one, or ``prior`` (a per-coordinate precision
-    the clients are told out of band): Δ and F = diag(XᵀX).
-    Node k is client p{k-1} and reports ``sizes[k-1]`` examples (default 10)."""
+    the clients are told out of band): Δ and F = diag(XᵀX). With the message's
+    ``DUAL_STEP_KEY`` a node keeps a dual λ (``duals``) and minimises the loss − ⟨λ, θ⟩ + the
+    prior instead, as ``fl_ugm.client_duals`` says. Node k is client p{k-1} and reports
+    ``sizes[k-1]`` examples (default 10)."""
 
     def __init__(self, hessians, xty, *, failing: set[int] = frozenset(),
                  nan_nodes: set[int] = frozenset(), sizes=None, prior=None):
@@ -182,6 +185,8 @@ class LinearGrid:
         self.sizes = sizes or [10] * len(hessians)
         self.prior = prior
         self.sent: list[tuple[str, list[int]]] = []  # (message type, destination nodes)
+        self.duals: dict[int, torch.Tensor] = {}  # node -> λ, with client duals
+        self.trained: dict[int, torch.Tensor] = {}  # node -> θ_t of its last round
 
     def get_node_ids(self) -> Iterable[int]:
         return list(range(1, len(self.hessians) + 1))
@@ -205,7 +210,13 @@ class LinearGrid:
         h0 = float(config[PRIOR_KEY]) if self.prior is None else self.prior
         if PRIOR_RECORD in msg.content.array_records:  # FedUGM's carried precision
             h0 = msg.content.array_records[PRIOR_RECORD].to_torch_state_dict()["w"]
-        delta = (h0 * theta + b) / (h0 + h) - theta
+        dual_step = float(config.get(DUAL_STEP_KEY, 0.0))
+        dual = self.duals.get(node, torch.zeros_like(theta)) if dual_step else 0.0
+        delta = (h0 * theta + b + dual) / (h0 + h) - theta
+        self.trained[node] = theta + delta
+        if dual_step:
+            self.duals[node] = next_dual({"w": dual}, {"w": delta}, {"w": h0}, dual_step)["w"]
+            delta = reported_delta({"w": delta}, {"w": h}, {"w": h0}, {"w": dual})["w"]
         if node in self.nan_nodes:
             delta = delta.clone()
             delta[0] = float("nan")
@@ -234,6 +245,16 @@ def linear_problem(seed: int, dim: int = 5, clients: int = 3, *, silent: dict | 
                 hessians[t][coordinate] = xty[t][coordinate] = 0.0
     theta0 = torch.randn(dim, generator=gen, dtype=torch.float64)
     return hessians, xty, theta0
+
+
+def proximal_joint_map(messages: list[Message], theta, prior, sizes, hessians, xty):
+    """(sampled clients, their α, the round's exact global): argmin Σ α_t ℓ_t(θ) +
+    ½‖θ − θ_prev‖²_prior over the clients ``messages`` went to (node k = client k − 1)."""
+    kept = [m.metadata.dst_node_id - 1 for m in messages]
+    alphas = [sizes[t] / sum(sizes[u] for u in kept) for t in kept]
+    theta = (prior * theta + sum(a * xty[t] for a, t in zip(alphas, kept))) / (
+        prior + sum(a * hessians[t] for a, t in zip(alphas, kept)))
+    return kept, alphas, theta
 
 
 def train(strategy: FedUGM, grid, theta, rounds: int, first_round: int = 1):

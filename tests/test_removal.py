@@ -192,12 +192,14 @@ def test_repair_rounds_log_the_nodes_they_sample(tmp_path, caplog):
     assert "Received 2 results and 0 failures" in caplog.text
 
 
-def test_replay_removal_equals_retraining_through_the_same_protocol(tmp_path):
+@pytest.mark.parametrize("dual_step", [0.0, 1.0])
+def test_replay_removal_equals_retraining_through_the_same_protocol(tmp_path, dual_step):
     """6 clients, 6 rounds, half of them sampled per round, non-uniform n, a per-tensor prior
     (δ + a server Fisher; the clients solve under the same H0) and a coordinate only p2
     informs. Replaying the stored history without p2 equals running the same protocol
     (the same participation, p2 left out) from the start, to 1e-8, through the ledger
-    alone and through FedUGM.remove."""
+    alone and through FedUGM.remove; also when the clients keep dual variables (their
+    corrected Δ' is what the ledger records)."""
     import random
 
     from fl_ugm.merge import ugm_merge, ugm_shares
@@ -213,10 +215,11 @@ def test_replay_removal_equals_retraining_through_the_same_protocol(tmp_path):
     def strategy():
         return FedUGM(prior_precision=H0, server_fisher=server_fisher, fraction_train=0.5,
                       min_train_nodes=2, min_available_nodes=clients, fisher_clip=None,
-                      ledger=tmp_path, **NO_SCREEN)
+                      ledger=tmp_path, client_dual_step=dual_step, **NO_SCREEN)
 
     random.seed(4)  # Flower samples the nodes with random.sample
     trained = train(strategy(), grid, theta0, rounds=rounds)
+    assert bool(grid.duals) == bool(dual_step)
     participation = [[node - 1 for node in nodes] for kind, nodes in grid.sent
                      if kind == MessageType.TRAIN]
     assert len(participation) == rounds and all(len(s) == 3 for s in participation)

@@ -376,7 +376,7 @@ def test_the_app_builds_flowers_own_server_optimizers():
         build_strategy({**cfg, "exclude-clients": "1"}, 4)
 
 
-def test_the_app_builds_flowers_robust_strategies_and_fedugms_update_screen():
+def test_the_app_builds_flowers_robust_strategies_and_fedugms_options():
     from flwr.serverapp.strategy import FedTrimmedAvg, MultiKrum
 
     from simulations.flower_app import build_strategy
@@ -390,6 +390,9 @@ def test_the_app_builds_flowers_robust_strategies_and_fedugms_update_screen():
     assert type(trimmed) is FedTrimmedAvg and trimmed.beta == 0.1
     ugm = build_strategy({**cfg, "strategy": "fedugm"}, 10)
     assert (ugm.update_screen.norm_bound, ugm.update_screen.min_cosine) == (3.0, None)
+    assert ugm.client_dual_step == 0.0
+    assert build_strategy({**cfg, "strategy": "fedugm", "ugm-dual-step": 0.3},
+                          10).client_dual_step == 0.3
     screen = build_strategy({**cfg, "strategy": "fedugm", "screen-min-cosine": 0}, 10)
     assert screen.update_screen.min_cosine == 0.0
     parts = build_strategy({**cfg, "strategy": "fedugm", "screen-norm-bound": 0,

@@ -238,7 +238,7 @@ def test_the_carried_precision_keeps_every_round_an_exact_map_on_the_oracle():
     form this test computes round by round (clients sampled at random, sizes unequal)."""
     import random
 
-    from helpers import LinearGrid, linear_problem
+    from helpers import LinearGrid, linear_problem, proximal_joint_map
 
     from fl_ugm.protocol import PRIOR_RECORD
 
@@ -258,10 +258,7 @@ def test_the_carried_precision_keeps_every_round_an_exact_map_on_the_oracle():
             torch.testing.assert_close(messages[0].content.array_records[PRIOR_RECORD]
                                        .to_torch_state_dict()["w"], prior, rtol=0, atol=0)
         arrays, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages))
-        kept = [m.metadata.dst_node_id - 1 for m in messages]
-        alphas = [sizes[t] / sum(sizes[u] for u in kept) for t in kept]
-        theta = (prior * theta + sum(a * xty[t] for a, t in zip(alphas, kept))) / (
-            prior + sum(a * hessians[t] for a, t in zip(alphas, kept)))
+        kept, alphas, theta = proximal_joint_map(messages, theta, prior, sizes, hessians, xty)
         torch.testing.assert_close(arrays.to_torch_state_dict()["w"], theta, rtol=0,
                                    atol=1e-10)
         carried = gamma * ((0 if carried is None else carried)
