@@ -221,7 +221,7 @@ def handle_train(
     reply = ugm_reply(msg, model, fisher=fisher, num_examples=n, client_id=client_id,
                       metrics={"train-loss": loss}, arrayrecord_key=arrayrecord_key,
                       configrecord_key=configrecord_key, dual=dual)
-    if dual is not None and state is not None:
+    if dual is not None:  # _stored_dual returned it, so there is a state
         start = _global_state(msg, arrayrecord_key)
         step = {k: p.detach().cpu() - start[k] for k, p in model.named_parameters()
                 if k in dual}
