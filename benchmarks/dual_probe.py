@@ -29,9 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fl_ugm.client import train_classifier
-from fl_ugm.fisher import diagonal_fisher, iterate_batches
+from _plain_loop import client_data, local_round
+
+from fl_ugm.client_duals import next_dual, reported_delta
 from fl_ugm.merge_rules import client_alphas, merge_round, merge_rule
+from fl_ugm.server_optimizer import momentum_step
 from simulations import tasks
 
 CLIENTS = 10
@@ -45,20 +47,18 @@ SETTINGS = {
 
 def main(argv: list[str]) -> int:
     args = dict(a.split("=", 1) for a in argv)
-    setting = SETTINGS[args.get("setting", "mnist")]
+    name = args.get("setting", "mnist")
+    setting = SETTINGS[name]
     seed = int(args.get("seed", 100))
     rule_name, fisher_kind = args.get("rule", "ugm"), args.get("fisher", "sampled")
     delta, dual_step = float(args.get("delta", 10)), float(args.get("dual-step", 0))
     momentum, lr = float(args.get("momentum", 0)), float(args.get("lr", setting["lr"]))
     epochs, rounds = float(args.get("epochs", 1)), int(args.get("rounds", setting["rounds"]))
+    if dual_step > 0 and not delta > 0:
+        raise SystemExit("dual_probe: client duals need a prior delta > 0 (they divide by it).")
     torch.set_num_threads(2)
-    inputs, labels = tasks.load_task(setting["task"])
-    split = tasks.split_indices(len(labels), test=setting["test"], server=setting["server"],
-                                seed=seed,
-                                official_test=tasks.OFFICIAL_TEST_EXAMPLES.get(setting["task"], 0))
-    parts = tasks.partition(labels[split.clients], CLIENTS, "dirichlet", seed, alpha=0.1)
-    data = [(inputs[idx], labels[idx]) for idx in
-            (torch.as_tensor(split.clients[p], dtype=torch.long) for p in parts)]
+    inputs, labels, split, data = client_data(setting["task"], seed, test=setting["test"],
+                                              server=setting["server"], clients=CLIENTS)
     torch.manual_seed(seed)
     model = tasks.build_model(setting["model"], inputs.shape[1], 10)
     rule = merge_rule(rule_name)
@@ -67,46 +67,32 @@ def main(argv: list[str]) -> int:
     log = []
     for r in range(1, rounds + 1):
         start = {k: v.clone() for k, v in model.state_dict().items()}
-        deltas, fishers, sizes = [], [], []
-        for i, (x, y) in enumerate(data):
-            local = tasks.build_model(setting["model"], inputs.shape[1], 10)
-            local.load_state_dict(start)
-            train_classifier(local, x, y, epochs=epochs, batch_size=32, lr=lr,
-                             seed=seed * 100003 + 1009 * r + i, prox_precision=delta,
-                             dual=duals[i])
-            fisher = diagonal_fisher(local, iterate_batches(x, y, 256), kind=fisher_kind,
-                                     generator=torch.Generator().manual_seed(r * 31 + i))
-            step = {k: local.state_dict()[k] - v for k, v in start.items() if v.is_floating_point()}
-            if dual_step > 0:
-                if duals[i] is None:
-                    duals[i] = {k: torch.zeros_like(f) for k, f in fisher.items()}
-                curvature = {k: delta + (f if rule_name == "ugm" else 0 * f)
-                             for k, f in fisher.items()}
-                reported = {k: v - duals[i][k] / curvature[k] if k in fisher else v
-                            for k, v in step.items()}
-                duals[i] = {k: v - dual_step * delta * step[k] for k, v in duals[i].items()}
-                step = reported
-            deltas.append(step)
-            fishers.append(fisher)
-            sizes.append(len(y))
+        deltas, fishers, sizes = local_round(setting["model"], start, data, seed=seed,
+                                             server_round=r, lr=lr, epochs=epochs, prior=delta,
+                                             fisher=fisher_kind, duals=duals)
+        if dual_step > 0:
+            for i, (step, fisher) in enumerate(zip(deltas, fishers, strict=True)):
+                dual = duals[i] or {k: torch.zeros_like(f) for k, f in fisher.items()}
+                curvature = fisher if rule_name == "ugm" else {
+                    k: torch.zeros_like(f) for k, f in fisher.items()}  # FedDyn: F ≡ 0
+                deltas[i] = reported_delta(step, curvature, delta, dual)
+                duals[i] = next_dual(dual, step, delta, dual_step)
         alphas = client_alphas(sizes, "num-examples", 1.0)
         state, _ = merge_round(rule, start, deltas, fishers, sizes, alphas=alphas,
                                prior_precision=delta)
         if momentum > 0:
-            update = {k: state[k] - start[k] for k in deltas[0]}
-            velocity = update if velocity is None else {
-                k: momentum * velocity[k] + update[k] for k in update}
-            state = {k: start[k] + velocity[k] if k in velocity else state[k] for k in state}
+            state, velocity = momentum_step(start, state, velocity, server_lr=1.0,
+                                            server_momentum=momentum)
         model.load_state_dict(state)
         entry = {"round": r}
-        for name, idx in (("val", split.server), ("test", split.test)):
-            entry[name] = tasks.evaluate(model, inputs[idx], labels[idx]).accuracy
+        for part, idx in (("val", split.server), ("test", split.test)):
+            entry[part] = tasks.evaluate(model, inputs[idx], labels[idx]).accuracy
         log.append(entry)
     last = log[-setting["score_rounds"]:]
-    scores = {f"{name}_score": sum(e[name] for e in last) / len(last) for name in ("val", "test")}
-    print(json.dumps({**args, "seed": seed, "rule": rule_name, "delta": delta,
-                      "dual_step": dual_step, "momentum": momentum, "lr": lr, "epochs": epochs,
-                      **scores, "log": log}))
+    scores = {f"{part}_score": sum(e[part] for e in last) / len(last) for part in ("val", "test")}
+    print(json.dumps({"setting": name, "seed": seed, "rule": rule_name, "fisher": fisher_kind,
+                      "delta": delta, "dual_step": dual_step, "momentum": momentum, "lr": lr,
+                      "epochs": epochs, "rounds": rounds, **scores, "log": log}))
     return 0
 
 

@@ -35,8 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fl_ugm.client import train_classifier
-from fl_ugm.fisher import diagonal_fisher, iterate_batches
+from _plain_loop import client_data, local_round
+
 from fl_ugm.merge_rules import client_alphas, merge_round, merge_rule
 from fl_ugm.robust import clip_fisher_inflation
 from simulations import tasks
@@ -62,35 +62,22 @@ def main(argv: list[str]) -> int:
     attackers = [int(a) for a in argv[3].split(",")] if argv[3] else []
     rounds = int(argv[4]) if len(argv) > 4 else 20
     torch.set_num_threads(2)
-    inputs, labels = tasks.load_task("mnist5k")
-    split = tasks.split_indices(len(labels), test=1000, server=0, seed=seed, official_test=0)
-    parts = tasks.partition(labels[split.clients], CLIENTS, "dirichlet", seed, alpha=0.1)
-    data = [(inputs[idx], labels[idx]) for idx in
-            (torch.as_tensor(split.clients[p], dtype=torch.long) for p in parts)]
+    inputs, labels, split, data = client_data("mnist5k", seed, test=1000, server=0,
+                                              clients=CLIENTS)
     torch.manual_seed(seed)
     model = tasks.build_model("mlp", inputs.shape[1], 10)
     rule, log = merge_rule("ugm"), []
     for r in range(1, rounds + 1):
         start = {k: v.clone() for k, v in model.state_dict().items()}
-        deltas, fishers, sizes = [], [], []
-        for i, (x, y) in enumerate(data):
-            local = tasks.build_model("mlp", inputs.shape[1], 10)
-            local.load_state_dict(start)
-            train_classifier(local, x, y, epochs=1, batch_size=32, lr=LR,
-                             seed=seed * 100003 + 1009 * r + i, prox_precision=PRIOR)
-            fisher = diagonal_fisher(local, iterate_batches(x, y, 256), kind="sampled",
-                                     generator=torch.Generator().manual_seed(r * 31 + i))
-            delta = {k: local.state_dict()[k] - start[k] for k in start}
-            if i in attackers:
-                if attack in ("flip", "flip-inflate"):
-                    delta = {k: -v for k, v in delta.items()}
-                if attack == "flip-inflate":
-                    fisher = {k: v * 1e6 for k, v in fisher.items()}
-                if attack == "scale10":
-                    delta = {k: 10 * v for k, v in delta.items()}
-            deltas.append(delta)
-            fishers.append(fisher)
-            sizes.append(len(y))
+        deltas, fishers, sizes = local_round("mlp", start, data, seed=seed, server_round=r,
+                                             lr=LR, epochs=1, prior=PRIOR)
+        for i in attackers:
+            if attack in ("flip", "flip-inflate"):
+                deltas[i] = {k: -v for k, v in deltas[i].items()}
+            if attack == "flip-inflate":
+                fishers[i] = {k: v * 1e6 for k, v in fishers[i].items()}
+            if attack == "scale10":
+                deltas[i] = {k: 10 * v for k, v in deltas[i].items()}
         fishers, _ = clip_fisher_inflation(fishers, sizes, 3.0)
         keys = list(fishers[0])
         plain = stacked(deltas, keys)
