@@ -190,7 +190,7 @@ def handle_train(
     Flower turns the exception into an error reply, which the strategy logs and skips.
     """
     config = msg.content.config_records.get(configrecord_key, ConfigRecord())
-    load_global(msg, model, arrayrecord_key)
+    start = load_global(msg, model, arrayrecord_key)
     n = int(targets.shape[0])
     if n == 0:
         raise ValueError("this client has no training examples.")
@@ -209,8 +209,8 @@ def handle_train(
     )  # fmt: skip
     if not ugm:
         metrics = MetricRecord({NUM_EXAMPLES_KEY: n, "train-loss": loss})
-        state = {k: v.detach() for k, v in model.state_dict().items()}
-        content = RecordDict({arrayrecord_key: ArrayRecord(state), "metrics": metrics})
+        trained = {k: v.detach() for k, v in model.state_dict().items()}
+        content = RecordDict({arrayrecord_key: ArrayRecord(trained), "metrics": metrics})
         return Message(content=content, reply_to=msg)
     if training_fisher is not None:
         fisher = training_fisher.estimate(n)
@@ -222,7 +222,6 @@ def handle_train(
                       metrics={"train-loss": loss}, arrayrecord_key=arrayrecord_key,
                       configrecord_key=configrecord_key, dual=dual)
     if dual is not None:  # _stored_dual returned it, so there is a state
-        start = _global_state(msg, arrayrecord_key)
         step = {k: p.detach().cpu() - start[k] for k, p in model.named_parameters()
                 if k in dual}
         state[DUAL_STATE_RECORD] = ArrayRecord(next_dual(dual, step, prior, dual_step))
@@ -421,10 +420,13 @@ def handle_evaluate(
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def load_global(msg: Message, model: nn.Module, key: str = "arrays") -> None:
-    """Load the global model that ``msg`` carries into ``model`` (on its device). Every
-    entry must match (``strict``): a frozen backbone starts from the global's values too."""
-    model.load_state_dict(_global_state(msg, key), strict=True)
+def load_global(msg: Message, model: nn.Module, key: str = "arrays") -> dict[str, Tensor]:
+    """Load the global model that ``msg`` carries into ``model`` (on its device) and return
+    it (the CPU state dict, untouched by training). Every entry must match (``strict``): a
+    frozen backbone starts from the global's values too."""
+    state = _global_state(msg, key)
+    model.load_state_dict(state, strict=True)
+    return state
 
 
 def _global_state(msg: Message, key: str) -> dict[str, Tensor]:
