@@ -350,6 +350,9 @@ class FedUGM(FedAvg):
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         updates, dropped = parse_ugm_replies(valid, self.current_arrays,
                                              weighted_by_key=self.weighted_by_key)
+        # replies arrive in whatever order the nodes finished; merging them in client order
+        # makes a round's float32 sums, and so a whole run, reproducible from its seed
+        updates.sort(key=lambda u: (u.client_id is None, u.client_id or "", u.node_id))
         updates = self._admit(updates, dropped)
         clipped = self._clip_fisher(server_round, updates)
         needed = self._replies_needed()

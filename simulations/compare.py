@@ -15,12 +15,13 @@ Config: the app's run config (``[tool.flwr.app.config]`` in pyproject.toml), the
 ``configs/adversaries.yaml`` and ``configs/compare.yaml``, then an optional overlay YAML,
 then ``key=value`` overrides. With ``lr-grid=[...]`` each strategy first gets its settings
 chosen on the validation split (``server-examples``): every lr of the grid, crossed with the
-strategy's own ``tune`` grids (e.g. FedProx's ``proximal-mu``), one run each at
-``selection-seed`` (:func:`select_settings`); then ``seeds`` run at the chosen setting,
-scored on the test split. A run's score is its mean accuracy over the last ``score-rounds``
-rounds (1: the final round); ``report-rounds=[1, 3, 5]`` adds the accuracy after each of
-these rounds to the table (the fine-tuning regime's horizons). ``reuse-runs=true`` reads
-back every run whose history and run config are already in ``out`` (:func:`run_once`).
+strategy's own ``tune`` grids (e.g. FedProx's ``proximal-mu``), one run at each of the
+``selection-seeds``, scored by their mean (:func:`select_settings`); then ``seeds`` run at
+the chosen setting, scored on the test split. A run's score is its mean accuracy over the
+last ``score-rounds`` rounds (1: the final round); ``report-rounds=[1, 3, 5]`` adds the
+accuracy after each of these rounds to the table (the fine-tuning regime's horizons).
+``reuse-runs=true`` reads back every run whose history and run config are already in
+``out`` (:func:`run_once`).
 Writes to ``out``: ``rounds.csv`` (strategy, seed, round, accuracy, loss, seconds),
 ``summary.json`` (``{"strategies": {name: :func:`summarize`'s entry}, "selection": ...,
 "config": {...}}``) and ``accuracy_vs_round.png``; prints a table.
@@ -261,41 +262,56 @@ def same_run(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
 def select_settings(cfg, base: dict, out: Path) -> dict[str, dict]:
     """Per strategy, the setting of :func:`setting_grid` with the best :func:`score` (mean
     accuracy of the last ``score-rounds`` rounds) on the VALIDATION split
-    (``evaluate-on=validation``: the ``server-examples`` split, never the test set), one run
-    each at ``selection-seed``; ties go to the smaller lr, then to the earlier setting.
-    Returns ``{strategy: {"chosen": {key: value}, "validation": [{**setting, "accuracy": a},
-    ...], "mean_over_lr_grid": m}}``; ``m`` averages, over the lr grid, the best score at
-    each lr (how forgiving the method is of its learning rate)."""
-    runs = [(name, setting) for name in cfg.strategies for setting in setting_grid(cfg, name)]
-    selection: dict[str, dict] = {}
-    for done, (name, setting) in enumerate(runs, start=1):
+    (``evaluate-on=validation``: the ``server-examples`` split, never the test set),
+    averaged over one run at each of ``selection-seeds`` (several seeds: a choice between
+    settings a few tenths apart is not one draw's luck); ties go to the smaller lr, then to
+    the earlier setting. Returns ``{strategy: {"chosen": {key: value}, "validation":
+    [{**setting, "accuracy": mean, "per_seed": [a, ...]}, ...], "mean_over_lr_grid": m}}``;
+    ``m`` averages, over the lr grid, the best mean score at each lr (how forgiving the
+    method is of its learning rate)."""
+    raw = cfg["selection-seeds"]
+    seeds = [int(raw)] if isinstance(raw, int) else [int(s) for s in raw]
+    if not seeds:
+        raise SystemExit("compare: selection-seeds is empty; give the seeds of the "
+                         "selection runs, e.g. selection-seeds=[100].")
+    runs = [(name, setting, seed) for name in cfg.strategies
+            for setting in setting_grid(cfg, name) for seed in seeds]
+    per_seed: dict[str, dict[str, tuple[dict, list[float]]]] = {}
+    for done, (name, setting, seed) in enumerate(runs, start=1):
         tag = " ".join(f"{k}={_value(v)}" for k, v in setting.items())
         run_config = {**base, **setting, "strategy": str(name), "evaluate-on": "validation",
-                      "seed": int(cfg["selection-seed"]),
-                      "out": str(out / "selection" / tag.replace(" ", "_"))}
+                      "seed": seed, "out": str(out / "selection" / tag.replace(" ", "_"))}
         history = run_once(run_config, f"[select {done}/{len(runs)}] {name} {tag}",
                            bool(cfg["reuse-runs"]))
-        entry = selection.setdefault(str(name), {"validation": []})
-        entry["validation"].append(
-            {**setting, "accuracy": score(history["accuracy"], int(cfg["score-rounds"]))})
-    for entry in selection.values():
-        scored = entry["validation"]
+        per_seed.setdefault(str(name), {}).setdefault(tag, (setting, []))[1].append(
+            score(history["accuracy"], int(cfg["score-rounds"])))
+    selection: dict[str, dict] = {}
+    for name, settings in per_seed.items():
+        scored = [{**setting, "accuracy": statistics.fmean(accuracies), "per_seed": accuracies}
+                  for setting, accuracies in settings.values()]
         best = max(scored, key=lambda r: (r["accuracy"], -r["lr"], -scored.index(r)))
-        entry["chosen"] = {k: v for k, v in best.items() if k != "accuracy"}
         per_lr: dict[float, float] = {}
         for r in scored:
             per_lr[r["lr"]] = max(per_lr.get(r["lr"], 0.0), r["accuracy"])
-        entry["mean_over_lr_grid"] = statistics.fmean(per_lr.values())
+        selection[name] = {"validation": scored, "chosen": _setting(best),
+                           "mean_over_lr_grid": statistics.fmean(per_lr.values())}
     return selection
 
 
-def format_selection(selection: dict[str, dict], seed: int) -> str:
-    lines = [f"settings chosen on the validation split (seed {seed}):",
+def _setting(row: dict) -> dict:
+    """A validation row without its scores: the run-config overrides of its setting."""
+    return {k: v for k, v in row.items() if k not in ("accuracy", "per_seed")}
+
+
+def format_selection(selection: dict[str, dict], seeds: Sequence[int]) -> str:
+    what = f"seed {seeds[0]}" if len(seeds) == 1 else \
+        f"mean over seeds {', '.join(map(str, seeds))}"
+    lines = [f"settings chosen on the validation split ({what}):",
              "| strategy | validation accuracy (%) per setting | chosen | mean over the lr "
              "grid (%) |", "|---|---|---|---|"]
     for name, entry in selection.items():
         cells = ", ".join(
-            " ".join(f"{k} {_value(v)}" for k, v in r.items() if k != "accuracy")
+            " ".join(f"{k} {_value(v)}" for k, v in _setting(r).items())
             + f": {100 * r['accuracy']:.2f}" for r in entry["validation"])
         chosen = " ".join(f"{k} {_value(v)}" for k, v in entry["chosen"].items())
         lines.append(f"| {name} | {cells} | {chosen} | {100 * entry['mean_over_lr_grid']:.2f} |")
@@ -323,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    base = plain(cfg, "strategies", "seeds", "lr-grid", "tune", "selection-seed",
+    base = plain(cfg, "strategies", "seeds", "lr-grid", "tune", "selection-seeds",
                  "score-rounds", "reuse-runs", "report-rounds")
     last_rounds = int(cfg["score-rounds"])
     selection = select_settings(cfg, base, out) if cfg["lr-grid"] else {}
@@ -354,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"{len(cfg.seeds)} seeds")
     plot(histories, out / "accuracy_vs_round.png", title)
     if selection:
-        print(format_selection(selection, int(cfg["selection-seed"])) + "\n")
+        print(format_selection(selection, list(cfg["selection-seeds"])) + "\n")
     print(format_table(summary, int(cfg["num-server-rounds"]), last_rounds))
     progress(f"\n{len(runs)} simulations in {time.perf_counter() - start:.0f} s; results in {out}")
     return 0

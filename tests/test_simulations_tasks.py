@@ -278,15 +278,18 @@ def test_the_server_scores_the_test_or_the_validation_split():
         evaluation_set({**cfg, "evaluate-on": "valid"}, inputs, labels, split)
 
 
-def test_setting_selection_uses_the_validation_split_and_its_own_seed(monkeypatch, tmp_path):
-    """Each strategy gets the setting (lr × its own tune grid) with the best final VALIDATION
-    accuracy (ties: smaller lr), from runs at selection-seed; the mean over the lr grid takes
-    the best setting at each lr."""
+def test_setting_selection_uses_the_validation_split_and_its_own_seeds(monkeypatch, tmp_path):
+    """Each strategy gets the setting (lr × its own tune grid) with the best VALIDATION
+    accuracy averaged over the selection seeds (ties: smaller lr); the mean over the lr
+    grid takes the best setting at each lr."""
     from omegaconf import OmegaConf
 
     from simulations import compare
 
-    scores = {("fedavg", 0.1, None): 0.7, ("fedavg", 0.3, None): 0.8,
+    # seed 100 alone would choose fedavg lr 0.1 (0.85 > 0.8); the mean over 100 and 101
+    # chooses lr 0.3 (0.8 > 0.7)
+    scores = {("fedavg", 0.1, None, 100): 0.85, ("fedavg", 0.1, None, 101): 0.55,
+              ("fedavg", 0.3, None, 100): 0.8, ("fedavg", 0.3, None, 101): 0.8,
               ("fedugm", 0.1, None): 0.75, ("fedugm", 0.3, None): 0.75,
               ("fedprox", 0.1, 0.01): 0.6, ("fedprox", 0.1, 1.0): 0.9,
               ("fedprox", 0.3, 0.01): 0.7, ("fedprox", 0.3, 1.0): 0.5}
@@ -295,23 +298,29 @@ def test_setting_selection_uses_the_validation_split_and_its_own_seed(monkeypatc
     def fake_simulate(run_config, label=""):
         calls.append(run_config)
         key = (run_config["strategy"], run_config["lr"], run_config.get("proximal-mu"))
-        return {"accuracy": [0.1, scores[key]]}
+        accuracy = scores.get((*key, run_config["seed"]), scores.get(key))
+        return {"accuracy": [0.1, accuracy]}
 
     monkeypatch.setattr(compare, "simulate", fake_simulate)
     cfg = OmegaConf.create({"strategies": ["fedavg", "fedugm", "fedprox"], "lr-grid": [0.3, 0.1],
                             "tune": {"fedprox": {"proximal-mu": [0.01, 1.0]}},
-                            "selection-seed": 100, "score-rounds": 1,
+                            "selection-seeds": [100, 101], "score-rounds": 1,
                             "reuse-runs": False})
     selection = compare.select_settings(cfg, {"lr": 0.05}, tmp_path)
     assert selection["fedavg"]["chosen"] == {"lr": 0.3}
+    assert selection["fedavg"]["validation"][1]["per_seed"] == [0.85, 0.55]
     assert selection["fedugm"]["chosen"] == {"lr": 0.1}  # a tie: the smaller lr
     assert selection["fedprox"]["chosen"] == {"lr": 0.1, "proximal-mu": 1.0}
-    assert selection["fedavg"]["mean_over_lr_grid"] == pytest.approx(0.75)
+    assert selection["fedavg"]["mean_over_lr_grid"] == pytest.approx((0.8 + 0.7) / 2)
     assert selection["fedprox"]["mean_over_lr_grid"] == pytest.approx((0.9 + 0.7) / 2)
-    assert len(calls) == 2 + 2 + 4
-    assert all(c["evaluate-on"] == "validation" and c["seed"] == 100 for c in calls)
-    table = compare.format_selection(selection, 100)
-    assert "| fedprox |" in table and "lr 0.1 proximal-mu 1" in table
+    assert len(calls) == 2 * (2 + 2 + 4)
+    assert all(c["evaluate-on"] == "validation" for c in calls)
+    assert sorted({c["seed"] for c in calls}) == [100, 101]
+    table = compare.format_selection(selection, [100, 101])
+    assert "| fedprox |" in table and "lr 0.1 proximal-mu 1: 90.00" in table
+    assert "mean over seeds 100, 101" in table
+    with pytest.raises(SystemExit, match="selection-seeds is empty"):
+        compare.select_settings(OmegaConf.merge(cfg, {"selection-seeds": []}), {}, tmp_path)
 
 
 def test_a_variants_axis_keeps_knobs_that_go_together():
