@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 import time
 from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
@@ -72,6 +73,7 @@ from fl_ugm.client import handle_evaluate, handle_query, handle_train, train_cla
 from fl_ugm.ledger import Ledger, write_atomically
 from fl_ugm.protocol import REMOVAL_KEY
 from fl_ugm.robust import UpdateScreen
+from fl_ugm.roster import ClientRoster
 from fl_ugm.strategy import FedUGM
 from simulations import tasks
 
@@ -278,21 +280,39 @@ def evaluation_set(cfg: Mapping[str, Any], inputs: torch.Tensor, labels: torch.T
 class RecordingGrid(Grid):
     """A Grid that logs, for every train request it carries, which nodes replied, with which
     records and how many tensor bytes (the history's ``replies``; online-removal requests go
-    to ``removal_requests``). Works under any strategy, Flower's own included."""
+    to ``removal_requests``). Works under any strategy, Flower's own included.
 
-    def __init__(self, grid: Grid, history: dict[str, Any]) -> None:
+    With ``client_of`` (node id → client id) it also lists the nodes, and returns the
+    replies, in client-id order instead of the random node ids' and the arrival order, so
+    that a seeded ``random`` samples the same clients in every run of a seed, whatever the
+    strategy, and every strategy averages in the same order (a run is reproducible)."""
+
+    def __init__(self, grid: Grid, history: dict[str, Any],
+                 client_of: Mapping[int, str] | None = None) -> None:
         self._grid, self._history = grid, history
+        self._client_of = dict(client_of or {})
+
+    def _order(self, node_id: int) -> tuple:
+        """Sort key: known clients by their id (numerically where it is a number), then
+        unknown nodes by node id."""
+        client = self._client_of.get(node_id)
+        if client is None:
+            return (2, node_id, "")
+        return (0, int(client), "") if client.isdigit() else (1, 0, client)
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        replies = sorted(self._grid.send_and_receive(messages, timeout=timeout),
+                         key=lambda reply: self._order(reply.metadata.src_node_id))
         if messages and messages[0].metadata.message_type == MessageType.TRAIN:
             config = next(iter(messages[0].content.config_records.values()), {})
             kind = "removal_requests" if config.get(REMOVAL_KEY) else "replies"
             self._history.setdefault(kind, []).append({
                 "round": int(config.get("server-round", 0)),
                 "nodes": sorted(r.metadata.src_node_id for r in replies if not r.has_error()),
+                "clients": [self._client_of.get(r.metadata.src_node_id) for r in replies
+                            if not r.has_error()],
                 "errors": sum(r.has_error() for r in replies),
                 "records": sorted({k for r in replies if not r.has_error() for k in r.content}),
                 "bytes": sum(reply_bytes(r) for r in replies if not r.has_error()),
@@ -310,7 +330,7 @@ class RecordingGrid(Grid):
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
+        return sorted(self._grid.get_node_ids(), key=self._order)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)
@@ -336,7 +356,12 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
                          optimizer=str(cfg["optimizer"]))
     history: dict[str, Any] = {"strategy": cfg["strategy"], "seed": int(cfg["seed"]),
                                "accuracy": [], "loss": [], "seconds": [], "replies": []}
-    grid = RecordingGrid(grid, history)
+    # Flower samples with the module's ``random``: seeded, over nodes listed in client
+    # order, every run of a seed trains the same clients in the same rounds
+    roster = ClientRoster()
+    roster.discover(grid)
+    grid = RecordingGrid(grid, history, {node: c for c, node in roster.node_of.items()})
+    random.seed(int(cfg["seed"]))
     start = time.perf_counter()
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:

@@ -43,6 +43,7 @@ def test_simulation_on_ray(strategy, run_config, tmp_path):
     assert [r["round"] for r in history["replies"]] == [1, 2]
     for round_log in history["replies"]:
         assert len(round_log["nodes"]) == 3 and round_log["errors"] == 0
+        assert round_log["clients"] == ["0", "1", "2"]  # replies in client order
         expected = (["client", "delta", "fisher", "metrics", "ugm-scales"] if strategy == "fedugm"
                     else ["arrays", "metrics"])
         assert round_log["records"] == expected

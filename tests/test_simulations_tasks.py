@@ -452,3 +452,44 @@ def test_scores_rounds_to_the_best_baseline_and_seconds_per_round():
     table = compare.format_table(summary, 3, last_rounds=2)
     assert "| after round 1 (%) | after round 3 (%) |" in table
     assert "| fedugm | 80.00 ± 0.00 | 65.00 ± 7.07 | 90.00 ± 0.00 | 3 (1.50×) |" in table
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_seeded_run_samples_the_same_clients_whatever_the_node_ids():
+    """Node ids are random per run; RecordingGrid lists nodes and returns replies in client
+    order, so Flower's sample_nodes under a seeded ``random`` picks the same clients in
+    every run of a seed, and every strategy averages the replies in the same order."""
+    import random
+
+    from flwr.app import RecordDict
+    from flwr.serverapp.strategy.strategy_utils import sample_nodes
+    from helpers import message
+
+    from simulations.flower_app import RecordingGrid
+
+    class Nodes:  # the two calls RecordingGrid makes of a Grid here
+        def __init__(self, node_of: dict[str, int]) -> None:
+            self.node_of = node_of
+
+        def get_node_ids(self):
+            return set(self.node_of.values())
+
+        def send_and_receive(self, messages, *, timeout=None):
+            # arrival order: not the order sent
+            return [message(RecordDict(), src=m.metadata.dst_node_id)
+                    for m in reversed(list(messages))]
+
+    clients = [str(c) for c in range(12)]
+    chosen = []
+    for run in range(3):
+        ids = random.Random(run).sample(range(1, 10**9), len(clients))
+        nodes = Nodes(dict(zip(clients, ids, strict=True)))
+        grid = RecordingGrid(nodes, {}, {node: c for c, node in nodes.node_of.items()})
+        random.seed(7)
+        rounds = [sample_nodes(grid, 4, 4)[0] for _ in range(3)]
+        chosen.append([[grid._client_of[n] for n in r] for r in rounds])
+        replies = grid.send_and_receive([message(RecordDict(), dst=n) for n in rounds[0]])
+        assert [grid._client_of[r.metadata.src_node_id] for r in replies] == sorted(
+            chosen[-1][0], key=int)
+    assert chosen[0] == chosen[1] == chosen[2]
+    assert len({tuple(r) for r in chosen[0]}) > 1  # the rounds themselves differ
