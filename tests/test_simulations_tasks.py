@@ -484,12 +484,13 @@ def test_a_seeded_run_samples_the_same_clients_whatever_the_node_ids():
     for run in range(3):
         ids = random.Random(run).sample(range(1, 10**9), len(clients))
         nodes = Nodes(dict(zip(clients, ids, strict=True)))
-        grid = RecordingGrid(nodes, {}, {node: c for c, node in nodes.node_of.items()})
+        client_of = {node: c for c, node in nodes.node_of.items()}
+        grid = RecordingGrid(nodes, {}, client_of)
         random.seed(7)
         rounds = [sample_nodes(grid, 4, 4)[0] for _ in range(3)]
-        chosen.append([[grid._client_of[n] for n in r] for r in rounds])
+        chosen.append([[client_of[n] for n in r] for r in rounds])
         replies = grid.send_and_receive([message(RecordDict(), dst=n) for n in rounds[0]])
-        assert [grid._client_of[r.metadata.src_node_id] for r in replies] == sorted(
+        assert [client_of[r.metadata.src_node_id] for r in replies] == sorted(
             chosen[-1][0], key=int)
     assert chosen[0] == chosen[1] == chosen[2]
     assert len({tuple(r) for r in chosen[0]}) > 1  # the rounds themselves differ
