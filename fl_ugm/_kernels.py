@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numba
 import numpy as np
 import torch
 from numba import carray, njit, prange, types
@@ -137,24 +138,32 @@ def ugm_merge_tensors(
     items = [(m, start) for m, size in enumerate(sizes) for start in range(0, size, block)]
     item_tensor = np.array([m for m, _ in items], dtype=np.int64)
     bad = np.zeros(len(items), dtype=np.bool_)
-    _ugm_kernel(
-        np.empty(0, _NUMPY_OF[dtype]),
-        np.empty(0, _INT_OF[dtype]),
-        np.array([t.data_ptr() for t in base], dtype=np.int64),
-        np.array([t.data_ptr() for t in out], dtype=np.int64),
-        np.array([p.data_ptr() if isinstance(p, torch.Tensor) else 0 for p in priors],
-                 dtype=np.int64),
-        np.array([0.0 if isinstance(p, torch.Tensor) else p for p in priors],
-                 dtype=_NUMPY_OF[dtype]),
-        sizes,
-        np.array([[t.data_ptr() for t in client] for client in deltas], dtype=np.int64),
-        np.array([[t.data_ptr() for t in client] for client in fishers], dtype=np.int64),
-        np.asarray(alphas, dtype=_NUMPY_OF[dtype]),
-        item_tensor,
-        np.array([start for _, start in items], dtype=np.int64),
-        block,
-        bad,
-    )
+    # numba's OpenMP layer shares torch's OpenMP runtime and sets its thread count: run on
+    # as many threads as torch is allowed, and give torch its own count back afterwards (a
+    # process limited to 1 thread otherwise trains on 2 after its first merge)
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        _ugm_kernel(
+            np.empty(0, _NUMPY_OF[dtype]),
+            np.empty(0, _INT_OF[dtype]),
+            np.array([t.data_ptr() for t in base], dtype=np.int64),
+            np.array([t.data_ptr() for t in out], dtype=np.int64),
+            np.array([p.data_ptr() if isinstance(p, torch.Tensor) else 0 for p in priors],
+                     dtype=np.int64),
+            np.array([0.0 if isinstance(p, torch.Tensor) else p for p in priors],
+                     dtype=_NUMPY_OF[dtype]),
+            sizes,
+            np.array([[t.data_ptr() for t in client] for client in deltas], dtype=np.int64),
+            np.array([[t.data_ptr() for t in client] for client in fishers], dtype=np.int64),
+            np.asarray(alphas, dtype=_NUMPY_OF[dtype]),
+            item_tensor,
+            np.array([start for _, start in items], dtype=np.int64),
+            block,
+            bad,
+        )
+    finally:
+        torch.set_num_threads(threads)
     clean = [True] * len(base)
     for m in item_tensor[bad]:
         clean[m] = False

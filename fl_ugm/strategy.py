@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import Tensor
 
+from fl_ugm.client_memory import ClientMemory
 from fl_ugm.ledger import Contribution, Ledger
 from fl_ugm.merge import InvalidClientInput, PriorPrecision
 from fl_ugm.merge_rules import ALPHA_MODES, MERGE_RULES, client_alphas, merge_round, merge_rule
@@ -54,6 +55,8 @@ FISHER_CLIPPED_METRIC = "fisher-clipped-tensors"
 #: ... how many replies the update screen dropped, and how many it scaled down.
 SCREENED_OUT_METRIC = "screened-out-clients"
 NORM_BOUNDED_METRIC = "norm-bounded-clients"
+#: ... and how many remembered clients (``client_memory``) entered the merge.
+REMEMBERED_METRIC = "remembered-clients"
 #: Screened-out clients with a cosine below this are logged as warnings, the others at INFO.
 SCREEN_WARNING_COSINE = -0.5
 
@@ -162,6 +165,8 @@ class FedUGM(FedAvg):
         η = 1 and β = 0).
     carried : dict[str, Tensor] or None
         The carried precision C_r after the last round (None: none yet, or γ = 0).
+    memory : ClientMemory or None
+        The clients' latest replies (``client_memory``; None when off).
 
     Notes
     -----
@@ -186,6 +191,7 @@ class FedUGM(FedAvg):
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
         carried_precision: float = 0.0,
+        client_memory: bool = False,
         client_dual_step: float = 0.0,
         server_optimizer: str = "momentum",
         excluded_clients: Iterable[str] = (),
@@ -207,6 +213,11 @@ class FedUGM(FedAvg):
             raise ValueError("FedUGM: carried_precision > 0 cannot be combined with a ledger "
                              "yet (replay removal would have to replay the carried prior); "
                              "run without a ledger or with carried_precision=0.")
+        if client_memory and (ledger is not None or carried_precision):
+            raise ValueError("FedUGM: client_memory cannot be combined with a ledger or with "
+                             "carried_precision yet (replay removal would have to replay the "
+                             "memory; a carried prior changes P between a reply and its "
+                             "re-centring); turn one of them off.")
         if not (math.isfinite(client_dual_step) and client_dual_step >= 0):
             raise ValueError(f"FedUGM: client_dual_step={client_dual_step}; ρ must be finite "
                              "and ≥ 0 (0: off).")
@@ -240,6 +251,7 @@ class FedUGM(FedAvg):
         self._adam: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
         self.carried_precision = float(carried_precision)
         self.carried: dict[str, Tensor] | None = None
+        self.memory = ClientMemory() if client_memory else None
         self.client_dual_step = float(client_dual_step)
         self.current_arrays: dict[str, Tensor] | None = None
         self.round_offset = 0
@@ -297,6 +309,8 @@ class FedUGM(FedAvg):
             self.wire_dtype)
         if self.carried_precision:
             log(INFO, "\t│\t├── Carried precision: γ %g", self.carried_precision)
+        if self.memory is not None:
+            log(INFO, "\t│\t├── Client memory: every client's latest reply, re-centred")
         if self.client_dual_step:
             log(INFO, "\t│\t├── Client dual variables: ρ %g", self.client_dual_step)
         if self._server_step:
@@ -368,6 +382,9 @@ class FedUGM(FedAvg):
                 len(updates), needed, self.min_train_nodes)
             return None, None
         new_state, alphas, shares = merged
+        if self.memory is not None:
+            self.memory.remember(server_round, self.current_arrays, [
+                (_memory_key(u), u.delta, u.fisher, u.num_examples) for u in updates])
         # the optimizer state moves only once the round is recorded; the ledger's history
         # keeps the momentum m_{r−1} the round started from
         momentum, adam = self.momentum, self._adam
@@ -392,6 +409,8 @@ class FedUGM(FedAvg):
             metrics[FISHER_CLIPPED_METRIC] = clipped
         if screened is not None:
             metrics[SCREENED_OUT_METRIC], metrics[NORM_BOUNDED_METRIC] = screened
+        if self.memory is not None:
+            metrics[REMEMBERED_METRIC] = len(alphas) - len(updates)
         return ArrayRecord(new_state), metrics
 
     def remove(self, grid: Grid, client_id: str, **options) -> tuple[ArrayRecord, dict]:
@@ -495,25 +514,41 @@ class FedUGM(FedAvg):
         return (sum(v.dropped for v in verdicts), sum(v.scale < 1 for v in verdicts))
 
     def _merge(self, updates: list[ClientUpdate], dropped: list[DroppedReply], needed: int):
-        """(new state, alphas, shares) of the valid updates, or None if fewer than ``needed``
+        """(new state, alphas, shares) of the valid updates (then, with ``client_memory``,
+        the other remembered clients, re-centred), or None if fewer than ``needed`` updates
         remain. A client whose values the merge rejects (NaN, Inf, negative Fisher) is moved
         from ``updates`` to ``dropped`` and the rest are merged again."""
         while len(updates) >= needed:
-            alphas = client_alphas([u.num_examples for u in updates], self.alpha, self.scale)
+            prior = self.merge_prior(updates[0].fisher)
+            merged = updates + self._remembered(updates, prior)
+            sizes = [u.num_examples for u in merged]
+            alphas = client_alphas(sizes, self.alpha, self.scale)
             try:
                 state, shares = merge_round(
-                    self.rule, self.current_arrays, [u.delta for u in updates],
-                    [u.fisher for u in updates], [u.num_examples for u in updates],
-                    alphas=alphas, prior_precision=self.merge_prior(updates[0].fisher),
+                    self.rule, self.current_arrays, [u.delta for u in merged],
+                    [u.fisher for u in merged], sizes, alphas=alphas, prior_precision=prior,
                     with_shares=self.ledger is not None)  # fmt: skip
             except InvalidClientInput as err:
-                if err.client_index is None:
+                if err.client_index is None or err.client_index >= len(updates):
                     raise
                 bad = updates.pop(err.client_index)
                 dropped.append(DroppedReply(bad.node_id, bad.client_id, str(err)))
                 continue
             return state, alphas, shares
         return None
+
+    def _remembered(self, updates: list[ClientUpdate], prior: PriorPrecision
+                    ) -> list[ClientUpdate]:
+        """The remembered clients that did not reply this round (none without
+        ``client_memory``), their Δ re-centred to the current global under the merge
+        rule's H0 (not at all for a rule that ignores the Fisher)."""
+        if self.memory is None:
+            return []
+        skip = {_memory_key(u) for u in updates} | self.roster.excluded
+        prior = self.rule.prior(prior) if self.rule.uses_fisher else None
+        return [ClientUpdate(-1, client, n, delta, fisher, RecordDict())
+                for client, delta, fisher, n in self.memory.recentred(
+                    self.current_arrays, prior, skip)]
 
     def _record(self, server_round: int, updates: list[ClientUpdate], alphas: list[float],
                 shares: list[dict[str, Tensor]], new_state: dict[str, Tensor],
@@ -532,6 +567,11 @@ class FedUGM(FedAvg):
         rounds = self.ledger.history()
         log(INFO, "ledger: round %d recorded; history %.1f MB (%d rounds, %s)", server_round,
             self.ledger.history_bytes() / 1e6, len(rounds), self.ledger.history_dtype)
+
+
+def _memory_key(update: ClientUpdate) -> str:
+    """The client memory's key: the client id, or the node's where the reply sent none."""
+    return update.client_id if update.client_id is not None else f"node {update.node_id}"
 
 
 def _who(client_id: str | None) -> str:

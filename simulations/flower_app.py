@@ -14,7 +14,8 @@ averages the sampled nodes less f) / ``trimmed-beta`` (FedTrimmedAvg's cut per s
 rate and adaptivity), ``ugm-server-lr`` / ``ugm-server-momentum`` (FedUGM's server
 momentum on the merged update, ``fl_ugm.server_optimizer``; 1 and 0: none;
 ``ugm-server-optimizer=adam``: FedAdam's update instead, β₁ = ugm-server-momentum), ``ugm-carry``
-(FedUGM's carried precision γ, 0: off), ``ugm-dual-step`` (ρ of FedUGM's client dual
+(FedUGM's carried precision γ, 0: off), ``ugm-client-memory`` (merge every client's
+latest reply, re-centred, ``fl_ugm.client_memory``), ``ugm-dual-step`` (ρ of FedUGM's client dual
 variables, ``fl_ugm.client_duals``, 0: off),
 ``num-server-rounds``, ``num-clients``, ``fraction-train``, ``local-epochs``, ``batch-size``,
 ``lr``, ``optimizer``, ``prior-delta`` (FedUGM's δ), ``proximal-mu`` (FedProx's μ),
@@ -218,6 +219,7 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
             server_lr=float(cfg.get("ugm-server-lr", 1.0)),
             server_momentum=float(cfg.get("ugm-server-momentum", 0.0)),
             carried_precision=float(cfg.get("ugm-carry", 0.0)),
+            client_memory=bool(cfg.get("ugm-client-memory", False)),
             client_dual_step=float(cfg.get("ugm-dual-step", 0.0)),
             server_optimizer=str(cfg.get("ugm-server-optimizer", "momentum")), **common,
         )  # fmt: skip

@@ -354,3 +354,23 @@ def test_mixed_precision_keys_are_merged_in_the_widest_dtype():
     assert {k: v.dtype for k, v in merged.items()} == {k: v.dtype for k, v in base.items()}
     for key in base:
         torch.testing.assert_close(merged[key].double(), expected[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_compiled_merge_leaves_torchs_thread_count_as_it_was(threads):
+    """numba's OpenMP layer shares torch's runtime: without care, the first merge switched a
+    process limited to 1 torch thread to numba's count (2 here), so clients or a second
+    process sharing the cores trained oversubscribed (3× slower in the FMNIST probe)."""
+    saved = torch.get_num_threads()
+    base, deltas, fishers = make_clients(num_clients=3, seed=4)
+    alphas = [0.2, 0.3, 0.5]
+    try:
+        torch.set_num_threads(threads)
+        merged = ugm_merge(base, deltas, fishers, alphas=alphas, prior_precision=0.7,
+                           backend="numba")
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(saved)
+    reference = reference_merge(base, deltas, fishers, alphas, 0.7)
+    for key in base:
+        torch.testing.assert_close(merged[key].double(), reference[key], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,121 @@
+"""FedUGM's client memory (``client_memory=True``, ``fl_ugm.client_memory``): every client's
+latest reply, re-centred to the current global, enters each round's merge."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from helpers import LinearGrid, linear_problem
+
+from fl_ugm import FedUGM
+from fl_ugm.client_memory import ClientMemory, recentred_delta
+from fl_ugm.strategy import REMEMBERED_METRIC
+
+pytestmark = pytest.mark.usefixtures("server_identity")
+
+
+def _round(strategy, grid, server_round, theta):
+    messages = list(strategy.configure_train(server_round, ArrayRecord({"w": theta}),
+                                             ConfigRecord(), grid))
+    arrays, metrics = strategy.aggregate_train(server_round, grid.send_and_receive(messages))
+    return [m.metadata.dst_node_id - 1 for m in messages], arrays, metrics
+
+
+def test_with_memory_partial_participation_merges_as_if_every_client_seen_took_part():
+    """On the linear oracle each round's global is exactly argmin Σ_j α_j ℓ_j(θ) +
+    ½δ‖θ − θ_{r−1}‖² over every client seen so far (α_j = n_j / Σ n over them), although
+    only 2 of 5 clients reply each round and the others' replies are rounds old."""
+    hessians, xty, theta0 = linear_problem(seed=43, clients=5)
+    sizes, delta = [7, 12, 20, 31, 44], 0.6
+    grid = LinearGrid(hessians, xty, sizes=sizes)
+    strategy = FedUGM(prior_precision=delta, client_memory=True, fraction_train=0.4,
+                      min_train_nodes=2, min_available_nodes=5, fisher_clip=None,
+                      update_screen=None)
+    random.seed(3)
+    theta, seen, remembered = theta0, set(), []
+    for server_round in range(1, 7):
+        sampled, arrays, metrics = _round(strategy, grid, server_round, theta)
+        remembered.append(len(seen - set(sampled)))
+        seen |= set(sampled)
+        total = sum(sizes[j] for j in seen)
+        expected = (delta * theta + sum(sizes[j] / total * xty[j] for j in seen)) / (
+            delta + sum(sizes[j] / total * hessians[j] for j in seen))
+        theta = arrays.to_torch_state_dict()["w"]
+        torch.testing.assert_close(theta, expected, rtol=0, atol=1e-10)
+        assert metrics[REMEMBERED_METRIC] == remembered[-1]
+    assert seen == set(range(5)) and max(remembered) == 3  # stale replies were merged
+    assert sorted(strategy.memory.replies) == [f"p{j}" for j in range(5)]
+    assert len(strategy.memory.starts) <= 5  # only the globals a remembered reply needs
+
+
+def test_recentring_is_the_fine_tune_from_the_new_global_on_a_quadratic():
+    """Δ̃ = Δ + F (s − θ) / (P + F) equals the exact fine-tune of ½(w − w*)ᵀF(w − w*) under
+    the prior P from θ; with F = 0 (an entry no Fisher informs) Δ̃ = Δ, and entries without a
+    Fisher (buffers) are kept as they are."""
+    gen = torch.Generator().manual_seed(5)
+    fisher, optimum, start, current = (torch.rand(6, generator=gen, dtype=torch.float64)
+                                       for _ in range(4))
+    fisher[0] = 0.0
+    prior = torch.full((6,), 0.3, dtype=torch.float64)
+
+    def fine_tune(origin):
+        return (prior * origin + fisher * optimum) / (prior + fisher) - origin
+
+    buffer = torch.tensor([2.0], dtype=torch.float64)
+    out = recentred_delta({"w": fine_tune(start), "running": buffer}, {"w": fisher},
+                          {"w": start}, {"w": current}, {"w": prior})
+    torch.testing.assert_close(out["w"], fine_tune(current), rtol=0, atol=1e-14)
+    assert out["w"][0] == fine_tune(start)[0] and out["running"] is buffer
+
+
+def test_memory_with_the_task_arithmetic_merge_is_mifa():
+    """F ≡ 0: every remembered Δ_j enters as it was sent, weighted n_j / Σ n over all
+    clients seen (MIFA's average of the latest updates)."""
+    hessians, xty, theta0 = linear_problem(seed=44, clients=4)
+    sizes = [5, 10, 15, 30]
+    grid = LinearGrid(hessians, xty, sizes=sizes)
+    strategy = FedUGM(merge="task-arithmetic", client_memory=True, fraction_train=0.5,
+                      min_train_nodes=2, min_available_nodes=4, fisher_clip=None,
+                      update_screen=None)
+    random.seed(1)
+    theta, latest = theta0, {}
+    for server_round in range(1, 7):
+        sampled, arrays, _ = _round(strategy, grid, server_round, theta)
+        for j in sampled:
+            latest[j] = grid.trained[j + 1] - theta
+        total = sum(sizes[j] for j in latest)
+        expected = theta + sum(sizes[j] / total * d for j, d in latest.items())
+        theta = arrays.to_torch_state_dict()["w"]
+        torch.testing.assert_close(theta, expected, rtol=0, atol=1e-12)
+    assert len(latest) == 4
+
+
+def test_a_dropped_reply_is_not_remembered_and_bad_combinations_are_refused():
+    hessians, xty, theta0 = linear_problem(seed=45, clients=3)
+    grid = LinearGrid(hessians, xty)
+    strategy = FedUGM(prior_precision=1.0, client_memory=True, min_train_nodes=2,
+                      min_available_nodes=3, fisher_clip=None, update_screen=None)
+    _, arrays, _ = _round(strategy, grid, 1, theta0)
+    kept = strategy.memory.replies["p0"]
+    grid.nan_nodes = {1}  # client p0 now sends a NaN Δ: dropped, its round-1 reply stays
+    _, arrays, metrics = _round(strategy, grid, 2, arrays.to_torch_state_dict()["w"])
+    assert strategy.memory.replies["p0"] is kept and metrics[REMEMBERED_METRIC] == 1
+    assert torch.isfinite(arrays.to_torch_state_dict()["w"]).all()
+    for bad in ({"ledger": "unused"}, {"carried_precision": 0.5}):
+        with pytest.raises(ValueError, match="client_memory cannot be combined"):
+            FedUGM(client_memory=True, **bad)
+
+
+def test_the_memory_keeps_only_the_start_globals_it_needs():
+    memory = ClientMemory()
+    one, two = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
+    memory.remember(1, one, [("a", {"w": torch.ones(2)}, {"w": torch.ones(2)}, 3)])
+    memory.remember(2, two, [("a", {"w": torch.ones(2)}, {"w": torch.ones(2)}, 4)])
+    assert list(memory.starts) == [2] and memory.replies["a"].num_examples == 4
+    memory.remember(3, one, [("b", {"w": torch.ones(2)}, {"w": torch.ones(2)}, 1)])
+    assert [c for c, *_ in memory.recentred(two, 1.0, skip={"b"})] == ["a"]
+    memory.forget("a")
+    assert list(memory.replies) == ["b"]
