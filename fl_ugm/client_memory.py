@@ -72,10 +72,6 @@ class ClientMemory:
         for old in [r for r in self.starts if r not in used]:
             del self.starts[old]
 
-    def forget(self, client: str) -> None:
-        """Drop ``client``'s reply (a removed or excluded client)."""
-        self.replies.pop(client, None)
-
     def recentred(self, current: Mapping[str, Tensor],
                   prior: float | Mapping[str, Tensor | float] | None, skip: Iterable[str] = ()
                   ) -> list[tuple[str, dict[str, Tensor], dict[str, Tensor], float]]:
