@@ -7,7 +7,8 @@ adversaries: the simulations plug theirs in through :class:`ClientRole`
 
 Run config keys (defaults and one-line docs in ``pyproject.toml`` ``[tool.flwr.app.config]``):
 ``strategy`` (Flower's fedavg | fedprox | fedavgm | fedadam | multikrum | fedtrimmedavg, or
-fedugm | task-arithmetic [α_t = 1] | fisher-averaging), ``krum-malicious`` (MultiKrum's f: it
+fedugm | task-arithmetic [α_t = 1] | fisher-averaging | mifa [FedAvg's average + the client
+memory]), ``krum-malicious`` (MultiKrum's f: it
 averages the sampled nodes less f) / ``trimmed-beta`` (FedTrimmedAvg's cut per side),
 ``server-lr`` / ``server-momentum`` (FedAvgM's server learning rate and momentum),
 ``fedadam-eta`` / ``fedadam-tau`` (FedAdam's server learning
@@ -80,7 +81,11 @@ from simulations import tasks
 
 #: Flower's own strategies (FedUGM's options do not apply to them)
 FLOWER_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "multikrum", "fedtrimmedavg")
-STRATEGIES = (*FLOWER_STRATEGIES, "fedugm", "task-arithmetic", "fisher-averaging")
+#: FedUGM and the merge baselines it runs itself; ``mifa`` is MIFA (Gu et al., 2021): FedAvg's
+#: n-weighted average plus the client memory (``FedUGM(merge="task-arithmetic",
+#: client_memory=True)``), to tell the memory's share of a win from the Fisher's.
+UGM_STRATEGIES = ("fedugm", "task-arithmetic", "fisher-averaging", "mifa")
+STRATEGIES = (*FLOWER_STRATEGIES, *UGM_STRATEGIES)
 #: How long the ServerApp waits for ``num-clients`` SuperNodes before it gives up (seconds).
 NODE_WAIT_SECONDS = 60.0
 
@@ -184,8 +189,8 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
     name = str(cfg["strategy"])
     excluded = excluded_clients(cfg)
     if excluded and name in FLOWER_STRATEGIES:
-        raise ValueError("exclude-clients needs a FedUGM strategy (fedugm, task-arithmetic, "
-                         f"fisher-averaging); Flower's {name} samples every node.")
+        raise ValueError(f"exclude-clients needs a FedUGM strategy {UGM_STRATEGIES}; "
+                         f"Flower's {name} samples every node.")
     if name == "fedavg":
         return FedAvg(**common)
     if name == "fedprox":
@@ -202,7 +207,7 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
                          num_nodes_to_select=max(sampled - malicious, 1), **common)
     if name == "fedtrimmedavg":
         return FedTrimmedAvg(beta=float(cfg["trimmed-beta"]), **common)
-    if name in ("fedugm", "task-arithmetic", "fisher-averaging"):
+    if name in UGM_STRATEGIES:
         # task arithmetic as in the paper: α_t = 1 for every client
         alpha = "ones" if name == "task-arithmetic" else str(cfg["alpha"])
         ledger = None
@@ -212,14 +217,14 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
         return FedUGM(
             prior_precision=float(cfg["prior-delta"]), alpha=alpha,
             scale=float(cfg["scale"]), fisher=str(cfg["fisher"]),
-            merge="ugm" if name == "fedugm" else name, ledger=ledger,
+            merge={"fedugm": "ugm", "mifa": "task-arithmetic"}.get(name, name), ledger=ledger,
             fisher_clip=float(cfg.get("fisher-clip", 3.0)) or None,
             update_screen=update_screen(cfg),
             excluded_clients=excluded, wire_dtype=str(cfg.get("wire-dtype", "float16")),
             server_lr=float(cfg.get("ugm-server-lr", 1.0)),
             server_momentum=float(cfg.get("ugm-server-momentum", 0.0)),
             carried_precision=float(cfg.get("ugm-carry", 0.0)),
-            client_memory=bool(cfg.get("ugm-client-memory", False)),
+            client_memory=name == "mifa" or bool(cfg.get("ugm-client-memory", False)),
             client_dual_step=float(cfg.get("ugm-dual-step", 0.0)),
             server_optimizer=str(cfg.get("ugm-server-optimizer", "momentum")), **common,
         )  # fmt: skip

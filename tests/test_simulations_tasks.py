@@ -399,7 +399,12 @@ def test_the_app_builds_flowers_robust_strategies_and_fedugms_options():
     assert type(trimmed) is FedTrimmedAvg and trimmed.beta == 0.1
     ugm = build_strategy({**cfg, "strategy": "fedugm"}, 10)
     assert (ugm.update_screen.norm_bound, ugm.update_screen.min_cosine) == (3.0, None)
-    assert ugm.client_dual_step == 0.0
+    assert ugm.client_dual_step == 0.0 and ugm.memory is None
+    mifa = build_strategy({**cfg, "strategy": "mifa"}, 10)  # FedAvg's average + the memory
+    assert (mifa.merge, mifa.alpha, mifa.memory is not None) == (
+        "task-arithmetic", "num-examples", True)
+    assert build_strategy({**cfg, "strategy": "fedugm", "ugm-client-memory": True},
+                          10).memory is not None
     assert build_strategy({**cfg, "strategy": "fedugm", "ugm-dual-step": 0.3},
                           10).client_dual_step == 0.3
     screen = build_strategy({**cfg, "strategy": "fedugm", "screen-min-cosine": 0}, 10)
