@@ -259,6 +259,16 @@ def same_run(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
         k in defaults and wanted[k] == defaults[k] for k in set(wanted) - set(saved))
 
 
+def selection_seeds(cfg) -> list[int]:
+    """``selection-seeds`` as a list (one seed may be given as a number)."""
+    raw = cfg["selection-seeds"]
+    seeds = [int(raw)] if isinstance(raw, int) else [int(s) for s in raw]
+    if not seeds:
+        raise SystemExit("compare: selection-seeds is empty; give the seeds of the "
+                         "selection runs, e.g. selection-seeds=[100].")
+    return seeds
+
+
 def select_settings(cfg, base: dict, out: Path) -> dict[str, dict]:
     """Per strategy, the setting of :func:`setting_grid` with the best :func:`score` (mean
     accuracy of the last ``score-rounds`` rounds) on the VALIDATION split
@@ -269,11 +279,7 @@ def select_settings(cfg, base: dict, out: Path) -> dict[str, dict]:
     [{**setting, "accuracy": mean, "per_seed": [a, ...]}, ...], "mean_over_lr_grid": m}}``;
     ``m`` averages, over the lr grid, the best mean score at each lr (how forgiving the
     method is of its learning rate)."""
-    raw = cfg["selection-seeds"]
-    seeds = [int(raw)] if isinstance(raw, int) else [int(s) for s in raw]
-    if not seeds:
-        raise SystemExit("compare: selection-seeds is empty; give the seeds of the "
-                         "selection runs, e.g. selection-seeds=[100].")
+    seeds = selection_seeds(cfg)
     runs = [(name, setting, seed) for name in cfg.strategies
             for setting in setting_grid(cfg, name) for seed in seeds]
     per_seed: dict[str, dict[str, tuple[dict, list[float]]]] = {}
@@ -370,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"{len(cfg.seeds)} seeds")
     plot(histories, out / "accuracy_vs_round.png", title)
     if selection:
-        print(format_selection(selection, list(cfg["selection-seeds"])) + "\n")
+        print(format_selection(selection, selection_seeds(cfg)) + "\n")
     print(format_table(summary, int(cfg["num-server-rounds"]), last_rounds))
     progress(f"\n{len(runs)} simulations in {time.perf_counter() - start:.0f} s; results in {out}")
     return 0

@@ -321,6 +321,7 @@ def test_setting_selection_uses_the_validation_split_and_its_own_seeds(monkeypat
     assert "mean over seeds 100, 101" in table
     with pytest.raises(SystemExit, match="selection-seeds is empty"):
         compare.select_settings(OmegaConf.merge(cfg, {"selection-seeds": []}), {}, tmp_path)
+    assert compare.selection_seeds(OmegaConf.merge(cfg, {"selection-seeds": 100})) == [100]
 
 
 def test_a_variants_axis_keeps_knobs_that_go_together():
