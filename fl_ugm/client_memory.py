@@ -44,16 +44,17 @@ def recentred_delta(delta: Mapping[str, Tensor], fisher: Mapping[str, Tensor],
 @dataclass(frozen=True)
 class RememberedReply:
     """A client's latest merged reply: Δ_j and F_j (a sum over its n_j examples), and the
-    round whose global it fine-tuned from."""
+    round it replied in (it fine-tuned from that round's start global)."""
 
     delta: dict[str, Tensor]
     fisher: dict[str, Tensor]
     num_examples: float
-    start_round: int
+    reply_round: int
 
 
 class ClientMemory:
-    """Each client's latest reply, and the globals those replies started from."""
+    """Each client's latest reply, and the globals those replies started from (``starts``,
+    by reply round)."""
 
     def __init__(self) -> None:
         self.replies: dict[str, RememberedReply] = {}
@@ -68,7 +69,7 @@ class ClientMemory:
             self.replies[client] = RememberedReply(dict(delta), dict(fisher),
                                                    float(num_examples), server_round)
             self.starts.setdefault(server_round, dict(start))
-        used = {r.start_round for r in self.replies.values()}
+        used = {r.reply_round for r in self.replies.values()}
         for old in [r for r in self.starts if r not in used]:
             del self.starts[old]
 
@@ -80,6 +81,6 @@ class ClientMemory:
         ``prior`` (None: a merge that ignores the Fisher, F ≡ 0, so Δ̃ = Δ)."""
         skip = set(skip)
         return [(client, r.delta if prior is None else recentred_delta(
-                    r.delta, r.fisher, self.starts[r.start_round], current, prior),
+                    r.delta, r.fisher, self.starts[r.reply_round], current, prior),
                  r.fisher, r.num_examples)
                 for client, r in sorted(self.replies.items()) if client not in skip]

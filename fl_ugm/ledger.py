@@ -9,10 +9,13 @@ Layout of a ledger directory (safetensors for tensors, one small JSON index; doc
                                      "delta/<key>", "fisher/<key>", "applied/<key>"
     globals/round-000007.safetensors the global state after round 7 (the last ``keep_globals``)
     history/round-000007.g000.safetensors  round 7 as merged: "start/<key>" (the global its
-                                     clients started from), "momentum/<key>" (the server
-                                     momentum it started from, if any) and, per participant
+                                     clients started from), "momentum/<key>" and
+                                     "second-moment/<key>" (the server optimizer's state it
+                                     started from, if any), "carried/<key>" (the carried
+                                     precision in its prior, if any) and, per participant
                                      i, "c<i>/delta/<key>", "c<i>/fisher/<key>"
-                                     (``history_dtype``)
+                                     (``history_dtype``); the index lists the remembered
+                                     clients the round also merged (``client_memory``)
 
 The history (every round, or the last ``history_rounds``) is what replay removal
 (``fl_ugm.removal``) recomputes the training without a client from.
@@ -82,7 +85,7 @@ class ClientRecord:
     alpha: float
     delta: dict[str, Tensor]
     fisher: dict[str, Tensor]
-    applied: dict[str, Tensor]  # Σ over rounds of what the merges added for this client
+    applied: dict[str, Tensor]  # Σ over the rounds it replied in of what the merges added for it
 
 
 @dataclass(frozen=True)
@@ -102,16 +105,48 @@ class Contribution:
 
 
 @dataclass(frozen=True)
+class Remembered:
+    """A remembered client that a round also merged (FedUGM's ``client_memory``): its
+    latest reply, from round ``reply_round`` of the history (whose ``start`` it fine-tuned
+    from), re-centred to the round's start, with weight α_t as merged."""
+
+    client_id: str
+    reply_round: int
+    alpha: float
+
+
+@dataclass(frozen=True)
 class HistoryRound:
     """One merged round from the history: the global its clients started from (full
-    precision), every participant's contribution as merged (``history_dtype``) and the
-    server momentum m_{r−1} the round started from (full precision; empty without server
-    momentum, ``fl_ugm.server_optimizer``)."""
+    precision), every participant's contribution as merged (``history_dtype``), the
+    server optimizer's state the round started from (m_{r−1}, and Adam's v_{r−1}; full
+    precision; empty without a server optimizer, ``fl_ugm.server_optimizer``) and the
+    remembered clients it merged too (empty without ``client_memory``) and the carried
+    precision C_{r−1} in the round's prior (empty without ``carried_precision``)."""
 
     round: int
     start: dict[str, Tensor]
     participants: list[Contribution]  # shares are empty: the history does not store them
     momentum: dict[str, Tensor] = field(default_factory=dict)
+    remembered: list[Remembered] = field(default_factory=list)
+    second_moment: dict[str, Tensor] = field(default_factory=dict)
+    carried: dict[str, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, round_: int, start: Mapping[str, Tensor], participants: Sequence[Contribution],
+           server_state: Sequence[Mapping[str, Tensor]] = (),
+           remembered: Sequence[Remembered] = (),
+           carried: Mapping[str, Tensor] | None = None) -> HistoryRound:
+        """A round from its parts, the optimizer state as :attr:`server_state` has it."""
+        first, second = (*server_state, {}, {})[:2]
+        return cls(round_, dict(start), list(participants), dict(first), list(remembered),
+                   dict(second), dict(carried or {}))
+
+    @property
+    def server_state(self) -> tuple[dict[str, Tensor], ...]:
+        """The optimizer state as ``fl_ugm.server_optimizer`` takes it: () for none, (m,)
+        for momentum, (m, v) for Adam."""
+        return tuple(s for s in (self.momentum, self.second_moment) if s)
 
 
 class Ledger:
@@ -225,8 +260,11 @@ class Ledger:
             participants.append(Contribution(
                 info["id"], info["num_examples"], info["alpha"],
                 _group(tensors, f"c{index}/delta/"), _group(tensors, f"c{index}/fisher/"), {}))
+        remembered = [Remembered(m["id"], m["round"], m["alpha"])
+                      for m in entry.get("remembered", [])]
         return HistoryRound(round_, _group(tensors, "start/"), participants,
-                            _group(tensors, "momentum/"))
+                            _group(tensors, "momentum/"), remembered,
+                            _group(tensors, "second-moment/"), _group(tensors, "carried/"))
 
     def first_round(self, client_id: str) -> int | None:
         """The first round ``client_id`` contributed to (None if unknown)."""
@@ -345,12 +383,17 @@ class Ledger:
     def record_round(self, round_: int, contributions: Sequence[Contribution],
                      new_global: Mapping[str, Tensor],
                      start_global: Mapping[str, Tensor] | None = None,
-                     momentum: Mapping[str, Tensor] | None = None) -> None:
+                     server_state: Sequence[Mapping[str, Tensor]] = (),
+                     remembered: Sequence[Remembered] = (),
+                     carried: Mapping[str, Tensor] | None = None) -> None:
         """Store one merged round as one commit: each contribution with a client id (its
         ``share`` added to the client's ``applied`` sum, in float64), the round's history
-        (with ``start_global``, the global the clients started from, ``momentum``, the
-        server momentum buffer the round started from, and every contribution) and the
-        global after the round."""
+        (with ``start_global``, the global the clients started from, ``server_state``, the
+        server optimizer's state the round started from, every contribution, the
+        ``remembered`` clients merged too and the ``carried`` precision in the round's prior)
+        and the global after the round. A remembered
+        client's share is not added to its ``applied`` sum, which covers the rounds it
+        replied in."""
         with self.batch():
             for item in contributions:
                 if item.client_id is None:
@@ -363,8 +406,8 @@ class Ledger:
                                    fisher=item.fisher, num_examples=item.num_examples,
                                    alpha=item.alpha, applied=applied)
             if start_global is not None:
-                self._record_history(HistoryRound(round_, dict(start_global),
-                                                  list(contributions), dict(momentum or {})))
+                self._record_history(HistoryRound.of(round_, start_global, contributions,
+                                                     server_state, remembered, carried))
             self.record_global(round_, new_global)
 
     def commit_removal(self, client_id: str, round_: int, state: Mapping[str, Tensor], *,
@@ -457,6 +500,8 @@ class Ledger:
         dtype = HISTORY_DTYPES[self.history_dtype]
         tensors = {f"start/{k}": v for k, v in entry.start.items()}
         tensors.update({f"momentum/{k}": v for k, v in entry.momentum.items()})
+        tensors.update({f"second-moment/{k}": v for k, v in entry.second_moment.items()})
+        tensors.update({f"carried/{k}": v for k, v in entry.carried.items()})
         for index, item in enumerate(entry.participants):
             for kind, values in (("delta", item.delta), ("fisher", item.fisher)):
                 tensors.update({f"c{index}/{kind}/{k}": _stored(v, dtype)
@@ -468,6 +513,9 @@ class Ledger:
         entries = [e for e in self._index.get("history", []) if e["round"] != entry.round]
         entries.append({"round": entry.round, "file": name, "sha256": digest,
                         "clients": clients, "bytes": (self.directory / name).stat().st_size})
+        if entry.remembered:
+            entries[-1]["remembered"] = [{"id": m.client_id, "round": int(m.reply_round),
+                                          "alpha": float(m.alpha)} for m in entry.remembered]
         entries.sort(key=lambda e: e["round"])
         keep = self.history_rounds or len(entries)
         dropped, self._index["history"] = entries[:-keep], entries[-keep:]

@@ -475,6 +475,29 @@ def prior_at(prior: PriorPrecision, key: str) -> float | Tensor:
     return prior[key] if isinstance(prior, Mapping) else prior
 
 
+def with_carried(prior: PriorPrecision, carried: Mapping[str, Tensor] | None
+                 ) -> PriorPrecision:
+    """H0 + C per entry of ``carried`` (FedUGM's carried precision; None or empty: H0)."""
+    if not carried:
+        return prior
+    out = dict(prior) if isinstance(prior, Mapping) else {}
+    out.update({k: prior_at(prior, k) + c for k, c in carried.items()})
+    return out
+
+
+def carry_precision(carried: Mapping[str, Tensor] | None,
+                    fishers: Sequence[Mapping[str, Tensor]], alphas: Sequence[float],
+                    gamma: float) -> dict[str, Tensor]:
+    """C_r = γ (C_{r−1} + Σ_t α_t F_t) per parameter entry: the precision a round carries to
+    the next (F_t sums over examples, as merged; C_{r−1} None or a missing key: 0). A round
+    that merged nobody (no ``fishers``) carries C_{r−1} as it is."""
+    carried = carried or {}
+    if not fishers:
+        return dict(carried)
+    return {k: gamma * (carried.get(k, 0) + sum(a * f[k] for a, f in zip(
+        alphas, fishers, strict=True))) for k in fishers[0]}
+
+
 def _compute_dtype(*values: Tensor | float) -> torch.dtype:
     """float32, or float64 if any tensor among ``values`` is float64."""
     dtype = torch.float32

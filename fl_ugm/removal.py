@@ -14,11 +14,14 @@ the derivation,
 α is recomputed over the round's remaining participants, and the round is merged with the
 run's rule and prior; D_{r+1} = D_r + (replayed step − recorded step), both steps merged
 from the stored contributions, so storage round-off cancels to first order. A run with
-server momentum (``fl_ugm.server_optimizer``) has both steps go through its momentum: the
-recorded one from the buffer the history stored with the round, the replayed one from the
-replayed buffer. The result is the newest global + D. No client trains. The plan also
-holds the rewritten history (the training as it would have been without the client),
-which the commit stores in place of the old one.
+server momentum or Adam (``fl_ugm.server_optimizer``) has both steps go through it: the
+recorded one from the state the history stored with the round, the replayed one from the
+replayed state. A run with the client memory (``fl_ugm.client_memory``) merged, besides
+each round's participants, the remembered clients the history lists for the round: the
+replay merges them too, each client's latest replayed contribution re-centred from its
+replayed start to the replayed global, as the memory does. The result is the newest
+global + D. No client trains. The plan also holds the rewritten history (the training as it
+would have been without the client), which the commit stores in place of the old one.
 
 Two knobs adapt the derivation's quadratic model to nets (chosen on
 ``simulations.unlearn``'s scenarios, seeds 0–2; docs/design.md §1 has the numbers):
@@ -80,6 +83,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from fl_ugm.client_memory import recentred_delta
 from fl_ugm.ledger import (
     ClientRecord,
     Contribution,
@@ -87,10 +91,11 @@ from fl_ugm.ledger import (
     Ledger,
     LedgerCorruptError,
     LedgerError,
+    Remembered,
 )
-from fl_ugm.merge import PriorPrecision, prior_at, remove_client
+from fl_ugm.merge import PriorPrecision, carry_precision, prior_at, remove_client, with_carried
 from fl_ugm.merge_rules import MergeRule, client_alphas, merge_round, merge_rule
-from fl_ugm.server_optimizer import momentum_update, uses_server_optimizer
+from fl_ugm.server_optimizer import OptimizerState, server_update, uses_server_optimizer
 
 log = logging.getLogger(__name__)
 #: How a client is removed: recompute the training without it from the stored history, or
@@ -143,13 +148,14 @@ def removal_update(
 class RemovalPlan:
     """A computed removal: the new global, the report, and for a replay the rewritten
     history and the remaining clients' records (``Ledger.commit_removal`` stores them) and,
-    for a run with server momentum, the replayed momentum buffer (the strategy's to keep)."""
+    for a run with a server optimizer, its replayed state (the strategy's to keep)."""
 
     state: dict[str, Tensor]
     report: dict
     history: list[HistoryRound] | None = None
     records: list[ClientRecord] = field(default_factory=list)
-    momentum: dict[str, Tensor] | None = None  # a replay's server momentum after its last round
+    server_state: OptimizerState = ()  # a replay's optimizer state after its last round
+    carried: dict[str, Tensor] | None = None  # ... and its carried precision
 
 
 def remove_from_ledger(ledger: Ledger, client_id: str, **options) -> tuple[dict[str, Tensor],
@@ -210,11 +216,19 @@ def plan_removal(
             raise LedgerError(f"shared_rank={shared_rank}; give 0 (off) or a rank > 0.")
         return _replay(ledger, client_id, rule, prior_precision, recentring=recentring,
                        shared_rank=shared_rank, approximate=approximate)
-    optimizer = _server_optimizer(ledger)
-    if uses_server_optimizer(*optimizer):
-        raise LedgerError("this ledger's run used server momentum (server_lr, server_momentum "
-                          f"= {optimizer}); the one-round eq13 update assumes each merge was "
-                          "applied as is. Use method='replay'.")
+    if ledger.meta.get("client_memory"):
+        raise LedgerError("this ledger's run used the client memory: a client's reply was "
+                          "merged again in every later round, which the one-round eq13 update "
+                          "cannot undo. Use method='replay'.")
+    if float(ledger.meta.get("carried_precision", 0.0)):
+        raise LedgerError("this ledger's run carried a precision across rounds, so each "
+                          "round merged under another prior; the one-round eq13 update "
+                          "assumes one. Use method='replay'.")
+    if _steps(ledger):
+        options = _optimizer_options(ledger)
+        raise LedgerError(f"this ledger's run used server {options['optimizer']} (server_lr, "
+                          f"server_momentum = {_server_optimizer(ledger)}); the one-round eq13 "
+                          "update assumes each merge was applied as is. Use method='replay'.")
     return RemovalPlan(*_eq13(ledger, client_id, prior_precision, recenter=recenter,
                               revert_uninformed=revert_uninformed, client_reply=client_reply))
 
@@ -223,6 +237,40 @@ def _server_optimizer(ledger: Ledger) -> tuple[float, float]:
     """(η, β) of the ledger's run (1, 0 for a ledger written before server momentum)."""
     return (float(ledger.meta.get("server_lr", 1.0)),
             float(ledger.meta.get("server_momentum", 0.0)))
+
+
+def _steps(ledger: Ledger) -> bool:
+    """Whether the ledger's run moved the global by a server optimizer, not by the merge."""
+    return (ledger.meta.get("server_optimizer", "momentum") == "adam"
+            or uses_server_optimizer(*_server_optimizer(ledger)))
+
+
+def _optimizer_options(ledger: Ledger) -> dict:
+    server_lr, server_momentum = _server_optimizer(ledger)
+    return {"optimizer": str(ledger.meta.get("server_optimizer", "momentum")),
+            "server_lr": server_lr, "server_momentum": server_momentum}
+
+
+def recorded_step(ledger: Ledger, round_: int, prior: PriorPrecision) -> dict[str, Tensor]:
+    """θ⁺_r − θ_{r−1} of the ledger's round ``round_`` (before any server optimizer), merged
+    again from its history with the run's rule and ``prior`` (float64, float keys): the
+    participants, and the remembered clients' replies from their own rounds' history."""
+    entry = ledger.history_round(round_)
+    float_keys = [k for k, v in entry.start.items() if v.is_floating_point()]
+    memory = {}
+    for item in entry.remembered:
+        old = ledger.history_round(item.reply_round)
+        reply = next((p for p in old.participants if p.client_id == item.client_id), None)
+        if reply is not None:
+            memory[item.client_id] = (item.reply_round, reply,
+                                      {k: old.start[k].double() for k in float_keys})
+    start = {k: entry.start[k].double() for k in float_keys}
+    rule = merge_rule(str(ledger.meta.get("merge", "ugm")))
+    prior = rule.prior(with_carried(prior, {k: v.double() for k, v in entry.carried.items()}))
+    participants = entry.participants + _from_memory(memory, entry.remembered, start, prior,
+                                                     round_)
+    step, _ = _merged_step(rule, start, participants, prior, [p.alpha for p in participants])
+    return step
 
 
 def _eq13(ledger: Ledger, client_id: str, prior_precision: PriorPrecision, *, recenter: bool,
@@ -304,42 +352,71 @@ def _replay(ledger: Ledger, client_id: str, rule: MergeRule, prior: PriorPrecisi
     rewritten: list[HistoryRound] = []
     own = (_own_directions(ledger, record, rounds, shared_rank) if shared_rank else {})
     server_lr, server_momentum = _server_optimizer(ledger)
-    momentum: dict[str, Tensor] | None = None  # the replayed m_{r−1}
+    steps, options = _steps(ledger), _optimizer_options(ledger)
+    server_state: OptimizerState = ()  # the replayed optimizer state after the last round
+    gamma = float(ledger.meta.get("carried_precision", 0.0))
+    carried: dict[str, Tensor] | None = None  # the replayed carried precision C'_{r−1}
+    # the client memory (``fl_ugm.client_memory``) as recorded and as replayed: each client's
+    # latest (reply round, contribution, start global), float64
+    recorded_memory: dict[str, tuple[int, Contribution, dict[str, Tensor]]] = {}
+    replayed_memory: dict[str, tuple[int, Contribution, dict[str, Tensor]]] = {}
     for index, round_ in enumerate(rounds):
         entry = ledger.history_round(round_)
         start = {k: entry.start[k].double() for k in float_keys}
         replayed_start = {k: start[k] + drift[k] for k in float_keys}
+        # the round's prior as recorded and as replayed (with a carried precision, each
+        # run's own, the run's at the first replayed round or where the run restarted it)
+        stored_carried = {k: v.double() for k, v in entry.carried.items()}
+        round_prior = rule.prior(with_carried(prior, stored_carried))
+        replayed_carried = stored_carried if index == 0 or not stored_carried else carried
+        replayed_prior = rule.prior(with_carried(prior, replayed_carried))
         # the round as recorded, and as replayed: without the client, the others re-centred
-        recorded, recorded_shares = _merged_step(rule, start, entry.participants, prior,
-                                                 [p.alpha for p in entry.participants])
+        recorded, recorded_shares = _merged_step(
+            rule, start, entry.participants + _from_memory(
+                recorded_memory, entry.remembered, start, round_prior, round_),
+            round_prior,
+            [p.alpha for p in entry.participants] + [m.alpha for m in entry.remembered])
         kept = [i for i, p in enumerate(entry.participants) if p.client_id != client_id]
-        recentred = [_recentred(entry.participants[i], _without(drift, own), prior, recentring)
-                     for i in kept]
-        alphas = client_alphas([p.num_examples for p in recentred], mode, scale) if kept else []
-        replayed, shares = _merged_step(rule, replayed_start, recentred, prior, alphas)
-        stored_momentum = {k: v.double() for k, v in entry.momentum.items()}
-        # the run's own buffer at the first replayed round, or where the run restarted it
-        replayed_momentum = stored_momentum if index == 0 or not stored_momentum else momentum
-        if uses_server_optimizer(server_lr, server_momentum):  # θ_r = θ_{r−1} + η m_r
-            recorded = {k: server_lr * v for k, v in
-                        momentum_update(recorded, stored_momentum, server_momentum).items()}
-            momentum = replayed_momentum  # a round nobody is left in keeps both, as FedUGM
+        recentred = [_recentred(entry.participants[i], _without(drift, own), round_prior,
+                                recentring, replayed_prior if gamma else None) for i in kept]
+        remembered = [m for m in entry.remembered if m.client_id != client_id] if kept else []
+        merged = recentred + _from_memory(replayed_memory, remembered, replayed_start,
+                                          replayed_prior, round_)
+        alphas = client_alphas([p.num_examples for p in merged], mode, scale) if kept else []
+        replayed, shares = _merged_step(rule, replayed_start, merged, replayed_prior, alphas)
+        if gamma:  # C'_r = γ (C'_{r−1} + Σ α' F), as FedUGM carries it
+            carried = carry_precision(replayed_carried, [p.fisher for p in recentred],
+                                      alphas[:len(kept)], gamma)
+        stored_state = tuple({k: v.double() for k, v in part.items()}
+                             for part in entry.server_state)
+        # the run's own state at the first replayed round, or where the run restarted it
+        replayed_state = stored_state if index == 0 or not stored_state else server_state
+        if steps:  # θ_r − θ_{r−1} from the merged step and the state
+            recorded, _ = server_update(recorded, stored_state, server_round=round_, **options)
+            server_state = replayed_state  # a round nobody is left in keeps both, as FedUGM
             if kept:
-                momentum = momentum_update(replayed, replayed_momentum, server_momentum)
-                replayed = {k: server_lr * v for k, v in momentum.items()}
+                replayed, server_state = server_update(replayed, replayed_state,
+                                                       server_round=round_, **options)
         for key in float_keys:
             drift[key] += replayed[key] - recorded[key]
         participants = [Contribution(p.client_id, p.num_examples, a, p.delta, p.fisher, {})
-                        for p, a in zip(recentred, alphas, strict=True)]
-        rewritten.append(HistoryRound(round_, {**entry.start, **{
+                        for p, a in zip(recentred, alphas[:len(kept)], strict=True)]
+        rewritten.append(HistoryRound.of(round_, {**entry.start, **{
             k: replayed_start[k].to(entry.start[k].dtype) for k in float_keys}}, participants,
-            {k: v.to(newest[k].dtype) for k, v in (replayed_momentum or {}).items()}))
-        for i, item, share in zip(kept, participants, shares, strict=True):
+            [_like(part, newest) for part in replayed_state], [
+                Remembered(m.client_id, m.reply_round, a)
+                for m, a in zip(remembered, alphas[len(kept):], strict=True)],
+            _like(replayed_carried or {}, newest)))
+        for i, item, share in zip(kept, participants, shares[:len(kept)], strict=True):
             if item.client_id is not None:  # the client's record follows the rewrite
                 change = applied_change.setdefault(item.client_id, {})
                 for key, value in share.items():
                     change[key] = change.get(key, 0) + value - recorded_shares[i][key]
                 latest[item.client_id] = (round_, item)
+                replayed_memory[item.client_id] = (round_, item, replayed_start)
+        for item in entry.participants:
+            if item.client_id is not None:
+                recorded_memory[item.client_id] = (round_, item, start)
         if (index + 1) % max(len(rounds) // 10, 1) == 0:
             log.info("replay without client %r: round %d of %d", client_id, index + 1,
                      len(rounds))
@@ -361,9 +438,14 @@ def _replay(ledger: Ledger, client_id: str, rule: MergeRule, prior: PriorPrecisi
         "replay_seconds": time.perf_counter() - started,
         "remaining_clients": [c for c in ledger.client_ids() if c != client_id],
     }  # fmt: skip
-    if momentum is not None:
-        momentum = {k: v.to(newest[k].dtype) for k, v in momentum.items()}
-    return RemovalPlan(state, report, rewritten, records, momentum)
+    return RemovalPlan(state, report, rewritten, records,
+                       tuple(_like(part, newest) for part in server_state),
+                       _like(carried, newest) if carried is not None else None)
+
+
+def _like(tensors: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` in the dtypes of the global ``state``'s entries."""
+    return {k: v.to(state[k].dtype) for k, v in tensors.items()}
 
 
 def _own_directions(ledger: Ledger, record: ClientRecord, rounds: list[int],
@@ -423,17 +505,47 @@ def _merged_step(rule: MergeRule, start: dict[str, Tensor], participants: list[C
     return {k: merged[k] - start[k] for k in start}, shares
 
 
+def _from_memory(memory: Mapping[str, tuple[int, Contribution, dict[str, Tensor]]],
+                 remembered: list[Remembered], current: Mapping[str, Tensor],
+                 prior: PriorPrecision, round_: int) -> list[Contribution]:
+    """The ``remembered`` clients' latest contributions in ``memory``, each re-centred from
+    its start global to ``current`` under the merge's prior (``fl_ugm.client_memory``), as
+    FedUGM merged (or, replayed, would have merged) them in round ``round_``."""
+    out = []
+    for item in remembered:
+        reply_round, contribution, start = memory.get(item.client_id, (None, None, None))
+        if reply_round != item.reply_round:
+            raise LedgerError(
+                f"round {round_} merged client {item.client_id!r}'s remembered reply of round "
+                f"{item.reply_round}, which the history does not hold (its first round is "
+                f"later, or the history was rewritten without it); a replay of a run with the "
+                "client memory needs every round's history.")
+        fisher = {k: v.double() for k, v in contribution.fisher.items()}
+        delta = recentred_delta({k: v.double() for k, v in contribution.delta.items()}, fisher,
+                                start, current, _double_prior(prior))
+        out.append(Contribution(item.client_id, contribution.num_examples, item.alpha, delta,
+                                fisher, {}))
+    return out
+
+
 def _recentred(item: Contribution, drift: Mapping[str, Tensor], prior: PriorPrecision,
-               recentring: float) -> Contribution:
+               recentring: float, replayed_prior: PriorPrecision | None = None
+               ) -> Contribution:
     """The participant's delta re-centred to the replayed global: Δ − F/(κ·H0 + F)·D for
-    the parameters (buffers have no Fisher and keep their delta)."""
+    the parameters (buffers have no Fisher and keep their delta). Where the replayed round's
+    prior H0' differs from the recorded H0 (a carried precision): ((κ·H0 + F)·Δ − F·D) /
+    (κ·H0' + F), the quadratic model's fine-tune under H0' from the replayed global."""
     delta = {}
     for key, value in item.delta.items():
         value = value.double()
         if key in item.fisher:
             fisher = item.fisher[key].double()
             h0 = recentring * _double_value(prior_at(prior, key))
-            value = value - fisher / (h0 + fisher) * drift[key]
+            if replayed_prior is None:
+                value = value - fisher / (h0 + fisher) * drift[key]
+            else:
+                replayed_h0 = recentring * _double_value(prior_at(replayed_prior, key))
+                value = ((h0 + fisher) * value - fisher * drift[key]) / (replayed_h0 + fisher)
         delta[key] = value
     return Contribution(item.client_id, item.num_examples, item.alpha, delta,
                         {k: v.double() for k, v in item.fisher.items()}, {})

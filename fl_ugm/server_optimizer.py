@@ -14,7 +14,8 @@ Replay removal (``fl_ugm.removal``) replays the momentum too, from the buffer ea
 started with (stored in the ledger's history).
 
 ``server_optimizer="adam"`` applies Flower's FedAdam update to the merged step instead
-(:func:`adam_step`); it is not yet combinable with a ledger.
+(:func:`server_update`). The ledger's history stores the state each round started from, so
+replay removal replays either optimizer.
 """
 
 from __future__ import annotations
@@ -42,8 +43,13 @@ def uses_server_optimizer(server_lr: float, server_momentum: float) -> bool:
     return server_lr != 1.0 or server_momentum != 0.0
 
 
-def _float_steps(start: Mapping[str, Tensor], merged: Mapping[str, Tensor]
-                 ) -> dict[str, Tensor]:
+#: The server optimizer's state after a round: (m_r,) for momentum, (m_r, v_r) for Adam; an
+#: empty tuple (or a missing key) is the zero state.
+OptimizerState = tuple[dict[str, Tensor], ...]
+
+
+def float_steps(start: Mapping[str, Tensor], merged: Mapping[str, Tensor]
+                ) -> dict[str, Tensor]:
     """u_r = θ⁺_r − θ_{r−1} for the floating-point entries (integer buffers do not move)."""
     return {k: v - start[k] for k, v in merged.items() if v.is_floating_point()}
 
@@ -57,47 +63,50 @@ def momentum_update(step: Mapping[str, Tensor], momentum: Mapping[str, Tensor] |
             for k, u in step.items()}
 
 
-def momentum_step(
-    start: Mapping[str, Tensor],
-    merged: Mapping[str, Tensor],
-    momentum: Mapping[str, Tensor] | None,
-    *,
-    server_lr: float,
-    server_momentum: float,
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(θ_r, m_r) from θ_{r−1} = ``start``, θ⁺_r = ``merged`` and m_{r−1} = ``momentum``
-    (None or a missing key: 0). Only floating-point entries move (integer buffers such as
-    BatchNorm's ``num_batches_tracked`` take the merged value); m_r has the float keys, in
-    the state's dtype."""
-    steps = _float_steps(start, merged)
-    new_momentum = momentum_update(steps, momentum, server_momentum)
-    new_state = dict(merged)
-    new_state.update({k: start[k] + server_lr * m for k, m in new_momentum.items()})
-    return new_state, new_momentum
+def server_update(step: Mapping[str, Tensor], state: OptimizerState, *, optimizer: str,
+                  server_lr: float, server_momentum: float, server_round: int,
+                  beta_2: float = 0.99, tau: float = 1e-3
+                  ) -> tuple[dict[str, Tensor], OptimizerState]:
+    """(θ_r − θ_{r−1}, the new state) for the merged step u_r = ``step`` (float entries) and
+    the state the round started from.
 
-
-def adam_step(
-    start: Mapping[str, Tensor],
-    merged: Mapping[str, Tensor],
-    state: tuple[dict[str, Tensor], dict[str, Tensor]] | None,
-    *,
-    server_lr: float,
-    server_round: int,
-    beta_1: float = 0.9,
-    beta_2: float = 0.99,
-    tau: float = 1e-3,
-) -> tuple[dict[str, Tensor], tuple[dict[str, Tensor], dict[str, Tensor]]]:
-    """Flower's FedAdam update applied to the merged step u_r = θ⁺_r − θ_{r−1} (the float
-    entries): m_r = β₁ m_{r−1} + (1 − β₁) u_r, v_r = β₂ v_{r−1} + (1 − β₂) u_r²,
-    θ_r = θ_{r−1} + η̂ m_r / (√v_r + τ) with η̂ = η √(1 − β₂^{r+1}) / (1 − β₁^{r+1}) (as
-    ``flwr.serverapp.strategy.FedAdam``, whose defaults β₁ 0.9, β₂ 0.99, τ 1e-3 these are).
-    Returns (θ_r, (m_r, v_r)); ``state`` None is m_0 = v_0 = 0."""
-    steps = _float_steps(start, merged)
-    first, second = state if state is not None else ({}, {})
-    first = {k: beta_1 * first.get(k, 0) + (1 - beta_1) * u for k, u in steps.items()}
-    second = {k: beta_2 * second.get(k, 0) + (1 - beta_2) * u * u for k, u in steps.items()}
+    "momentum": m_r = β m_{r−1} + u_r, θ_r − θ_{r−1} = η m_r (Flower's FedAvgM).
+    "adam": m_r = β₁ m_{r−1} + (1 − β₁) u_r, v_r = β₂ v_{r−1} + (1 − β₂) u_r², θ_r − θ_{r−1}
+    = η̂ m_r / (√v_r + τ) with η̂ = η √(1 − β₂^{r+1}) / (1 − β₁^{r+1}), β₁ = ``server_momentum``
+    (``flwr.serverapp.strategy.FedAdam``, whose defaults β₂ 0.99, τ 1e-3 these are)."""
+    if optimizer == "momentum":
+        momentum = momentum_update(step, state[0] if state else None, server_momentum)
+        return {k: server_lr * m for k, m in momentum.items()}, (momentum,)
+    if optimizer != "adam":
+        raise ValueError(f"server optimizer {optimizer!r}; choose one of {SERVER_OPTIMIZERS}.")
+    beta_1 = server_momentum
+    first, second = state if state else ({}, {})
+    first = {k: beta_1 * first[k].to(u.dtype) + (1 - beta_1) * u if k in first
+             else (1 - beta_1) * u for k, u in step.items()}
+    second = {k: beta_2 * second[k].to(u.dtype) + (1 - beta_2) * u * u if k in second
+              else (1 - beta_2) * u * u for k, u in step.items()}
     rate = server_lr * math.sqrt(1 - beta_2 ** (server_round + 1)) / (
         1 - beta_1 ** (server_round + 1))
+    return {k: rate * first[k] / (second[k].sqrt() + tau) for k in step}, (first, second)
+
+
+def server_step(start: Mapping[str, Tensor], merged: Mapping[str, Tensor],
+                state: OptimizerState, **options) -> tuple[dict[str, Tensor], OptimizerState]:
+    """(θ_r, the new state) from θ_{r−1} = ``start``, θ⁺_r = ``merged`` and the state the
+    round started from; ``options`` as :func:`server_update`'s. Only floating-point entries
+    move (integer buffers such as BatchNorm's ``num_batches_tracked`` take the merged value);
+    the state has the float keys, in the state's dtype."""
+    change, state = server_update(float_steps(start, merged), state, **options)
     new_state = dict(merged)
-    new_state.update({k: start[k] + rate * first[k] / (second[k].sqrt() + tau) for k in steps})
-    return new_state, (first, second)
+    new_state.update({k: start[k] + c for k, c in change.items()})
+    return new_state, state
+
+
+def momentum_step(start: Mapping[str, Tensor], merged: Mapping[str, Tensor],
+                  momentum: Mapping[str, Tensor] | None, *, server_lr: float,
+                  server_momentum: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(θ_r, m_r) of server momentum (:func:`server_step`; ``momentum`` None: m_{r−1} = 0)."""
+    new_state, (momentum,) = server_step(
+        start, merged, (dict(momentum),) if momentum else (), optimizer="momentum",
+        server_lr=server_lr, server_momentum=server_momentum, server_round=0)
+    return new_state, momentum

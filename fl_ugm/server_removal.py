@@ -95,7 +95,9 @@ def remove_client(
     before = evaluate_fn(round_, ArrayRecord(state)) if evaluate_fn else None
     reply = (_online_contribution(strategy, grid, client_id, round_ + 1, timeout)
              if mode == "online" else None)
-    prior = strategy.rule.prior(strategy.merge_prior(strategy.server_fisher or ()))
+    # the run's H0 before any carried precision: the history holds each round's
+    prior = strategy.rule.prior(strategy.merge_prior(strategy.server_fisher or (),
+                                                     carried=False))
     try:
         plan = plan_removal(ledger, client_id, method=method, prior_precision=prior,
                             recentring=recentring, shared_rank=shared_rank,
@@ -107,7 +109,9 @@ def remove_client(
     ledger.commit_removal(client_id, removal_round, plan.state, history=plan.history,
                           records=plan.records)
     strategy.roster.exclude(client_id)
-    strategy.momentum = plan.momentum  # the replayed server momentum (None: restart from 0)
+    strategy.server_state = plan.server_state  # the replayed optimizer state (() restarts it)
+    strategy.carried = plan.carried  # the replayed carried precision (None: none)
+    strategy.rebuild_memory()  # the remaining replies, as the rewritten history has them
     report = plan.report
     report.update(removal_round=removal_round, removal_seconds=time.perf_counter() - started)
     detail = (f"replayed rounds {report['replayed_rounds'][0]}–{report['replayed_rounds'][1]}"

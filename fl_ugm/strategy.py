@@ -24,8 +24,8 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import Tensor
 
 from fl_ugm.client_memory import ClientMemory
-from fl_ugm.ledger import Contribution, Ledger
-from fl_ugm.merge import InvalidClientInput, PriorPrecision
+from fl_ugm.ledger import Contribution, Ledger, Remembered
+from fl_ugm.merge import InvalidClientInput, PriorPrecision, carry_precision, with_carried
 from fl_ugm.merge_rules import ALPHA_MODES, MERGE_RULES, client_alphas, merge_round, merge_rule
 from fl_ugm.protocol import (
     FISHER_ESTIMATORS,
@@ -40,9 +40,10 @@ from fl_ugm.robust import UpdateScreen, clip_fisher_inflation
 from fl_ugm.roster import ClientRoster
 from fl_ugm.server_optimizer import (
     SERVER_OPTIMIZERS,
-    adam_step,
+    OptimizerState,
     check_server_optimizer,
-    momentum_step,
+    server_step,
+    server_update,
     uses_server_optimizer,
 )
 
@@ -125,15 +126,22 @@ class FedUGM(FedAvg):
         β > 0 or η ≠ 1 (its one-round update assumes each merge was applied as is).
     server_optimizer : {"momentum", "adam"} (default: "momentum")
         "adam": Flower's FedAdam update on the merged step instead (η = ``server_lr``,
-        β₁ = ``server_momentum``, β₂ 0.99, τ 1e-3; ``fl_ugm.server_optimizer.adam_step``).
-        Not yet combinable with a ledger.
+        β₁ = ``server_momentum``, β₂ 0.99, τ 1e-3;
+        ``fl_ugm.server_optimizer.server_update``). Replay removal replays it too.
     carried_precision : float (default: 0.0)
         γ ∈ [0, 1), a global posterior precision carried across rounds: after round r,
         C_r = γ · (C_{r−1} + Σ_t α_t F_t) (the round's aggregate Fisher, after the clip), and
         round r + 1 uses H0 = δ + C_r per parameter entry, both in the merge and as the
         clients' proximal prior (sent as ``fl_ugm.protocol.PRIOR_RECORD``, float32, one
-        tensor per parameter: a second model-sized download). 0 turns it off. Not yet
-        combinable with a ledger (the replay removal would have to replay C).
+        tensor per parameter: a second model-sized download). 0 turns it off. Replay
+        removal replays C; not combinable with ``client_memory`` yet.
+    client_memory : bool (default: False)
+        Keep every client's latest merged reply and merge it, re-centred to the current
+        global (Δ + F (s − θ) / (H0 + F), ``fl_ugm.client_memory``), in each round the
+        client does not reply in: for partial participation. Costs two model-sized tensors
+        per client seen. With a ledger it needs every round's history
+        (``history_rounds=0``) and a ``client-id`` in every reply (a reply without one is
+        dropped), and replay removal replays the memory.
     client_dual_step : float (default: 0.0)
         ρ ≥ 0 of client dual variables (``fl_ugm.client_duals``, FedDyn's drift correction in
         UGM's units): each client keeps λ_t in its node state, trains on
@@ -160,9 +168,9 @@ class FedUGM(FedAvg):
         Client id ↔ node id, and the excluded (removed) clients.
     round_offset : int
         Rounds completed before this run (``resume_from_ledger``).
-    momentum : dict[str, Tensor] or None
-        The server momentum buffer m_r after the last round (None: no momentum yet, or
-        η = 1 and β = 0).
+    server_state : tuple of dict[str, Tensor]
+        The server optimizer's state after the last round: (m_r,) for momentum, (m_r, v_r)
+        for Adam, () for none yet (``momentum`` is m_r, or None).
     carried : dict[str, Tensor] or None
         The carried precision C_r after the last round (None: none yet, or γ = 0).
     memory : ClientMemory or None
@@ -202,21 +210,12 @@ class FedUGM(FedAvg):
         if server_optimizer not in SERVER_OPTIMIZERS:
             raise ValueError(f"FedUGM: server_optimizer={server_optimizer!r}; choose one of "
                              f"{SERVER_OPTIMIZERS}.")
-        if server_optimizer == "adam" and ledger is not None:
-            raise ValueError("FedUGM: server_optimizer='adam' cannot be combined with a ledger "
-                             "yet (replay removal would have to replay Adam's moments); use "
-                             "server momentum, or run without a ledger.")
         if not (math.isfinite(carried_precision) and 0 <= carried_precision < 1):
             raise ValueError(f"FedUGM: carried_precision={carried_precision}; γ must be in "
                              "[0, 1) (0: off).")
-        if carried_precision and ledger is not None:
-            raise ValueError("FedUGM: carried_precision > 0 cannot be combined with a ledger "
-                             "yet (replay removal would have to replay the carried prior); "
-                             "run without a ledger or with carried_precision=0.")
-        if client_memory and (ledger is not None or carried_precision):
-            raise ValueError("FedUGM: client_memory cannot be combined with a ledger or with "
-                             "carried_precision yet (replay removal would have to replay the "
-                             "memory; a carried prior changes P between a reply and its "
+        if client_memory and carried_precision:
+            raise ValueError("FedUGM: client_memory cannot be combined with carried_precision "
+                             "yet (a carried prior changes P between a reply and its "
                              "re-centring); turn one of them off.")
         if not (math.isfinite(client_dual_step) and client_dual_step >= 0):
             raise ValueError(f"FedUGM: client_dual_step={client_dual_step}; ρ must be finite "
@@ -247,8 +246,7 @@ class FedUGM(FedAvg):
         self.server_optimizer = server_optimizer
         self._server_step = server_optimizer == "adam" or uses_server_optimizer(
             self.server_lr, self.server_momentum)
-        self.momentum: dict[str, Tensor] | None = None
-        self._adam: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
+        self.server_state: OptimizerState = ()
         self.carried_precision = float(carried_precision)
         self.carried: dict[str, Tensor] | None = None
         self.memory = ClientMemory() if client_memory else None
@@ -261,7 +259,16 @@ class FedUGM(FedAvg):
         if self.ledger is not None:
             self.ledger.ensure_meta(prior_precision=self.prior_precision, alpha=alpha,
                                     scale=self.scale, merge=merge, server_lr=self.server_lr,
-                                    server_momentum=self.server_momentum)
+                                    server_momentum=self.server_momentum,
+                                    server_optimizer=server_optimizer,
+                                    client_memory=client_memory,
+                                    carried_precision=self.carried_precision)
+            if client_memory and self.ledger.history_rounds:
+                raise ValueError(
+                    f"FedUGM: client_memory needs a ledger that keeps every round's history "
+                    f"(its replay removal rebuilds the memory from it); the ledger at "
+                    f"{self.ledger.directory} keeps the last {self.ledger.history_rounds}. "
+                    "Open a new ledger with history_rounds=0.")
             if self.server_fisher is not None:
                 self.ledger.ensure_prior(self.merge_prior(self.server_fisher))
             removed = self.ledger.removed_clients()
@@ -287,17 +294,66 @@ class FedUGM(FedAvg):
             return None
         round_, state = self.ledger.global_state()
         self.round_offset = round_
-        self.momentum = None
+        self.rebuild_memory()
+        self.carried = None
+        history = self.ledger.history()
+        if self.carried_precision and history and set(range(history[-1] + 1, round_ + 1)) <= \
+                set(self.ledger.replay_removal_rounds()):  # C_R from the last merged round
+            entry = self.ledger.history_round(history[-1])
+            self.carried = carry_precision(
+                entry.carried, [p.fisher for p in entry.participants],
+                [p.alpha for p in entry.participants], self.carried_precision)
+        elif self.carried_precision:
+            log(WARNING, "resume: the ledger has no history of round %d; the carried "
+                "precision restarts from 0.", round_)
+        self.server_state = ()
         if self._server_step:
             if round_ in self.ledger.history() and round_ not in \
-                    self.ledger.replay_removal_rounds():  # θ_R = θ_{R−1} + η m_R
-                start = self.ledger.history_round(round_).start
-                self.momentum = {k: (v - start[k]) / self.server_lr for k, v in state.items()
-                                 if v.is_floating_point()}
+                    self.ledger.replay_removal_rounds():
+                self.server_state = self._resumed_server_state(round_, state)
             else:
                 log(WARNING, "resume: the ledger has no history of round %d; the server "
-                    "momentum restarts from 0.", round_)
+                    "%s restarts from 0.", round_, self.server_optimizer)
         return round_, ArrayRecord(state)
+
+    @property
+    def momentum(self) -> dict[str, Tensor] | None:
+        """The server momentum m_r after the last round (Adam's first moment; None: none)."""
+        return self.server_state[0] if self.server_state else None
+
+    def _resumed_server_state(self, round_: int, state: dict[str, Tensor]) -> OptimizerState:
+        """The optimizer state after the ledger's round ``round_``: momentum from θ_R =
+        θ_{R−1} + η m_R; Adam's from the round's merged step, merged again from its
+        history."""
+        entry = self.ledger.history_round(round_)
+        if self.server_optimizer == "momentum":
+            return ({k: (v - entry.start[k]) / self.server_lr for k, v in state.items()
+                     if v.is_floating_point()},)
+        from fl_ugm.removal import recorded_step
+
+        step = recorded_step(self.ledger, round_, self.rule.prior(self.merge_prior(
+            self.server_fisher or (), carried=False)))
+        _, server_state = server_update(
+            {k: v.to(state[k].dtype) for k, v in step.items()}, entry.server_state,
+            **self._optimizer_options(round_))
+        return server_state
+
+    def _optimizer_options(self, server_round: int) -> dict:
+        return {"optimizer": self.server_optimizer, "server_lr": self.server_lr,
+                "server_momentum": self.server_momentum, "server_round": server_round}
+
+    def rebuild_memory(self) -> None:
+        """With ``client_memory`` and a ledger: the memory as the ledger's history leaves
+        it (each client's latest reply and the global it started from), after a resume or
+        a removal that rewrote the history. Replies come back in the history's dtype."""
+        if self.memory is None or self.ledger is None:
+            return
+        self.memory = ClientMemory()
+        for round_ in self.ledger.history():
+            entry = self.ledger.history_round(round_)
+            self.memory.remember(round_, entry.start, [
+                (p.client_id, p.delta, p.fisher, p.num_examples) for p in entry.participants
+                if p.client_id is not None and p.client_id not in self.roster.excluded])
 
     def summary(self) -> None:
         """Log the UGM settings, then FedAvg's."""
@@ -381,36 +437,29 @@ class FedUGM(FedAvg):
                 "%d needed (min_train_nodes=%d); keeping the global model.", server_round,
                 len(updates), needed, self.min_train_nodes)
             return None, None
-        new_state, alphas, shares = merged
+        new_state, remembered, alphas, shares = merged
+        # the optimizer state moves only once the round is recorded; the ledger's history
+        # keeps the state the round started from
+        server_state = self.server_state
+        if self._server_step:
+            new_state, server_state = server_step(self.current_arrays, new_state, server_state,
+                                                  **self._optimizer_options(server_round))
+        if self.ledger is not None:
+            self._record(server_round, updates, remembered, alphas, shares, new_state)
+        self.server_state = server_state
         if self.memory is not None:
             self.memory.remember(server_round, self.current_arrays, [
                 (_memory_key(u), u.delta, u.fisher, u.num_examples) for u in updates])
-        # the optimizer state moves only once the round is recorded; the ledger's history
-        # keeps the momentum m_{r−1} the round started from
-        momentum, adam = self.momentum, self._adam
-        if self.server_optimizer == "adam":
-            new_state, adam = adam_step(
-                self.current_arrays, new_state, adam, server_lr=self.server_lr,
-                server_round=server_round, beta_1=self.server_momentum)
-        elif self._server_step:
-            new_state, momentum = momentum_step(
-                self.current_arrays, new_state, momentum, server_lr=self.server_lr,
-                server_momentum=self.server_momentum)
-        if self.ledger is not None:
-            self._record(server_round, updates, alphas, shares, new_state, self.momentum)
-        self.momentum, self._adam = momentum, adam
         if self.carried_precision:  # C_r = γ (C_{r−1} + Σ α_t F_t)
-            carried = self.carried or {}
-            self.carried = {k: self.carried_precision * (carried.get(k, 0) + sum(
-                a * u.fisher[k] for a, u in zip(alphas, updates, strict=True)))
-                for k in updates[0].fisher}
+            self.carried = carry_precision(self.carried, [u.fisher for u in updates],
+                                           alphas, self.carried_precision)
         metrics = self.train_metrics_aggr_fn([u.content for u in updates], self.weighted_by_key)
         if clipped is not None:
             metrics[FISHER_CLIPPED_METRIC] = clipped
         if screened is not None:
             metrics[SCREENED_OUT_METRIC], metrics[NORM_BOUNDED_METRIC] = screened
         if self.memory is not None:
-            metrics[REMEMBERED_METRIC] = len(alphas) - len(updates)
+            metrics[REMEMBERED_METRIC] = len(remembered)
         return ArrayRecord(new_state), metrics
 
     def remove(self, grid: Grid, client_id: str, **options) -> tuple[ArrayRecord, dict]:
@@ -421,19 +470,17 @@ class FedUGM(FedAvg):
 
         return remove_client(self, grid, client_id, **options)
 
-    def merge_prior(self, keys: Iterable[str]) -> PriorPrecision:
-        """H0 for the tensors ``keys``: δ, plus per tensor the server Fisher and the carried
-        precision where the run has them."""
+    def merge_prior(self, keys: Iterable[str], *, carried: bool = True) -> PriorPrecision:
+        """H0 for the tensors ``keys``: δ, plus per tensor the server Fisher and (unless
+        ``carried=False``) the carried precision where the run has them."""
         keys = list(keys)
-        if self.server_fisher is None and self.carried is None:
-            return self.prior_precision
         missing = [k for k in keys if self.server_fisher is not None
                    and k not in self.server_fisher]
         if missing:
             raise ValueError(f"FedUGM: server_fisher has no entry for {missing[:5]}.")
-        carried = self.carried or {}
-        return {k: self.prior_precision + (self.server_fisher[k] if self.server_fisher else 0)
-                + carried.get(k, 0) for k in keys}
+        prior = self.prior_precision if self.server_fisher is None else {
+            k: self.prior_precision + self.server_fisher[k] for k in keys}
+        return with_carried(prior, self.carried) if carried else prior
 
     # ------------------------------------------------------------------ steps of a round
 
@@ -444,6 +491,12 @@ class FedUGM(FedAvg):
         admitted, seen = [], {}
         for update in updates:
             client = update.client_id
+            if client is None and self.memory is not None and self.ledger is not None:
+                dropped.append(DroppedReply(update.node_id, None, (
+                    "it sent no client-id, and with client_memory and a ledger a client must "
+                    "be known by a stable id across rounds (pass client_id to "
+                    "fl_ugm.client.handle_train).")))
+                continue
             if client is None:
                 admitted.append(update)
                 continue
@@ -514,13 +567,15 @@ class FedUGM(FedAvg):
         return (sum(v.dropped for v in verdicts), sum(v.scale < 1 for v in verdicts))
 
     def _merge(self, updates: list[ClientUpdate], dropped: list[DroppedReply], needed: int):
-        """(new state, alphas, shares) of the valid updates (then, with ``client_memory``,
-        the other remembered clients, re-centred), or None if fewer than ``needed`` updates
+        """(new state, remembered, alphas, shares) of the valid updates, then, with
+        ``client_memory``, the ``remembered`` clients that did not reply (re-centred; their
+        alphas and shares follow the updates'), or None if fewer than ``needed`` updates
         remain. A client whose values the merge rejects (NaN, Inf, negative Fisher) is moved
         from ``updates`` to ``dropped`` and the rest are merged again."""
         while len(updates) >= needed:
             prior = self.merge_prior(updates[0].fisher)
-            merged = updates + self._remembered(updates, prior)
+            remembered = self._remembered(updates, prior)
+            merged = updates + remembered
             sizes = [u.num_examples for u in merged]
             alphas = client_alphas(sizes, self.alpha, self.scale)
             try:
@@ -534,7 +589,7 @@ class FedUGM(FedAvg):
                 bad = updates.pop(err.client_index)
                 dropped.append(DroppedReply(bad.node_id, bad.client_id, str(err)))
                 continue
-            return state, alphas, shares
+            return state, remembered, alphas, shares
         return None
 
     def _remembered(self, updates: list[ClientUpdate], prior: PriorPrecision
@@ -550,11 +605,12 @@ class FedUGM(FedAvg):
                 for client, delta, fisher, n in self.memory.recentred(
                     self.current_arrays, prior, skip)]
 
-    def _record(self, server_round: int, updates: list[ClientUpdate], alphas: list[float],
-                shares: list[dict[str, Tensor]], new_state: dict[str, Tensor],
-                momentum: dict[str, Tensor] | None) -> None:
+    def _record(self, server_round: int, updates: list[ClientUpdate],
+                remembered: list[ClientUpdate], alphas: list[float],
+                shares: list[dict[str, Tensor]], new_state: dict[str, Tensor]) -> None:
         """The merged round into the ledger (contributions, history with the server
-        momentum the round started from, new global), as one commit."""
+        optimizer's state the round started from and the remembered clients merged, new
+        global), as one commit."""
         for update in updates:
             if update.client_id is None:
                 log(WARNING, "ledger: node %d sent no client-id; its contribution enters the "
@@ -562,8 +618,11 @@ class FedUGM(FedAvg):
                     "fl_ugm.client.handle_train).", update.node_id)
         self.ledger.record_round(server_round, [
             Contribution(u.client_id, u.num_examples, a, u.delta, u.fisher, share)
-            for u, a, share in zip(updates, alphas, shares, strict=True)],
-            new_state, start_global=self.current_arrays, momentum=momentum)  # fmt: skip
+            for u, a, share in zip(updates, alphas, shares[:len(updates)], strict=False)],
+            new_state, start_global=self.current_arrays, server_state=self.server_state,
+            carried=self.carried, remembered=[
+                Remembered(u.client_id, self.memory.replies[u.client_id].reply_round, a)
+                for u, a in zip(remembered, alphas[len(updates):], strict=True)])  # fmt: skip
         rounds = self.ledger.history()
         log(INFO, "ledger: round %d recorded; history %.1f MB (%d rounds, %s)", server_round,
             self.ledger.history_bytes() / 1e6, len(rounds), self.ledger.history_dtype)

@@ -191,6 +191,11 @@ class LinearGrid:
     def get_node_ids(self) -> Iterable[int]:
         return list(range(1, len(self.hessians) + 1))
 
+    def participation(self) -> list[list[int]]:
+        """The clients (node k = client k − 1) each TRAIN request went to, round by round."""
+        return [[node - 1 for node in nodes] for kind, nodes in self.sent
+                if kind == MessageType.TRAIN]
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
         messages = list(messages)
         self.sent.append((messages[0].metadata.message_type,

@@ -104,9 +104,8 @@ def test_a_dropped_reply_is_not_remembered_and_bad_combinations_are_refused():
     _, arrays, metrics = _round(strategy, grid, 2, arrays.to_torch_state_dict()["w"])
     assert strategy.memory.replies["p0"] is kept and metrics[REMEMBERED_METRIC] == 1
     assert torch.isfinite(arrays.to_torch_state_dict()["w"]).all()
-    for bad in ({"ledger": "unused"}, {"carried_precision": 0.5}):
-        with pytest.raises(ValueError, match="client_memory cannot be combined"):
-            FedUGM(client_memory=True, **bad)
+    with pytest.raises(ValueError, match="client_memory cannot be combined"):
+        FedUGM(client_memory=True, carried_precision=0.5)
 
 
 def test_the_memory_keeps_only_the_start_globals_it_needs():
@@ -117,3 +116,86 @@ def test_the_memory_keeps_only_the_start_globals_it_needs():
     assert list(memory.starts) == [2] and memory.replies["a"].num_examples == 4
     memory.remember(3, one, [("b", {"w": torch.ones(2)}, {"w": torch.ones(2)}, 1)])
     assert [c for c, *_ in memory.recentred(two, 1.0, skip={"b"})] == ["a"]
+
+
+def test_replay_removal_replays_the_memory_and_the_strategy_keeps_the_replayed_memory(
+        tmp_path):
+    """The memory with a ledger, server momentum (η 0.8, β 0.5) and a per-tensor prior (δ +
+    a server Fisher), 6 clients, half sampled per round. The run is the protocol "each
+    round, argmin over every client seen so far, then the momentum step"; replaying the
+    history without p2 (κ = 1, no shared-rank correction: the derivation's re-centring)
+    equals that protocol without p2 to 1e-8, through the ledger and through FedUGM.remove,
+    whose repair round then merges the rebuilt memory. A resumed run rebuilds the memory
+    from the history; eq13 removal and a truncated history are refused."""
+    from helpers import H0, train
+
+    from fl_ugm.ledger import Ledger, LedgerError
+    from fl_ugm.removal import remove_from_ledger
+
+    clients, rounds, removed, lr, beta = 6, 6, 2, 0.8, 0.5
+    hessians, xty, theta0 = linear_problem(seed=46, clients=clients, silent={removed: 0})
+    sizes = [5, 9, 14, 20, 27, 35]
+    server_fisher = {"w": 0.2 + torch.rand(5, generator=torch.Generator().manual_seed(6),
+                                           dtype=torch.float64)}
+    h0 = H0 + server_fisher["w"]
+    grid = LinearGrid(hessians, xty, sizes=sizes, prior=h0)
+
+    def strategy():
+        return FedUGM(prior_precision=H0, server_fisher=server_fisher, client_memory=True,
+                      fraction_train=0.5, min_train_nodes=2, min_available_nodes=clients,
+                      fisher_clip=None, update_screen=None, ledger=tmp_path, server_lr=lr,
+                      server_momentum=beta)
+
+    def protocol(participation, left_out):
+        theta, momentum, seen = theta0, None, set()
+        for sampled in participation:
+            kept = {t for t in sampled if t not in left_out}
+            if not kept:
+                continue
+            seen |= kept
+            total = sum(sizes[j] for j in seen)
+            merged = (h0 * theta + sum(sizes[j] / total * xty[j] for j in seen)) / (
+                h0 + sum(sizes[j] / total * hessians[j] for j in seen))
+            momentum = merged - theta + (0 if momentum is None else beta * momentum)
+            theta = theta + lr * momentum
+        return theta
+
+    random.seed(7)
+    trainer = strategy()
+    trained = train(trainer, grid, theta0, rounds=rounds)
+    sampled = grid.participation()
+    assert 0 < sum(removed in s for s in sampled) < rounds
+    torch.testing.assert_close(trained, protocol(sampled, ()), rtol=0, atol=1e-10)
+    ledger = Ledger(tmp_path)
+    assert any(ledger.history_round(r).remembered for r in ledger.history())
+
+    resumed = strategy()
+    resumed.resume_from_ledger()  # the memory as the history leaves it
+    assert {c: r.reply_round for c, r in resumed.memory.replies.items()} == {
+        c: r.reply_round for c, r in trainer.memory.replies.items()}
+    for client, reply in trainer.memory.replies.items():
+        torch.testing.assert_close(resumed.memory.replies[client].delta["w"], reply.delta["w"],
+                                   rtol=0, atol=0)
+
+    without = protocol(sampled, {removed})
+    assert (without - trained).abs().max() > 1e-2  # p2's influence was real
+    state, _ = remove_from_ledger(ledger, f"p{removed}", recentring=1.0, shared_rank=0)
+    torch.testing.assert_close(state["w"], without, rtol=0, atol=1e-8)
+    with pytest.raises(LedgerError, match=r"client memory.*Use method='replay'"):
+        remove_from_ledger(ledger, f"p{removed}", method="eq13")
+
+    remover = strategy()
+    arrays, report = remover.remove(grid, f"p{removed}", recentring=1.0, shared_rank=0,
+                                    repair_rounds=1)
+    assert report["method"] == "replay" and report["repair_rounds"] == 1
+    assert f"p{removed}" not in remover.memory.replies
+    assert f"p{removed}" not in grid.sent[-1][1]
+    torch.testing.assert_close(arrays.to_torch_state_dict()["w"],
+                               protocol(grid.participation(), {removed}), rtol=0, atol=1e-8)
+    ledger = Ledger(tmp_path)
+    assert all(m.client_id != f"p{removed}" for r in ledger.history()
+               for m in ledger.history_round(r).remembered)
+
+    with pytest.raises(ValueError, match="client_memory needs a ledger that keeps every "
+                       "round's history"):
+        FedUGM(client_memory=True, ledger=Ledger(tmp_path / "short", history_rounds=3))

@@ -285,8 +285,12 @@ def test_a_ledger_refuses_a_run_with_other_settings_or_another_model(tmp_path):
     FedUGM(prior_precision=1.0, ledger=tmp_path)
     meta = Ledger(tmp_path).meta
     assert meta == {"prior_precision": 1.0, "alpha": "num-examples", "scale": 1.0,
-                    "merge": "ugm", "server_lr": 1.0, "server_momentum": 0.0}
+                    "merge": "ugm", "server_lr": 1.0, "server_momentum": 0.0,
+                    "server_optimizer": "momentum", "client_memory": False,
+                    "carried_precision": 0.0}
     FedUGM(prior_precision=1.0, ledger=tmp_path)  # the same settings: accepted
+    with pytest.raises(LedgerMismatchError, match=r"client_memory: stored False, this run True"):
+        FedUGM(prior_precision=1.0, client_memory=True, ledger=tmp_path)
     with pytest.raises(LedgerMismatchError, match=r"server_momentum: stored 0\.0, this run 0\.9"):
         FedUGM(prior_precision=1.0, server_momentum=0.9, ledger=tmp_path)
     with pytest.raises(LedgerMismatchError, match=r"other settings \(prior_precision: stored "

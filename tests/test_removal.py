@@ -220,8 +220,7 @@ def test_replay_removal_equals_retraining_through_the_same_protocol(tmp_path, du
     random.seed(4)  # Flower samples the nodes with random.sample
     trained = train(strategy(), grid, theta0, rounds=rounds)
     assert bool(grid.duals) == bool(dual_step)
-    participation = [[node - 1 for node in nodes] for kind, nodes in grid.sent
-                     if kind == MessageType.TRAIN]
+    participation = grid.participation()
     assert len(participation) == rounds and all(len(s) == 3 for s in participation)
     assert 0 < sum(removed in s for s in participation) < rounds  # partial participation
 
@@ -356,18 +355,21 @@ def test_the_removed_clients_own_directions_are_outside_the_others_updates(tmp_p
     assert float(_own_directions(small, small.client("p1"), small.history(), 10)["w"].norm()) == 0
 
 
-def test_replay_removal_replays_the_server_momentum(tmp_path):
-    """FedUGM with server momentum (η 0.8, β 0.7; fl_ugm.server_optimizer), 6 clients, half
-    sampled per round, 6 rounds. Round 1 is still the exact UGM round (m_0 = 0). Replaying
-    the history without p2 equals running the same protocol, momentum included, without
-    p2, to 1e-8; the strategy keeps the replayed momentum, a resumed run recovers the
-    momentum from the ledger, and eq13 removal refuses such a run."""
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_replay_removal_replays_the_server_optimizer(tmp_path, optimizer):
+    """FedUGM with server momentum (η 0.8, β 0.7) or Adam (η 0.05, β₁ 0.7; Flower's FedAdam
+    update, fl_ugm.server_optimizer), 6 clients, half sampled per round, 6 rounds. With
+    momentum round 1 is still the exact UGM round (m_0 = 0). Replaying the history without
+    p2 equals running the same protocol, the optimizer included, without p2, to 1e-8; the
+    strategy keeps the replayed state, a resumed run recovers the state from the ledger,
+    and eq13 removal refuses such a run."""
     import random
 
     from fl_ugm.merge import ugm_merge
     from fl_ugm.server_removal import RemovalError
 
-    clients, rounds, removed, lr, beta = 6, 6, 2, 0.8, 0.7
+    clients, rounds, removed, beta = 6, 6, 2, 0.7
+    lr = 0.8 if optimizer == "momentum" else 0.05
     hessians, xty, theta0 = linear_problem(seed=31, clients=clients, silent={removed: 0})
     sizes = [5, 9, 14, 20, 27, 35]
     grid = LinearGrid(hessians, xty, sizes=sizes)
@@ -375,12 +377,14 @@ def test_replay_removal_replays_the_server_momentum(tmp_path):
     def strategy():
         return FedUGM(prior_precision=H0, fraction_train=0.5, min_train_nodes=2,
                       min_available_nodes=clients, fisher_clip=None, ledger=tmp_path,
-                      server_lr=lr, server_momentum=beta, **NO_SCREEN)
+                      server_lr=lr, server_momentum=beta, server_optimizer=optimizer,
+                      **NO_SCREEN)
 
     def protocol(participation, left_out):
-        """θ and m after the rounds, each merging its sampled clients but ``left_out``."""
-        theta, momentum = theta0, None
-        for sampled in participation:
+        """θ and the optimizer state after the rounds, each merging its sampled clients but
+        ``left_out``."""
+        theta, momentum, second = theta0, None, 0.0
+        for server_round, sampled in enumerate(participation, 1):
             kept = [t for t in sampled if t not in left_out]
             if not kept:
                 continue
@@ -390,30 +394,40 @@ def test_replay_removal_replays_the_server_momentum(tmp_path):
                 [{"w": hessians[t]} for t in kept],
                 alphas=[sizes[t] / sum(sizes[u] for u in kept) for t in kept],
                 prior_precision=H0)["w"]
-            momentum = merged - theta + (0 if momentum is None else beta * momentum)
-            theta = theta + lr * momentum
+            step = merged - theta
+            if optimizer == "momentum":
+                momentum = step + (0 if momentum is None else beta * momentum)
+                theta = theta + lr * momentum
+                continue
+            momentum = (1 - beta) * step + (0 if momentum is None else beta * momentum)
+            second = 0.99 * second + 0.01 * step**2  # FedAdam: β₂ 0.99, τ 1e-3
+            rate = lr * (1 - 0.99 ** (server_round + 1)) ** 0.5 / (1 - beta ** (server_round + 1))
+            theta = theta + rate * momentum / (second**0.5 + 1e-3)
         return theta, momentum
 
     random.seed(5)
     trainer = strategy()
     trained = train(trainer, grid, theta0, rounds=rounds)
-    participation = [[node - 1 for node in nodes] for kind, nodes in grid.sent
-                     if kind == MessageType.TRAIN]
+    participation = grid.participation()
     assert 0 < sum(removed in s for s in participation) < rounds
     theta, momentum = protocol(participation, ())
     torch.testing.assert_close(trained, theta, rtol=0, atol=1e-10)  # the strategy's rounds
     torch.testing.assert_close(trainer.momentum["w"], momentum, rtol=0, atol=1e-10)
-    first = protocol(participation[:1], ())[0]  # round 1: η · (the UGM merge − θ0)
-    exact = (H0 * theta0 + sum(sizes[t] * xty[t] for t in participation[0])
-             / sum(sizes[t] for t in participation[0])) / (
-        H0 + sum(sizes[t] * hessians[t] for t in participation[0])
-        / sum(sizes[t] for t in participation[0]))
-    torch.testing.assert_close(first, theta0 + lr * (exact - theta0), rtol=0, atol=1e-12)
+    if optimizer == "momentum":
+        first = protocol(participation[:1], ())[0]  # round 1: η · (the UGM merge − θ0)
+        exact = (H0 * theta0 + sum(sizes[t] * xty[t] for t in participation[0])
+                 / sum(sizes[t] for t in participation[0])) / (
+            H0 + sum(sizes[t] * hessians[t] for t in participation[0])
+            / sum(sizes[t] for t in participation[0]))
+        torch.testing.assert_close(first, theta0 + lr * (exact - theta0), rtol=0, atol=1e-12)
 
     resumed = strategy()
     resumed.resume_from_ledger()
-    torch.testing.assert_close(resumed.momentum["w"], momentum, rtol=0, atol=1e-10)
-    with pytest.raises(LedgerError, match=r"used server momentum .* Use method='replay'"):
+    assert len(resumed.server_state) == len(trainer.server_state) == (
+        1 if optimizer == "momentum" else 2)
+    for part, expected in zip(resumed.server_state, trainer.server_state, strict=True):
+        torch.testing.assert_close(part["w"], expected["w"], rtol=0, atol=1e-10)
+    with pytest.raises(LedgerError, match=rf"used server {optimizer} .* Use method='replay'"):
         remove_from_ledger(Ledger(tmp_path), f"p{removed}", method="eq13")
     with pytest.raises(RemovalError, match="Use method='replay'"):
         strategy().remove(grid, f"p{removed}", method="eq13", repair_rounds=0)
@@ -431,6 +445,71 @@ def test_replay_removal_replays_the_server_momentum(tmp_path):
     torch.testing.assert_close(remover.momentum["w"], momentum_without, rtol=0, atol=1e-8)
     # the rewritten history carries the replayed momentum: removing p0 too equals the
     # protocol without both
+    state, _ = remove_from_ledger(Ledger(tmp_path), "p0", recentring=1.0, shared_rank=0)
+    torch.testing.assert_close(state["w"], protocol(participation, (removed, 0))[0], rtol=0,
+                               atol=1e-8)
+
+
+def test_replay_removal_replays_the_carried_precision(tmp_path):
+    """FedUGM with a carried precision (γ 0.5: round r's clients train under, and its merge
+    uses, δ + C_{r−1}; C_r = γ (C_{r−1} + Σ α F)), 6 clients, half sampled per round, 6
+    rounds. Replaying the history without p2 replays C too (each remaining client re-centred
+    from the recorded prior to the replayed one) and equals running the same protocol
+    without p2, to 1e-8; the strategy keeps the replayed C, a resumed run recovers C from
+    the ledger, and eq13 removal refuses such a run."""
+    import random
+
+    clients, rounds, removed, gamma = 6, 6, 2, 0.5
+    hessians, xty, theta0 = linear_problem(seed=32, clients=clients, silent={removed: 0})
+    sizes = [5, 9, 14, 20, 27, 35]
+    grid = LinearGrid(hessians, xty, sizes=sizes)
+
+    def strategy():
+        return FedUGM(prior_precision=H0, fraction_train=0.5, min_train_nodes=2,
+                      min_available_nodes=clients, fisher_clip=None, ledger=tmp_path,
+                      carried_precision=gamma, **NO_SCREEN)
+
+    def protocol(participation, left_out):
+        """θ and C after the rounds, each merging its sampled clients but ``left_out``."""
+        theta, carried = theta0, torch.zeros_like(theta0)
+        for sampled in participation:
+            kept = [t for t in sampled if t not in left_out]
+            if not kept:
+                continue
+            alphas = [sizes[t] / sum(sizes[u] for u in kept) for t in kept]
+            prior = H0 + carried
+            theta = (prior * theta + sum(a * xty[t] for a, t in zip(alphas, kept))) / (
+                prior + sum(a * hessians[t] for a, t in zip(alphas, kept)))
+            carried = gamma * (carried + sum(a * hessians[t] for a, t in zip(alphas, kept)))
+        return theta, carried
+
+    random.seed(6)
+    trainer = strategy()
+    trained = train(trainer, grid, theta0, rounds=rounds)
+    participation = grid.participation()
+    assert 0 < sum(removed in s for s in participation) < rounds
+    theta, carried = protocol(participation, ())
+    torch.testing.assert_close(trained, theta, rtol=0, atol=1e-10)
+    torch.testing.assert_close(trainer.carried["w"], carried, rtol=0, atol=1e-10)
+    resumed = strategy()
+    resumed.resume_from_ledger()
+    torch.testing.assert_close(resumed.carried["w"], carried, rtol=0, atol=1e-10)
+    with pytest.raises(LedgerError, match=r"carried a precision .* Use method='replay'"):
+        remove_from_ledger(Ledger(tmp_path), f"p{removed}", method="eq13")
+
+    without, carried_without = protocol(participation, (removed,))
+    assert (without - trained).abs().max() > 1e-2  # p2's influence was real
+    state, _ = remove_from_ledger(Ledger(tmp_path), f"p{removed}", recentring=1.0,
+                                  shared_rank=0)
+    torch.testing.assert_close(state["w"], without, rtol=0, atol=1e-8)
+    remover = strategy()
+    arrays, _ = remover.remove(grid, f"p{removed}", recentring=1.0, shared_rank=0,
+                               repair_rounds=0)
+    torch.testing.assert_close(arrays.to_torch_state_dict()["w"], without, rtol=0, atol=1e-8)
+    torch.testing.assert_close(remover.carried["w"], carried_without, rtol=0, atol=1e-8)
+    resumed = strategy()  # after the removal, C comes from the rewritten history
+    resumed.resume_from_ledger()
+    torch.testing.assert_close(resumed.carried["w"], carried_without, rtol=0, atol=1e-8)
     state, _ = remove_from_ledger(Ledger(tmp_path), "p0", recentring=1.0, shared_rank=0)
     torch.testing.assert_close(state["w"], protocol(participation, (removed, 0))[0], rtol=0,
                                atol=1e-8)
