@@ -120,7 +120,7 @@ class HistoryRound:
     """One merged round from the history: the global its clients started from (full
     precision), every participant's contribution as merged (``history_dtype``), the
     server optimizer's state the round started from (m_{r−1}, and Adam's v_{r−1}; full
-    precision; empty without a server optimizer, ``fl_ugm.server_optimizer``) and the
+    precision; empty without a server optimizer, ``fl_ugm.server_optimizer``), the
     remembered clients it merged too (empty without ``client_memory``) and the carried
     precision C_{r−1} in the round's prior (empty without ``carried_precision``)."""
 
@@ -391,9 +391,8 @@ class Ledger:
         (with ``start_global``, the global the clients started from, ``server_state``, the
         server optimizer's state the round started from, every contribution, the
         ``remembered`` clients merged too and the ``carried`` precision in the round's prior)
-        and the global after the round. A remembered
-        client's share is not added to its ``applied`` sum, which covers the rounds it
-        replied in."""
+        and the global after the round. A remembered client's share is not added to its
+        ``applied`` sum, which covers the rounds it replied in."""
         with self.batch():
             for item in contributions:
                 if item.client_id is None:

@@ -270,6 +270,20 @@ def train(strategy: FedUGM, grid, theta, rounds: int, first_round: int = 1):
     return arrays.to_torch_state_dict()["w"]
 
 
+def train_sampled(strategy: FedUGM, grid: LinearGrid, theta, rounds: int, *, seed: int,
+                  removed: int):
+    """(final θ, the clients sampled each round) of ``rounds`` rounds with Flower's node
+    sampling seeded by ``seed``; checks that client ``removed`` took part in some rounds
+    but not all (the partial participation a replay must reproduce)."""
+    import random
+
+    random.seed(seed)  # Flower samples the nodes with random.sample
+    trained = train(strategy, grid, theta, rounds=rounds)
+    participation = grid.participation()
+    assert 0 < sum(removed in sampled for sampled in participation) < rounds
+    return trained, participation
+
+
 def retrained(hessians, xty, theta0, keep):
     """The kept clients' exact joint MAP with the weights they had in the merge (α = n/Σn =
     1/3: every client reports num-examples = 10)."""

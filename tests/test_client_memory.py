@@ -127,7 +127,7 @@ def test_replay_removal_replays_the_memory_and_the_strategy_keeps_the_replayed_m
     equals that protocol without p2 to 1e-8, through the ledger and through FedUGM.remove,
     whose repair round then merges the rebuilt memory. A resumed run rebuilds the memory
     from the history; eq13 removal and a truncated history are refused."""
-    from helpers import H0, train
+    from helpers import H0, train_sampled
 
     from fl_ugm.ledger import Ledger, LedgerError
     from fl_ugm.removal import remove_from_ledger
@@ -160,11 +160,8 @@ def test_replay_removal_replays_the_memory_and_the_strategy_keeps_the_replayed_m
             theta = theta + lr * momentum
         return theta
 
-    random.seed(7)
     trainer = strategy()
-    trained = train(trainer, grid, theta0, rounds=rounds)
-    sampled = grid.participation()
-    assert 0 < sum(removed in s for s in sampled) < rounds
+    trained, sampled = train_sampled(trainer, grid, theta0, rounds, seed=7, removed=removed)
     torch.testing.assert_close(trained, protocol(sampled, ()), rtol=0, atol=1e-10)
     ledger = Ledger(tmp_path)
     assert any(ledger.history_round(r).remembered for r in ledger.history())

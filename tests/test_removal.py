@@ -12,7 +12,16 @@ import pytest
 import torch
 from flwr.app import MetricRecord
 from flwr.common import MessageType
-from helpers import H0, NO_SCREEN, LinearGrid, linear_problem, new_strategy, retrained, train
+from helpers import (
+    H0,
+    NO_SCREEN,
+    LinearGrid,
+    linear_problem,
+    new_strategy,
+    retrained,
+    train,
+    train_sampled,
+)
 
 from fl_ugm import FedUGM, RemovalError
 from fl_ugm.ledger import Ledger, LedgerError, LedgerMismatchError
@@ -200,7 +209,6 @@ def test_replay_removal_equals_retraining_through_the_same_protocol(tmp_path, du
     (the same participation, p2 left out) from the start, to 1e-8, through the ledger
     alone and through FedUGM.remove; also when the clients keep dual variables (their
     corrected Δ' is what the ledger records)."""
-    import random
 
     from fl_ugm.merge import ugm_merge, ugm_shares
 
@@ -217,12 +225,10 @@ def test_replay_removal_equals_retraining_through_the_same_protocol(tmp_path, du
                       min_train_nodes=2, min_available_nodes=clients, fisher_clip=None,
                       ledger=tmp_path, client_dual_step=dual_step, **NO_SCREEN)
 
-    random.seed(4)  # Flower samples the nodes with random.sample
-    trained = train(strategy(), grid, theta0, rounds=rounds)
+    trained, participation = train_sampled(strategy(), grid, theta0, rounds, seed=4,
+                                           removed=removed)
     assert bool(grid.duals) == bool(dual_step)
-    participation = grid.participation()
     assert len(participation) == rounds and all(len(s) == 3 for s in participation)
-    assert 0 < sum(removed in s for s in participation) < rounds  # partial participation
 
     theta = theta0  # the same protocol without p2: same rounds, same participants but p2
     applied = {t: torch.zeros(5, dtype=torch.float64) for t in range(clients)}
@@ -363,7 +369,6 @@ def test_replay_removal_replays_the_server_optimizer(tmp_path, optimizer):
     p2 equals running the same protocol, the optimizer included, without p2, to 1e-8; the
     strategy keeps the replayed state, a resumed run recovers the state from the ledger,
     and eq13 removal refuses such a run."""
-    import random
 
     from fl_ugm.merge import ugm_merge
     from fl_ugm.server_removal import RemovalError
@@ -405,11 +410,9 @@ def test_replay_removal_replays_the_server_optimizer(tmp_path, optimizer):
             theta = theta + rate * momentum / (second**0.5 + 1e-3)
         return theta, momentum
 
-    random.seed(5)
     trainer = strategy()
-    trained = train(trainer, grid, theta0, rounds=rounds)
-    participation = grid.participation()
-    assert 0 < sum(removed in s for s in participation) < rounds
+    trained, participation = train_sampled(trainer, grid, theta0, rounds, seed=5,
+                                           removed=removed)
     theta, momentum = protocol(participation, ())
     torch.testing.assert_close(trained, theta, rtol=0, atol=1e-10)  # the strategy's rounds
     torch.testing.assert_close(trainer.momentum["w"], momentum, rtol=0, atol=1e-10)
@@ -457,7 +460,6 @@ def test_replay_removal_replays_the_carried_precision(tmp_path):
     from the recorded prior to the replayed one) and equals running the same protocol
     without p2, to 1e-8; the strategy keeps the replayed C, a resumed run recovers C from
     the ledger, and eq13 removal refuses such a run."""
-    import random
 
     clients, rounds, removed, gamma = 6, 6, 2, 0.5
     hessians, xty, theta0 = linear_problem(seed=32, clients=clients, silent={removed: 0})
@@ -483,11 +485,9 @@ def test_replay_removal_replays_the_carried_precision(tmp_path):
             carried = gamma * (carried + sum(a * hessians[t] for a, t in zip(alphas, kept)))
         return theta, carried
 
-    random.seed(6)
     trainer = strategy()
-    trained = train(trainer, grid, theta0, rounds=rounds)
-    participation = grid.participation()
-    assert 0 < sum(removed in s for s in participation) < rounds
+    trained, participation = train_sampled(trainer, grid, theta0, rounds, seed=6,
+                                           removed=removed)
     theta, carried = protocol(participation, ())
     torch.testing.assert_close(trained, theta, rtol=0, atol=1e-10)
     torch.testing.assert_close(trainer.carried["w"], carried, rtol=0, atol=1e-10)
