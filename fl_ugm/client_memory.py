@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from fl_ugm.merge import prior_at
+
 
 def recentred_delta(delta: Mapping[str, Tensor], fisher: Mapping[str, Tensor],
                     start: Mapping[str, Tensor], current: Mapping[str, Tensor],
@@ -36,7 +38,7 @@ def recentred_delta(delta: Mapping[str, Tensor], fisher: Mapping[str, Tensor],
     ``prior`` P > 0: a float or per entry); the other entries of ``delta`` as they are."""
     out = dict(delta)
     for key, f in fisher.items():
-        p = prior[key] if isinstance(prior, Mapping) else prior
+        p = prior_at(prior, key)
         out[key] = delta[key] + f * (start[key] - current[key]).to(f.dtype) / (p + f)
     return out
 

@@ -95,9 +95,7 @@ def remove_client(
     before = evaluate_fn(round_, ArrayRecord(state)) if evaluate_fn else None
     reply = (_online_contribution(strategy, grid, client_id, round_ + 1, timeout)
              if mode == "online" else None)
-    # the run's H0 before any carried precision: the history holds each round's
-    prior = strategy.rule.prior(strategy.merge_prior(strategy.server_fisher or (),
-                                                     carried=False))
+    prior = strategy.replay_prior()
     try:
         plan = plan_removal(ledger, client_id, method=method, prior_precision=prior,
                             recentring=recentring, shared_rank=shared_rank,

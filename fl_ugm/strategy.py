@@ -308,7 +308,7 @@ class FedUGM(FedAvg):
                 "precision restarts from 0.", round_)
         self.server_state = ()
         if self._server_step:
-            if round_ in self.ledger.history() and round_ not in \
+            if round_ in history and round_ not in \
                     self.ledger.replay_removal_rounds():
                 self.server_state = self._resumed_server_state(round_, state)
             else:
@@ -331,8 +331,7 @@ class FedUGM(FedAvg):
                      if v.is_floating_point()},)
         from fl_ugm.removal import recorded_step
 
-        step = recorded_step(self.ledger, round_, self.rule.prior(self.merge_prior(
-            self.server_fisher or (), carried=False)))
+        step = recorded_step(self.ledger, round_, self.replay_prior())
         _, server_state = server_update(
             {k: v.to(state[k].dtype) for k, v in step.items()}, entry.server_state,
             **self._optimizer_options(round_))
@@ -481,6 +480,12 @@ class FedUGM(FedAvg):
         prior = self.prior_precision if self.server_fisher is None else {
             k: self.prior_precision + self.server_fisher[k] for k in keys}
         return with_carried(prior, self.carried) if carried else prior
+
+    def replay_prior(self) -> PriorPrecision:
+        """The H0 the ledger's rounds are merged again with: the run's δ (+ server Fisher)
+        through its merge rule, without the carried precision (the history holds each
+        round's)."""
+        return self.rule.prior(self.merge_prior(self.server_fisher or (), carried=False))
 
     # ------------------------------------------------------------------ steps of a round
 
