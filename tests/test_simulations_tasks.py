@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -150,6 +152,26 @@ def test_training_then_evaluate_on_digits():
     assert 0.0 <= before.accuracy < 0.3 and after.accuracy > 0.9
     assert after.loss < before.loss and 0 < loss < 0.5
     assert model.training  # evaluate restores the mode
+    # the batch size is a speed knob only: per-example sums, whatever the batching
+    whole = tasks.evaluate(model, inputs[split.test], labels[split.test], batch_size=500)
+    for batch_size in (7, 64):
+        batched = tasks.evaluate(model, inputs[split.test], labels[split.test],
+                                 batch_size=batch_size)
+        assert batched.accuracy == whole.accuracy
+        assert batched.loss == pytest.approx(whole.loss, rel=1e-6)
+
+
+def test_the_server_scores_on_every_core_and_then_gives_them_back():
+    from simulations.flower_app import all_cores
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with all_cores():
+            assert torch.get_num_threads() == len(os.sched_getaffinity(0))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_last_batch_of_one_joins_the_previous_one_for_batchnorm():
