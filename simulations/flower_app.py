@@ -45,10 +45,8 @@ data file (a deployment).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import os
 import random
 import time
 from collections.abc import Iterable, Mapping
@@ -375,7 +373,8 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        with all_cores():  # the clients are idle while the server scores the round
+        # the clients are idle while the server scores the round: use every core
+        with tasks.torch_threads(tasks.usable_cores()):
             result = tasks.evaluate(model, x_test, y_test)
         history["accuracy"].append(result.accuracy)
         history["loss"].append(result.loss)
@@ -418,19 +417,6 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
             report.write_text(json.dumps(history["removal"], indent=1) + "\n")
             log(INFO, "removal report written to %s", report)
     return history
-
-
-@contextlib.contextmanager
-def all_cores():
-    """Let torch use every core this process may run on, then go back to the thread count
-    before (the server keeps one thread while Ray's clients train beside it)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                          else os.cpu_count() or 1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def resume_point(strategy: FedUGM, cfg: Mapping[str, Any], rounds: int, arrays: ArrayRecord,

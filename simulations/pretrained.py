@@ -31,7 +31,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fl_ugm.ledger import write_atomically
-from simulations.tasks import load_fashion_mnist
+from simulations.tasks import load_fashion_mnist, torch_threads
 
 __all__ = [
     "IMAGE_NORMALIZATIONS",
@@ -93,17 +93,6 @@ def cache_directory(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         return Path(cache_dir)
     env = os.environ.get("FL_UGM_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "fl_ugm"
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(n)``, restoring the previous value."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _save_atomic(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
@@ -313,7 +302,7 @@ def fashion_mnist_features(
     side = resolution // 32
     features = torch.empty(len(images), 320, side, side)
     progress = _Progress(f"fashion_mnist_features(resolution={resolution})", len(images))
-    with _torch_threads(FEATURE_THREADS), torch.inference_mode():
+    with torch_threads(FEATURE_THREADS), torch.inference_mode():
         for start in range(0, len(images), batch_size):
             stop = min(start + batch_size, len(images))
             x = preprocess_images(images[start:stop], resolution, normalization)
@@ -444,7 +433,7 @@ def encode_sentences(
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out = torch.empty(len(encoded), model.config.hidden_size)
     tracker = _Progress(progress, len(encoded)) if progress else None
-    with _torch_threads(FEATURE_THREADS), torch.inference_mode():
+    with torch_threads(FEATURE_THREADS), torch.inference_mode():
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
             batch = tokenizer.pad({"input_ids": [encoded[i] for i in index]}, return_tensors="pt")

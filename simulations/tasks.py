@@ -14,11 +14,12 @@ for the ``efficientnet-head`` model) and ``tweets-minilm`` (MiniLM-L6 sentence e
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -370,6 +371,24 @@ def set_params(model: nn.Module, params: Mapping[str, Tensor]) -> None:
 
 
 # --------------------------------------------------------------------------- evaluation
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)``, restoring the previous value."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class Evaluation(NamedTuple):

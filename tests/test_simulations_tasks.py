@@ -162,12 +162,10 @@ def test_training_then_evaluate_on_digits():
 
 
 def test_the_server_scores_on_every_core_and_then_gives_them_back():
-    from simulations.flower_app import all_cores
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with all_cores():
+        with tasks.torch_threads(tasks.usable_cores()):
             assert torch.get_num_threads() == len(os.sched_getaffinity(0))
         assert torch.get_num_threads() == 1
     finally:
