@@ -297,9 +297,12 @@ class FedUGM(FedAvg):
         self.rebuild_memory()
         self.carried = None
         history = self.ledger.history()
-        if self.carried_precision and history and set(range(history[-1] + 1, round_ + 1)) <= \
-                set(self.ledger.replay_removal_rounds()):  # C_R from the last merged round
-            entry = self.ledger.history_round(history[-1])
+        # the newest global is the one after the last history round, the rounds since being
+        # replay removals (which rewrite the history and end where the replay ends)
+        last = history[-1] if history and set(range(history[-1] + 1, round_ + 1)) <= set(
+            self.ledger.replay_removal_rounds()) else None
+        if self.carried_precision and last is not None:  # C_R from the last merged round
+            entry = self.ledger.history_round(last)
             self.carried = carry_precision(
                 entry.carried, [p.fisher for p in entry.participants],
                 [p.alpha for p in entry.participants], self.carried_precision)
@@ -307,13 +310,11 @@ class FedUGM(FedAvg):
             log(WARNING, "resume: the ledger has no history of round %d; the carried "
                 "precision restarts from 0.", round_)
         self.server_state = ()
-        if self._server_step:
-            if round_ in history and round_ not in \
-                    self.ledger.replay_removal_rounds():
-                self.server_state = self._resumed_server_state(round_, state)
-            else:
-                log(WARNING, "resume: the ledger has no history of round %d; the server "
-                    "%s restarts from 0.", round_, self.server_optimizer)
+        if self._server_step and last is not None:
+            self.server_state = self._resumed_server_state(last, state)
+        elif self._server_step:
+            log(WARNING, "resume: the ledger has no history of round %d; the server "
+                "%s restarts from 0.", round_, self.server_optimizer)
         return round_, ArrayRecord(state)
 
     @property
@@ -326,6 +327,8 @@ class FedUGM(FedAvg):
         θ_{R−1} + η m_R; Adam's from the round's merged step, merged again from its
         history."""
         entry = self.ledger.history_round(round_)
+        if not entry.participants:  # a replayed round nobody was left in kept the state
+            return entry.server_state
         if self.server_optimizer == "momentum":
             return ({k: (v - entry.start[k]) / self.server_lr for k, v in state.items()
                      if v.is_floating_point()},)

@@ -167,7 +167,9 @@ def test_replay_removal_replays_the_memory_and_the_strategy_keeps_the_replayed_m
     assert any(ledger.history_round(r).remembered for r in ledger.history())
 
     resumed = strategy()
-    resumed.resume_from_ledger()  # the memory as the history leaves it
+    resumed.resume_from_ledger()  # the memory as the history leaves it, and the momentum
+    torch.testing.assert_close(resumed.momentum["w"], trainer.momentum["w"], rtol=0,
+                               atol=1e-10)
     assert {c: r.reply_round for c, r in resumed.memory.replies.items()} == {
         c: r.reply_round for c, r in trainer.memory.replies.items()}
     for client, reply in trainer.memory.replies.items():

@@ -446,6 +446,12 @@ def test_replay_removal_replays_the_server_optimizer(tmp_path, optimizer):
                                repair_rounds=0)
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], without, rtol=0, atol=1e-8)
     torch.testing.assert_close(remover.momentum["w"], momentum_without, rtol=0, atol=1e-8)
+    # a server restarted on the ledger right after the removal (the offline-removal flow)
+    # continues from the replayed optimizer state, not from zero
+    restarted = strategy()
+    assert restarted.resume_from_ledger()[0] == rounds + 1  # the removal's round
+    for part, expected in zip(restarted.server_state, remover.server_state, strict=True):
+        torch.testing.assert_close(part["w"], expected["w"], rtol=0, atol=1e-8)
     # the rewritten history carries the replayed momentum: removing p0 too equals the
     # protocol without both
     state, _ = remove_from_ledger(Ledger(tmp_path), "p0", recentring=1.0, shared_rank=0)
