@@ -4,6 +4,7 @@ FedAvg, FedAvg + MultiKrum and FedAvg + FedTrimmedAvg.
 
     python benchmarks/bench_attack.py                                  # everything, ~80 min
     python benchmarks/bench_attack.py threats=[1/10] attacks=[flip] seeds=[0]   # one cell
+    python benchmarks/bench_attack.py dirichlet-alpha=1.0 out=results/attack_alpha1  # milder skew
 
 Ray simulations of the Flower app (``simulations.flower_app``) with the main comparison's
 settings (``configs/compare.yaml``: MNIST-5k, MLP, Dirichlet 0.1, 20 rounds, lr 0.05).
@@ -168,7 +169,7 @@ def format_table(threat: str, rows: dict, attacks: list[str], num_seeds: int) ->
     same strategy's honest run (points, mean over seeds)."""
     lines = [f"{threat} attackers, {num_seeds} seeds: final test accuracy (%), and in brackets "
              "the points lost against the strategy's honest run",
-             "| strategy | honest | " + " | ".join(attacks) + " |",
+             "| " + " | ".join(["strategy", "honest", *attacks]) + " |",
              "|---|---|" + "---|" * len(attacks)]
     for label, results in rows.items():
         honest = [r["accuracy"] for r in results["honest"]]
