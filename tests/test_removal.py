@@ -459,6 +459,37 @@ def test_replay_removal_replays_the_server_optimizer(tmp_path, optimizer):
                                atol=1e-8)
 
 
+def test_a_resume_after_removing_the_last_rounds_only_client_keeps_the_momentum(tmp_path):
+    """One client per round with server momentum: removing the client the last round merged
+    alone leaves that round empty in the rewritten history, where the replay kept m (no
+    step); a server restarted on the ledger continues from that m, not from
+    (θ_R − θ_{R−1}) / η = 0."""
+    import random
+
+    hessians, xty, theta0 = linear_problem(seed=32, clients=4)
+    grid = LinearGrid(hessians, xty, sizes=[5, 9, 14, 20])
+
+    def strategy():
+        return FedUGM(prior_precision=H0, fraction_train=0.25, min_train_nodes=1,
+                      min_available_nodes=4, fisher_clip=None, ledger=tmp_path,
+                      server_lr=0.8, server_momentum=0.7, **NO_SCREEN)
+
+    random.seed(3)
+    train(strategy(), grid, theta0, rounds=5)
+    participation = grid.participation()
+    last = participation[-1][0]
+    assert all(len(sampled) == 1 for sampled in participation)
+    assert any(sampled != [last] for sampled in participation[:-1])  # someone else is left
+    remover = strategy()
+    remover.remove(grid, f"p{last}", recentring=1.0, shared_rank=0, repair_rounds=0)
+    assert not Ledger(tmp_path).history_round(5).participants
+    assert float(remover.momentum["w"].abs().max()) > 0
+    restarted = strategy()
+    restarted.resume_from_ledger()
+    torch.testing.assert_close(restarted.momentum["w"], remover.momentum["w"], rtol=0,
+                               atol=1e-10)
+
+
 def test_replay_removal_replays_the_carried_precision(tmp_path):
     """FedUGM with a carried precision (γ 0.5: round r's clients train under, and its merge
     uses, δ + C_{r−1}; C_r = γ (C_{r−1} + Σ α F)), 6 clients, half sampled per round, 6
