@@ -33,7 +33,7 @@ from _plain_loop import client_data, local_round
 
 from fl_ugm.client_duals import next_dual, reported_delta
 from fl_ugm.merge_rules import client_alphas, merge_round, merge_rule
-from fl_ugm.server_optimizer import momentum_step
+from fl_ugm.server_optimizer import OptimizerState, server_step
 from simulations import tasks
 
 CLIENTS = 10
@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
     model = tasks.build_model(setting["model"], inputs.shape[1], 10)
     rule = merge_rule(rule_name)
     duals: list[dict[str, torch.Tensor] | None] = [None] * CLIENTS
-    velocity: dict[str, torch.Tensor] | None = None
+    velocity: OptimizerState = ()
     log = []
     for r in range(1, rounds + 1):
         start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -81,8 +81,9 @@ def main(argv: list[str]) -> int:
         state, _ = merge_round(rule, start, deltas, fishers, sizes, alphas=alphas,
                                prior_precision=delta)
         if momentum > 0:
-            state, velocity = momentum_step(start, state, velocity, server_lr=1.0,
-                                            server_momentum=momentum)
+            state, velocity = server_step(start, state, velocity, optimizer="momentum",
+                                          server_lr=1.0, server_momentum=momentum,
+                                          server_round=r)
         model.load_state_dict(state)
         entry = {"round": r}
         for part, idx in (("val", split.server), ("test", split.test)):

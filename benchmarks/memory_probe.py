@@ -10,7 +10,7 @@ epoch of SGD (batch 32) at ``lr`` [0.1] under the prior δ = ``delta`` [1] (summ
 units), the sampled Fisher, merge ``rule`` [ugm] (``task-arithmetic``: the n-weighted
 average, FedAvg's), then server momentum β = ``momentum`` [0], for ``rounds`` [30].
 ``memory`` [none]: ``recentred`` merges every other client's latest reply re-centred to the
-current global (``fl_ugm.client_memory``, what ``FedUGM(client_memory=True)`` does);
+current global (``fl_ugm.engine.ClientMemory``, what ``FedUGM(client_memory=True)`` does);
 ``stale`` merges the remembered Δ as they were sent (MIFA's memory; for ``task-arithmetic``
 the two are the same). ``seed`` [100] fixes the split, partition, initial model, sampling
 and minibatch orders. Scores on the 5,000 validation images; prints one JSON object: the
@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _plain_loop import client_data, local_round
 
-from fl_ugm.client_memory import ClientMemory
+from fl_ugm.engine import ClientMemory, Contribution
 from fl_ugm.merge_rules import client_alphas, merge_round, merge_rule
-from fl_ugm.server_optimizer import momentum_step
+from fl_ugm.server_optimizer import server_step
 from simulations import tasks
 
 CLIENTS = 100
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     torch.manual_seed(seed)
     model = tasks.build_model("cnn", inputs.shape[1], 10)
     rule, sampler, memory = merge_rule(rule_name), random.Random(seed), ClientMemory()
-    velocity, log = None, []
+    velocity, log = (), []
     for r in range(1, rounds + 1):
         chosen = sorted(sampler.sample(range(CLIENTS), per_round))
         start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -63,18 +63,21 @@ def main(argv: list[str]) -> int:
         if memory_kind != "none":
             remembered = memory.recentred(
                 start, delta if memory_kind == "recentred" and rule.uses_fisher else None,
-                skip=map(str, chosen))
-            memory.remember(r, start, zip(map(str, chosen), deltas, fishers, sizes, strict=True))
-            for _, d, f, n in remembered:
-                deltas.append(d)
-                fishers.append(f)
-                sizes.append(n)
+                sorted(set(memory.replies) - set(map(str, chosen))))
+            memory = memory.remember(r, start, [
+                Contribution(str(i), n, d, f)
+                for i, d, f, n in zip(chosen, deltas, fishers, sizes, strict=True)])
+            for _, item in remembered:
+                deltas.append(item.delta)
+                fishers.append(item.fisher)
+                sizes.append(item.num_examples)
         state, _ = merge_round(rule, start, deltas, fishers, sizes,
                                alphas=client_alphas(sizes, "num-examples", 1.0),
                                prior_precision=delta)
         if momentum > 0:
-            state, velocity = momentum_step(start, state, velocity, server_lr=1.0,
-                                            server_momentum=momentum)
+            state, velocity = server_step(start, state, velocity, optimizer="momentum",
+                                          server_lr=1.0, server_momentum=momentum,
+                                          server_round=r)
         model.load_state_dict(state)
         log.append(tasks.evaluate(model, inputs[split.server], labels[split.server]).accuracy)
     print(json.dumps({"seed": seed, "rule": rule_name, "delta": delta, "lr": lr,

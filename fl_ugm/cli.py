@@ -71,14 +71,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                             approximate=args.approximate,
                             recenter=not args.no_recenter, revert_uninformed=not args.eq13_only)
         write_atomically(args.out, lambda tmp: save_file(
-            {k: v.contiguous() for k, v in plan.state.items()}, str(tmp)))
+            {k: v.contiguous() for k, v in plan.state.global_state.items()}, str(tmp)))
         report_path = args.out.with_suffix(args.out.suffix + ".report.json")
         write_atomically(report_path, lambda tmp: tmp.write_text(
             json.dumps(plan.report, indent=2)))
         if args.forget:
             ledger.commit_removal(args.client, plan.report["global_round"] + 1, plan.state,
                                   history=plan.history, records=plan.records)
-    except LedgerError as err:
+    except (LedgerError, ValueError) as err:  # a bad value (e.g. --prior-precision 0) too
         print(f"fl-ugm remove: {err}", file=sys.stderr)
         return 2
     print(json.dumps(plan.report, indent=2))

@@ -55,10 +55,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from torch import Tensor, nn
 
 from fl_ugm.client_duals import DUAL_STATE_RECORD, next_dual, reported_delta
+from fl_ugm.engine import FISHER_ESTIMATORS
 from fl_ugm.fisher import TrainingFisher, diagonal_fisher, iterate_batches
 from fl_ugm.protocol import (
     DUAL_STEP_KEY,
-    FISHER_ESTIMATORS,
     FISHER_KEY,
     NUM_EXAMPLES_KEY,
     PRIOR_KEY,

@@ -25,12 +25,10 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
+from fl_ugm.merge import prior_at
+
 #: The ArrayRecord of a node's persistent state (Flower's ``context.state``) holding λ_t.
 DUAL_STATE_RECORD = "ugm-dual"
-
-
-def _precision(prior: float | Mapping[str, Tensor | float], key: str) -> Tensor | float:
-    return prior[key] if isinstance(prior, Mapping) else prior
 
 
 def reported_delta(delta: Mapping[str, Tensor], fisher: Mapping[str, Tensor],
@@ -38,12 +36,12 @@ def reported_delta(delta: Mapping[str, Tensor], fisher: Mapping[str, Tensor],
                    dual: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Δ' = Δ − λ / (P + F) for the entries ``dual`` names; the other entries of ``delta``
     (buffers) as they are. ``prior`` P: a float or per parameter (tensor or float), > 0."""
-    return {key: value - dual[key] / (_precision(prior, key) + fisher[key]) if key in dual
+    return {key: value - dual[key] / (prior_at(prior, key) + fisher[key]) if key in dual
             else value for key, value in delta.items()}
 
 
 def next_dual(dual: Mapping[str, Tensor], delta: Mapping[str, Tensor],
               prior: float | Mapping[str, Tensor | float], step: float) -> dict[str, Tensor]:
     """λ − ρ·P·Δ, with Δ the training's own step (not the reported Δ'), ρ = ``step``."""
-    return {key: value - step * _precision(prior, key) * delta[key]
+    return {key: value - step * prior_at(prior, key) * delta[key]
             for key, value in dual.items()}

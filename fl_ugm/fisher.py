@@ -27,12 +27,9 @@ map in eval mode) use closed forms from each layer's inputs and output gradients
 Linear layer, and a conv with one output position, Σ_i (g_i x_iᵀ)² = (G∘G)ᵀ(X∘X)), as BackPACK
 and Opacus do; every other parameter falls back to ``torch.func.vmap(grad(...))``. The model
 is evaluated in ``eval()`` mode (BatchNorm uses its running statistics, dropout is off) so
-that examples are independent; its training mode is restored afterwards.
-
-On a GPU the result matches the CPU's to ~1e-7 relative, except that PyTorch lets cuDNN run
-convolutions in TF32 by default (``torch.backends.cudnn.allow_tf32``), which moved a conv
-layer's Fisher by up to 4 % on an H100 (BENCHMARKS.md); turn it off for float32-exact
-Fishers.
+that examples are independent; its training mode is restored afterwards. On a GPU, PyTorch
+lets cuDNN run convolutions in TF32 by default (``torch.backends.cudnn.allow_tf32``); turn it
+off for float32-exact Fishers (BENCHMARKS.md has the measured difference).
 """
 
 from __future__ import annotations
@@ -139,17 +136,12 @@ LIKELIHOODS = {"categorical": CategoricalLikelihood, "gaussian": GaussianLikelih
 FISHER_PARAMETERS = ("trainable", "all")
 
 
-def diagonal_fisher(
-    model: nn.Module,
-    batches: Iterable[Any],
-    *,
-    kind: FisherKind = "sampled",
-    likelihood: str | Likelihood = "categorical",
-    generator: torch.Generator | None = None,
-    chunk_size: int = 64,
-    parameters: str = "trainable",
-    unpack: Callable[[Any], tuple[Any, Tensor | None]] | None = None,
-) -> dict[str, Tensor]:
+def diagonal_fisher(model: nn.Module, batches: Iterable[Any], *, kind: FisherKind = "sampled",
+                    likelihood: str | Likelihood = "categorical",
+                    generator: torch.Generator | None = None, chunk_size: int = 64,
+                    parameters: str = "trainable",
+                    unpack: Callable[[Any], tuple[Any, Tensor | None]] | None = None,
+                    ) -> dict[str, Tensor]:
     """Diagonal Fisher Σ_i (∇ℓ_i)² over every example in ``batches``.
 
     Parameters
@@ -192,10 +184,8 @@ def diagonal_fisher(
         raise ValueError(f"diagonal_fisher: kind={kind!r}; choose one of {FISHER_KINDS}.")
     if isinstance(likelihood, str):
         if likelihood not in LIKELIHOODS:
-            raise ValueError(
-                f"diagonal_fisher: likelihood={likelihood!r}; choose one of "
-                f"{tuple(LIKELIHOODS)} or pass an object with nll() and sample()."
-            )
+            raise ValueError(f"diagonal_fisher: likelihood={likelihood!r}; choose one of "
+                             f"{tuple(LIKELIHOODS)} or pass an object with nll() and sample().")
         likelihood = LIKELIHOODS[likelihood]()
     if kind == "exact" and type(likelihood) is not CategoricalLikelihood:
         raise ValueError("diagonal_fisher: kind='exact' sums over the classes of a "
@@ -235,10 +225,9 @@ def diagonal_fisher(
             examples += size
             for name, values in fisher.items():
                 if not bool(torch.isfinite(values).all()):
-                    raise ValueError(
-                        f"diagonal_fisher: the Fisher of '{name}' became NaN/Inf at batch "
-                        f"{batch_index}; the model's outputs or gradients are not finite."
-                    )
+                    raise ValueError(f"diagonal_fisher: the Fisher of '{name}' became NaN/Inf at "
+                                     f"batch {batch_index}; the model's outputs or gradients "
+                                     "are not finite.")
     finally:
         estimator.close()
         model.train(was_training)
@@ -303,11 +292,10 @@ def _default_unpack(batch: Any) -> tuple[Any, Tensor | None]:
         return batch, None
     if isinstance(batch, tuple | list) and len(batch) == 2:
         return batch[0], batch[1]
-    raise TypeError(
-        f"diagonal_fisher: a batch is a {type(batch).__name__}"
-        f"{' with keys ' + str(sorted(batch)) if isinstance(batch, Mapping) else ''}; pass "
-        "unpack=lambda batch: (inputs, targets), e.g. lambda b: (b['img'], b['label'])."
-    )
+    raise TypeError(f"diagonal_fisher: a batch is a {type(batch).__name__}"
+                    f"{' with keys ' + str(sorted(batch)) if isinstance(batch, Mapping) else ''}; "
+                    "pass unpack=lambda batch: (inputs, targets), e.g. lambda b: (b['img'], "
+                    "b['label']).")
 
 
 def _batch_size(inputs: Any) -> int:
@@ -347,12 +335,8 @@ def _closed_form_supported(module: nn.Module) -> bool:
         return True
     if type(module) in _BATCH_NORMS:  # eval mode with running statistics: an affine map
         return module.affine and module.running_mean is not None
-    return (
-        type(module) is nn.Conv2d
-        and module.groups == 1
-        and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
-    )
+    return (type(module) is nn.Conv2d and module.groups == 1
+            and module.padding_mode == "zeros" and not isinstance(module.padding, str))
 
 
 class _PerExampleSquares:
@@ -380,10 +364,8 @@ class _PerExampleSquares:
         fast_keys = {k for _, w, b in self.fast.values() for k in (w, b) if k is not None}
         self.fallback_keys = [n for n in name_of.values() if n not in fast_keys]
         self._captured: dict[str, list[tuple[Tensor, Tensor]]] = {}
-        self._hooks = [
-            module.register_forward_hook(self._capture(name))
-            for name, (module, _, _) in self.fast.items()
-        ]
+        self._hooks = [module.register_forward_hook(self._capture(name))
+                       for name, (module, _, _) in self.fast.items()]
 
     def _capture(self, name: str):
         def hook(_module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
@@ -395,14 +377,8 @@ class _PerExampleSquares:
         for handle in self._hooks:
             handle.remove()
 
-    def accumulate(
-        self,
-        inputs: Tensor,
-        targets: Tensor | None,
-        kind: str,
-        generator: torch.Generator | None,
-        fisher: dict[str, Tensor],
-    ) -> None:
+    def accumulate(self, inputs: Tensor, targets: Tensor | None, kind: str,
+                   generator: torch.Generator | None, fisher: dict[str, Tensor]) -> None:
         self._captured = {}
         with torch.enable_grad():
             outputs = call_model(self.model, inputs)
@@ -476,13 +452,9 @@ class _PerExampleSquares:
         weight = fisher[weight_key]
         g = g.reshape(g.shape[0], g.shape[1], -1)  # (B, out, L)
         for start in range(0, x.shape[0], self.chunk_size):
-            patches = F.unfold(
-                x[start : start + self.chunk_size],
-                module.kernel_size,
-                dilation=module.dilation,
-                padding=module.padding,
-                stride=module.stride,
-            )  # (b, in*kh*kw, L)
+            patches = F.unfold(x[start : start + self.chunk_size], module.kernel_size,
+                               dilation=module.dilation, padding=module.padding,
+                               stride=module.stride)  # (b, in*kh*kw, L)
             gs = g[start : start + self.chunk_size]
             if gs.shape[2] == 1:  # one output position: Linear's (G∘G)ᵀ (U∘U)
                 weight += ((gs[:, :, 0] ** 2).T @ (patches[:, :, 0] ** 2)).reshape(weight.shape)
@@ -517,9 +489,8 @@ class _PerExampleSquares:
             fisher[key] += (values.float() ** 2).sum(0)
 
 
-def iterate_batches(
-    inputs: Tensor, targets: Tensor, batch_size: int
-) -> Iterator[tuple[Tensor, Tensor]]:
+def iterate_batches(inputs: Tensor, targets: Tensor, batch_size: int
+                    ) -> Iterator[tuple[Tensor, Tensor]]:
     """Consecutive ``(inputs, targets)`` slices of ``batch_size`` examples (the last shorter)."""
     for start in range(0, inputs.shape[0], batch_size):
         yield inputs[start : start + batch_size], targets[start : start + batch_size]

@@ -92,12 +92,9 @@ def ugm_merge(
     _check_clients("ugm_merge", base, deltas, fishers)
     weights = _check_alphas("ugm_merge", alphas, len(deltas), allow_negative=False)
     priors = _check_prior("ugm_merge", prior_precision, base)
-    compute = {
-        key: _compute_dtype(
-            theta, *(d[key] for d in deltas), *(f[key] for f in fishers), priors[key]
-        )
-        for key, theta in base.items()
-    }
+    compute = {key: _compute_dtype(theta, *(d[key] for d in deltas),
+                                   *(f[key] for f in fishers), priors[key])
+               for key, theta in base.items()}
     on_cpu = all(theta.device.type == "cpu" for theta in base.values())
     if backend == "numba" and not on_cpu:
         raise ValueError("ugm_merge: backend='numba' needs CPU tensors; use 'torch' or 'auto'.")
@@ -232,9 +229,7 @@ def remove_client(
                 raise InvalidClientInput(
                     f"{fn}: {name}['{key}'] has negative or NaN entries; a diagonal Fisher is "
                     "a sum of squares and must be ≥ 0.",
-                    client_index=None,
-                    key=key,
-                )
+                    client_index=None, key=key)
         h0 = _as_tensor(priors[key], compute, theta.device)
         step = (h0 + client_fisher) * delta[key].detach().to(compute) / (h0 + rest)
         out = theta.detach().to(compute) - weight * step
@@ -244,9 +239,7 @@ def remove_client(
             raise InvalidClientInput(
                 f"{fn}: the update of '{key}' is not finite; delta['{key}'] or the Fishers "
                 "contain Inf/NaN or overflow.",
-                client_index=None,
-                key=key,
-            )
+                client_index=None, key=key)
         result[key] = out.to(theta.dtype)
     return result
 
@@ -313,10 +306,8 @@ def _check_clients(
     if len(deltas) == 0:
         raise ValueError(f"{fn}: no clients given (deltas is empty); nothing to merge.")
     if fishers is not None and len(fishers) != len(deltas):
-        raise ValueError(
-            f"{fn}: got {len(deltas)} deltas but {len(fishers)} fishers; give one of each per "
-            "client."
-        )
+        raise ValueError(f"{fn}: got {len(deltas)} deltas but {len(fishers)} fishers; give "
+                         "one of each per client.")
     _check_base(fn, base)
     for index, delta in enumerate(deltas):
         _check_like(fn, base, f"deltas[{index}]", delta, client_index=index)
@@ -349,21 +340,16 @@ def _check_like(
     if set(params) != set(base):
         missing = sorted(set(base) - set(params))
         extra = sorted(set(params) - set(base))
-        raise fail(
-            f"{name} has different keys than the base model (missing: {missing[:5]}, "
-            f"unexpected: {extra[:5]})."
-        )
+        raise fail(f"{name} has different keys than the base model (missing: {missing[:5]}, "
+                   f"unexpected: {extra[:5]}).")
     for key, theta in base.items():
         tensor = params[key]
         where = f"{name}['{key}']"
         if not isinstance(tensor, Tensor):
             raise fail(f"{where} is a {type(tensor).__name__}, not a torch.Tensor.", key)
         if tensor.shape != theta.shape:
-            raise fail(
-                f"{where} has shape {tuple(tensor.shape)}, expected {tuple(theta.shape)} like "
-                "the base model.",
-                key,
-            )
+            raise fail(f"{where} has shape {tuple(tensor.shape)}, expected "
+                       f"{tuple(theta.shape)} like the base model.", key)
         if not tensor.is_floating_point():
             raise fail(f"{where} has dtype {tensor.dtype}; expected a float tensor.", key)
         if tensor.device != theta.device:
@@ -375,20 +361,16 @@ def _check_alphas(
 ) -> list[float]:
     values = [float(a) for a in alphas]
     if len(values) != num_clients:
-        raise ValueError(
-            f"{fn}: got {len(values)} alphas for {num_clients} clients; give one per client."
-        )
+        raise ValueError(f"{fn}: got {len(values)} alphas for {num_clients} clients; give "
+                         "one per client.")
     for index, value in enumerate(values):
         if not math.isfinite(value):
-            raise InvalidClientInput(
-                f"{fn}: alphas[{index}] = {value} is not finite.", client_index=index
-            )
+            raise InvalidClientInput(f"{fn}: alphas[{index}] = {value} is not finite.",
+                                     client_index=index)
         if value < 0 and not allow_negative:
-            raise InvalidClientInput(
-                f"{fn}: alphas[{index}] = {value} is negative; UGM weights must be ≥ 0 (use "
-                "remove_client to take a client out).",
-                client_index=index,
-            )
+            raise InvalidClientInput(f"{fn}: alphas[{index}] = {value} is negative; UGM "
+                                     "weights must be ≥ 0 (use remove_client to take a client "
+                                     "out).", client_index=index)
     return values
 
 
@@ -410,10 +392,9 @@ def _check_prior(fn: str, prior: PriorPrecision, base: Params) -> dict[str, floa
             if value.numel() == 1:
                 value = float(value)
             elif value.shape != base[key].shape:
-                raise ValueError(
-                    f"{fn}: prior_precision['{key}'] has shape {tuple(value.shape)}, expected "
-                    f"{tuple(base[key].shape)} or a scalar."
-                )
+                raise ValueError(f"{fn}: prior_precision['{key}'] has shape "
+                                 f"{tuple(value.shape)}, expected {tuple(base[key].shape)} or "
+                                 "a scalar.")
             elif not bool((value > 0).all()) or not bool(torch.isfinite(value).all()):
                 raise ValueError(
                     f"{fn}: prior_precision['{key}'] must be finite and > 0 everywhere (it is "
@@ -446,25 +427,19 @@ def _raise_first_bad_client(
         if not bool(torch.isfinite(delta[key]).all()):
             raise InvalidClientInput(
                 f"{fn}: deltas[{index}]['{key}'] contains NaN or Inf.",
-                client_index=index,
-                key=key,
-            )
+                client_index=index, key=key)
     for index, fisher in enumerate(fishers):
         values = fisher[key]
         if not bool(torch.isfinite(values).all()):
             raise InvalidClientInput(
                 f"{fn}: fishers[{index}]['{key}'] contains NaN or Inf.",
-                client_index=index,
-                key=key,
-            )
+                client_index=index, key=key)
         if bool((values < 0).any()):
             raise InvalidClientInput(
                 f"{fn}: fishers[{index}]['{key}'] has negative entries (min "
                 f"{float(values.min()):.3g}); a diagonal Fisher is a sum of squares and must "
                 "be ≥ 0.",
-                client_index=index,
-                key=key,
-            )
+                client_index=index, key=key)
 
 
 # --------------------------------------------------------------------------- dtype helpers
@@ -475,27 +450,25 @@ def prior_at(prior: PriorPrecision, key: str) -> float | Tensor:
     return prior[key] if isinstance(prior, Mapping) else prior
 
 
-def with_carried(prior: PriorPrecision, carried: Mapping[str, Tensor] | None
-                 ) -> PriorPrecision:
-    """H0 + C per entry of ``carried`` (FedUGM's carried precision; None or empty: H0)."""
-    if not carried:
-        return prior
-    out = dict(prior) if isinstance(prior, Mapping) else {}
-    out.update({k: prior_at(prior, k) + c for k, c in carried.items()})
+def recentred_delta(delta: Params, fisher: Params, offset: Params, prior: PriorPrecision,
+                    new_prior: PriorPrecision | None = None) -> dict[str, Tensor]:
+    """A client's Δ moved to another start by the quadratic model (docs/design.md §1).
+
+    A client that minimised a loss of Hessian F under the prior ½‖w − s‖²_P from s stopped at
+    (P + F) θ_t = P s + F θ*; from θ = s − ``offset`` under the prior P' = ``new_prior``
+    (default P) it would return ((P + F) Δ + F · offset) / (P' + F), i.e.
+    Δ + F (s − θ) / (P + F) when P' = P. For the entries ``fisher`` names; the others
+    (buffers) are kept as they are. Units: F a sum over examples, P in F's units.
+    """
+    out = dict(delta)
+    for key, f in fisher.items():
+        p = prior_at(prior, key)
+        shift = f * offset[key].to(f.dtype)
+        if new_prior is None:
+            out[key] = delta[key] + shift / (p + f)
+        else:
+            out[key] = ((p + f) * delta[key] + shift) / (prior_at(new_prior, key) + f)
     return out
-
-
-def carry_precision(carried: Mapping[str, Tensor] | None,
-                    fishers: Sequence[Mapping[str, Tensor]], alphas: Sequence[float],
-                    gamma: float) -> dict[str, Tensor]:
-    """C_r = γ (C_{r−1} + Σ_t α_t F_t) per parameter entry: the precision a round carries to
-    the next (F_t sums over examples, as merged; C_{r−1} None or a missing key: 0). A round
-    that merged nobody (no ``fishers``) carries C_{r−1} as it is."""
-    carried = carried or {}
-    if not fishers:
-        return dict(carried)
-    return {k: gamma * (carried.get(k, 0) + sum(a * f[k] for a, f in zip(
-        alphas, fishers, strict=True))) for k in fishers[0]}
 
 
 def _compute_dtype(*values: Tensor | float) -> torch.dtype:

@@ -57,10 +57,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from torch import Tensor
 
+from fl_ugm.engine import WIRE_DTYPES, Contribution, RunSettings
+
 # --------------------------------------------------------------------------- server → client
 #: The train config asks for a UGM reply (delta + Fisher) instead of FedAvg's "arrays".
 UGM_KEY = "ugm"
-#: Which Fisher estimator the client should use (one of FISHER_ESTIMATORS).
+#: Which Fisher estimator the client should use (``fl_ugm.engine.FISHER_ESTIMATORS``).
 FISHER_KEY = "ugm-fisher"
 #: δ, the precision of the prior centred on the global, on the SUMMED loss (a Fisher's units).
 PRIOR_KEY = "ugm-prior"
@@ -74,15 +76,11 @@ SERVER_ROUND_KEY = "server-round"
 #: Optional ArrayRecord of the train message: the prior precision per parameter entry (on
 #: the summed loss), replacing δ in the client's proximal term.
 PRIOR_RECORD = "ugm-prior-precision"
-#: The dtype the server asks clients to send Δ and F in (one of WIRE_DTYPES).
+#: The dtype the server asks clients to send Δ and F in (one of WIRE_DTYPES: "float32" as is;
+#: "float16" scaled per tensor, module docstring).
 WIRE_DTYPE_KEY = "ugm-wire-dtype"
 #: Train-config key: ρ of client dual variables (``fl_ugm.client_duals``); absent or 0 = off.
 DUAL_STEP_KEY = "ugm-dual-step"
-#: "float32" as is; "float16" scaled per tensor (module docstring).
-WIRE_DTYPES = ("float32", "float16")
-#: Fisher estimators a client can be asked for: the two of ``fl_ugm.fisher.diagonal_fisher``
-#: and the cheap one accumulated during training (``fl_ugm.fisher.TrainingFisher``).
-FISHER_ESTIMATORS = ("sampled", "empirical", "exact", "training")
 
 # --------------------------------------------------------------------------- client → server
 DELTA_RECORD = "delta"
@@ -108,15 +106,19 @@ class InvalidReply(ValueError):
 
 
 @dataclass
-class ClientUpdate:
-    """One validated UGM reply: float tensors keyed like the global state dict."""
+class ParsedReply:
+    """One validated UGM reply: the node it came from, its :class:`Contribution` (Δ_t for
+    the float entries it trained, F_t a float32 sum over its n_t examples for the
+    parameters, keyed like the global state dict; the stable client id it carried, if any)
+    and the message content (for Flower's metric aggregation)."""
 
     node_id: int
-    client_id: str | None  # the stable id the reply carried (CLIENT_ID_KEY), if any
-    num_examples: float  # n_t, from the reply's weighting metric
-    delta: dict[str, Tensor]  # Δ_t for the float entries it trained (params + buffers)
-    fisher: dict[str, Tensor]  # F_t (a sum over n_t examples, float32) for the parameters
-    content: RecordDict  # the reply, for Flower's metric aggregation
+    contribution: Contribution
+    content: RecordDict
+
+    @property
+    def client_id(self) -> str | None:
+        return self.contribution.client_id
 
 
 @dataclass(frozen=True)
@@ -131,21 +133,19 @@ class DroppedReply:
 # --------------------------------------------------------------------------- server side
 
 
-def ugm_train_config(
-    config: ConfigRecord, *, fisher: str, prior_precision: float, removal: bool = False,
-    wire_dtype: str = "float32", dual_step: float = 0.0,
-) -> ConfigRecord:
-    """``config`` plus the keys that ask a client for a UGM reply (in place; returned)."""
-    if wire_dtype not in WIRE_DTYPES:
-        raise ValueError(f"wire dtype {wire_dtype!r}; choose one of {WIRE_DTYPES}.")
+def ugm_train_config(config: ConfigRecord, settings: RunSettings, *, removal: bool = False
+                     ) -> ConfigRecord:
+    """``config`` plus the keys that ask a client for a UGM reply under the run's
+    ``settings`` (in place; returned). An online-removal request (``removal``) asks for
+    float32 (one reply, whose exactness matters) and no dual step."""
     config[UGM_KEY] = True
-    config[FISHER_KEY] = fisher
-    config[PRIOR_KEY] = float(prior_precision)
-    config[WIRE_DTYPE_KEY] = wire_dtype
+    config[FISHER_KEY] = settings.fisher
+    config[PRIOR_KEY] = float(settings.prior_precision)
+    config[WIRE_DTYPE_KEY] = "float32" if removal else settings.wire_dtype
     if removal:
         config[REMOVAL_KEY] = True
-    if dual_step:
-        config[DUAL_STEP_KEY] = float(dual_step)
+    elif settings.client_dual_step:
+        config[DUAL_STEP_KEY] = float(settings.client_dual_step)
     return config
 
 
@@ -155,7 +155,7 @@ def parse_ugm_reply(
     *,
     node_id: int,
     weighted_by_key: str = NUM_EXAMPLES_KEY,
-) -> ClientUpdate:
+) -> ParsedReply:
     """Check a reply against the contract and the global it answers; raise
     :class:`InvalidReply` with the reason if it breaks it.
 
@@ -198,9 +198,8 @@ def parse_ugm_reply(
     delta = _checked_tensors(DELTA_RECORD, delta_record, global_state, scales, same_dtype=True)
     fisher = _checked_tensors(FISHER_RECORD, fisher_record, global_state, scales,
                               same_dtype=False)
-    client_id = content.config_records.get(CLIENT_RECORD, {}).get(CLIENT_ID_KEY)
-    return ClientUpdate(node_id, None if client_id is None else str(client_id),
-                        float(num_examples), delta, fisher, content)
+    return ParsedReply(node_id, Contribution(client_id_of(content), float(num_examples), delta,
+                                             fisher), content)
 
 
 def parse_ugm_replies(
@@ -208,7 +207,7 @@ def parse_ugm_replies(
     global_state: Mapping[str, Tensor],
     *,
     weighted_by_key: str = NUM_EXAMPLES_KEY,
-) -> tuple[list[ClientUpdate], list[DroppedReply]]:
+) -> tuple[list[ParsedReply], list[DroppedReply]]:
     """(valid updates, dropped replies with their reasons) of one round's error-free replies.
 
     Besides :func:`parse_ugm_reply`, every update must cover the same keys: the same delta
@@ -219,7 +218,7 @@ def parse_ugm_replies(
     larger Fisher key set, then the larger delta key set, then the first in sorted order, so
     the choice never depends on the order the replies arrived in.
     """
-    updates: list[ClientUpdate] = []
+    updates: list[ParsedReply] = []
     dropped: list[DroppedReply] = []
     for message in replies:
         node = message.metadata.src_node_id
@@ -227,15 +226,13 @@ def parse_ugm_replies(
             updates.append(parse_ugm_reply(message.content, global_state, node_id=node,
                                            weighted_by_key=weighted_by_key))
         except InvalidReply as err:
-            client_id = message.content.config_records.get(CLIENT_RECORD, {}).get(CLIENT_ID_KEY)
-            dropped.append(DroppedReply(node, None if client_id is None else str(client_id),
-                                        str(err)))
+            dropped.append(DroppedReply(node, client_id_of(message.content), str(err)))
     if not updates:
         return updates, dropped
     count = Counter(_covered(u) for u in updates)
     examples: dict[tuple[frozenset[str], frozenset[str]], float] = defaultdict(float)
     for update in updates:
-        examples[_covered(update)] += update.num_examples
+        examples[_covered(update)] += update.contribution.num_examples
     expected = min(count, key=lambda keys: (-count[keys], -examples[keys], -len(keys[1]),
                                             -len(keys[0]), sorted(keys[1]), sorted(keys[0])))
     kept = []
@@ -245,22 +242,26 @@ def parse_ugm_replies(
         else:
             dropped.append(DroppedReply(
                 update.node_id, update.client_id,
-                f"it covers {len(update.delta)} delta and {len(update.fisher)} Fisher tensors "
+                f"it covers {len(update.contribution.delta)} delta and "
+                f"{len(update.contribution.fisher)} Fisher tensors "
                 f"(other keys), the other clients {len(expected[0])} and {len(expected[1])}."))
     return kept, dropped
 
 
-def _covered(update: ClientUpdate) -> tuple[frozenset[str], frozenset[str]]:
+def _covered(update: ParsedReply) -> tuple[frozenset[str], frozenset[str]]:
     """The (delta keys, Fisher keys) a reply covers."""
-    return frozenset(update.delta), frozenset(update.fisher)
+    return frozenset(update.contribution.delta), frozenset(update.contribution.fisher)
+
+
+def client_id_of(content: RecordDict) -> str | None:
+    """The stable client id a reply's content carries (``CLIENT_RECORD``), or None."""
+    client_id = content.config_records.get(CLIENT_RECORD, {}).get(CLIENT_ID_KEY)
+    return None if client_id is None else str(client_id)
 
 
 def client_id_of_query_reply(reply: Message) -> str | None:
     """The stable client id a QUERY reply carries, or None (an error or no id)."""
-    if reply.has_error():
-        return None
-    client_id = reply.content.config_records.get(CLIENT_RECORD, {}).get(CLIENT_ID_KEY)
-    return None if client_id is None else str(client_id)
+    return None if reply.has_error() else client_id_of(reply.content)
 
 
 # --------------------------------------------------------------------------- client side

@@ -12,37 +12,30 @@ the derivation,
     Δ'_{s,r} = Δ_{s,r} − F_{s,r} / (κ·H0 + F_{s,r}) · D_r,
 
 α is recomputed over the round's remaining participants, and the round is merged with the
-run's rule and prior; D_{r+1} = D_r + (replayed step − recorded step), both steps merged
-from the stored contributions, so storage round-off cancels to first order. A run with
-server momentum or Adam (``fl_ugm.server_optimizer``) has both steps go through it: the
-recorded one from the state the history stored with the round, the replayed one from the
-replayed state. A run with the client memory (``fl_ugm.client_memory``) merged, besides
-each round's participants, the remembered clients the history lists for the round: the
-replay merges them too, each client's latest replayed contribution re-centred from its
-replayed start to the replayed global, as the memory does. The result is the newest
-global + D. No client trains. The plan also holds the rewritten history (the training as it
-would have been without the client), which the commit stores in place of the old one.
+run's rule and prior; D_{r+1} = D_r + (replayed step − recorded step). Both steps are the
+round engine's (``fl_ugm.engine.step``), so whatever the run used replays with them: the
+recorded step from the state the history stored with the round (and the memory its earlier
+rounds leave), the replayed one from the replayed state (server optimizer, carried
+precision, client memory: the remembered clients the history lists, but the removed one).
+Storage round-off cancels to first order. The result is the newest global + D, and the
+replayed server state. No client trains. The plan also holds the rewritten history (the
+training as it would have been without the client), which the commit stores in place of
+the old one.
 
-Two knobs adapt the derivation's quadratic model to nets (chosen on
-``simulations.unlearn``'s scenarios, seeds 0–2; docs/design.md §1 has the numbers):
+Two knobs adapt the derivation's quadratic model to nets (docs/design.md §1, "Removal by
+replay", has why and the measurements they were chosen on):
 
-* κ (``recentring``, default ``RECENTRING`` = 1e-3) scales the re-centring prior. With κ = 1,
-  a client that solves a quadratic local loss exactly under the prior (linear regression)
+* κ (``recentring``, default ``RECENTRING``) scales the re-centring prior. With κ = 1 a
+  client that solves a quadratic local loss exactly under the prior (linear regression)
   gives exactly Δ'_{s,r}, and the replay equals retraining without the client through the
-  same protocol, for any number of rounds and any participation. Nets trained by a few SGD
-  epochs behave otherwise: wherever a client's data carries any Fisher its endpoint is set
-  by its data, not by where it started, although its Fisher at that endpoint (confident
-  predictions) is small next to δ. With κ = 1 the replay lost 13–16 points of test accuracy
-  against retraining on a backdoor; κ from 1e-2 to 1e-6 kept it.
-* ``shared_rank`` (default ``SHARED_RANK`` = 10): a diagonal Fisher cannot see that a
-  direction made of many informed coordinates is one no other client's data informs (a
-  backdoor trigger drawn on pixels every digit uses). Per row of each parameter tensor (one
-  output unit; a vector is one row), the removed client's accumulated update (its
-  ``applied`` sum) minus its projection on the top ``shared_rank`` principal directions of
-  the other clients' per-round updates of that row estimates such a direction; along it the
-  drift is not re-centred (the others would not have moved there). 0 turns it off (and,
-  with κ = 1, restores the exact replay).
-
+  same protocol, for any number of rounds and any participation. A net trained by a few SGD
+  epochs ends where its data sets it, whatever its start, which a small κ models.
+* ``shared_rank`` (default ``SHARED_RANK``): per row of each parameter tensor (one output
+  unit; a vector is one row), the removed client's accumulated update (its ``applied`` sum)
+  minus its projection on the top ``shared_rank`` principal directions of the other
+  clients' per-round updates of that row estimates a direction no other client's data
+  informs, which a diagonal Fisher cannot see; along it the drift is not re-centred. 0 turns
+  it off (and, with κ = 1, restores the exact replay).
 
 **eq13** is the one-round update of the paper, in two parts, per coordinate (parameter
 entry):
@@ -55,7 +48,7 @@ entry):
    for linear regression). *Offline*, they are its last stored contribution, which started
    from θ_start (from the round's history, or the checkpoint before it), not from θ; by
    default the delta is re-centred to the current model with the same quadratic model the
-   derivation uses (ℓ_t's Hessian ≈ F_t):
+   derivation uses (ℓ_t's Hessian ≈ F_t; ``fl_ugm.merge.recentred_delta``):
 
        Δ'_t = Δ_t − F_t / (H0 + F_t) · (θ − θ_start)
 
@@ -69,61 +62,53 @@ entry):
    weights get exactly zero gradient), so retraining without t leaves it where it started,
    and the exact removal is to subtract everything the merges added there on t's behalf over
    all rounds (the ledger's ``applied`` sum). Eq. 13 alone cannot do this in multi-round
-   FL: Δ_t and F_t are one round's, and once the global fits t's data they are ≈ 0 (a
-   backdoor is exactly such a case). Measured in ``simulations.unlearn``.
+   FL: Δ_t and F_t are one round's, and once the global fits t's data they are ≈ 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from fl_ugm.client_memory import recentred_delta
-from fl_ugm.ledger import (
-    ClientRecord,
+from fl_ugm.engine import (
+    ClientMemory,
     Contribution,
     HistoryRound,
-    Ledger,
-    LedgerCorruptError,
-    LedgerError,
-    Remembered,
+    RememberedClient,
+    RunSettings,
+    ServerState,
+    step,
 )
-from fl_ugm.merge import PriorPrecision, carry_precision, prior_at, remove_client, with_carried
-from fl_ugm.merge_rules import MergeRule, client_alphas, merge_round, merge_rule
-from fl_ugm.server_optimizer import OptimizerState, server_update, uses_server_optimizer
+from fl_ugm.ledger import ClientRecord, Ledger, LedgerCorruptError, LedgerError
+from fl_ugm.merge import PriorPrecision, prior_at, recentred_delta, remove_client
 
 log = logging.getLogger(__name__)
 #: How a client is removed: recompute the training without it from the stored history, or
 #: the paper's one-round update (Eq. 13 + the revert of uninformed entries).
 REMOVAL_METHODS = ("replay", "eq13")
 #: κ, the replay's re-centring prior as a fraction of H0 (1: the derivation's quadratic model,
-#: exact for linear regression; the default was measured on nets, see the module docstring).
+#: exact for linear regression; the default was chosen on nets, docs/design.md §1).
 RECENTRING = 1e-3
 #: Rank of the other clients' update subspace per row; the removed client's accumulated
 #: update outside it is not re-centred (0: off; see the module docstring).
 SHARED_RANK = 10
 
 #: Σ_{s≠t} α_s F_s at or below this × H0 counts as "no remaining client informs it".
-#: Measured on the unlearning benchmark: 1e-6 to 1e-3 give the same result.
 UNINFORMED_FISHER = 1e-4
 
 
-def removal_update(
-    params: Mapping[str, Tensor],
-    delta: Mapping[str, Tensor],
-    fisher: Mapping[str, Tensor],
-    fisher_rest: Mapping[str, Tensor],
-    *,
-    alpha: float,
-    prior_precision: PriorPrecision,
-    applied: Mapping[str, Tensor] | None = None,
-    uninformed_threshold: float = UNINFORMED_FISHER,
-) -> tuple[dict[str, Tensor], float]:
+def removal_update(params: Mapping[str, Tensor], delta: Mapping[str, Tensor],
+                   fisher: Mapping[str, Tensor], fisher_rest: Mapping[str, Tensor], *,
+                   alpha: float, prior_precision: PriorPrecision,
+                   applied: Mapping[str, Tensor] | None = None,
+                   uninformed_threshold: float = UNINFORMED_FISHER,
+                   ) -> tuple[dict[str, Tensor], float]:
     """(θ₋t for the keys of ``fisher``, fraction of entries reverted): Eq. 13, then, where
     ``fisher_rest`` ≤ ``uninformed_threshold`` · H0 and ``applied`` (the client's summed
     merge shares over all rounds) is given, θ − applied instead. Units as in
@@ -146,24 +131,22 @@ def removal_update(
 
 @dataclass
 class RemovalPlan:
-    """A computed removal: the new global, the report, and for a replay the rewritten
-    history and the remaining clients' records (``Ledger.commit_removal`` stores them) and,
-    for a run with a server optimizer, its replayed state (the strategy's to keep)."""
+    """A computed removal: the server state without the client (the new global and, for a
+    replay, the replayed optimizer state, carried precision and memory, for the strategy to
+    adopt), the report, and for a replay the rewritten history and the remaining clients'
+    records (``Ledger.commit_removal`` stores them)."""
 
-    state: dict[str, Tensor]
+    state: ServerState
     report: dict
     history: list[HistoryRound] | None = None
     records: list[ClientRecord] = field(default_factory=list)
-    server_state: OptimizerState = ()  # a replay's optimizer state after its last round
-    carried: dict[str, Tensor] | None = None  # ... and its carried precision
 
 
-def remove_from_ledger(ledger: Ledger, client_id: str, **options) -> tuple[dict[str, Tensor],
-                                                                           dict]:
+def remove_from_ledger(ledger: Ledger, client_id: str, **options) -> tuple[dict, dict]:
     """(new global state, report) after removing ``client_id`` from the newest checkpoint;
     the options are :func:`plan_removal`'s. Nothing on disk changes."""
     plan = plan_removal(ledger, client_id, **options)
-    return plan.state, plan.report
+    return dict(plan.state.global_state), plan.report
 
 
 def plan_removal(
@@ -171,7 +154,8 @@ def plan_removal(
     client_id: str,
     *,
     method: str = "replay",
-    prior_precision: PriorPrecision | None = None,
+    settings: RunSettings | None = None,
+    prior_precision: float | None = None,
     recentring: float = RECENTRING,
     shared_rank: int = SHARED_RANK,
     approximate: bool = False,
@@ -183,8 +167,8 @@ def plan_removal(
     changes (commit the plan with ``Ledger.commit_removal``).
 
     ``method``: "replay" (from the history) or "eq13" (see the module docstring).
-    ``prior_precision`` (H0) defaults to the one the run merged with: the ledger's stored δ
-    (or per-tensor prior) through its stored merge rule (``fl_ugm.merge_rules``). Replay:
+    ``settings``: the run's (default: the ledger's, ``Ledger.settings``);
+    ``prior_precision`` replaces its δ (and any server Fisher) by this H0. Replay:
     ``recentring`` is κ and ``shared_rank`` the rank of the other clients' update subspace
     (κ = 1 with ``shared_rank=0`` is exact for linear regression); ``approximate=True``
     replays the stored rounds even when the history does not reach back to the client's
@@ -195,15 +179,13 @@ def plan_removal(
     """
     if method not in REMOVAL_METHODS:
         raise LedgerError(f"removal method {method!r}; choose one of {REMOVAL_METHODS}.")
-    rule = merge_rule(str(ledger.meta.get("merge", "ugm")))
-    if not rule.uses_fisher:
-        raise LedgerError(f"this ledger's run merged with {rule.name!r}; client removal needs a "
-                          "Fisher-weighted rule ('ugm' or 'fisher-averaging').")
-    if prior_precision is None:
-        if "prior_precision" not in ledger.meta:
-            raise LedgerError("no prior precision given and none stored in the ledger's meta; "
-                              "pass the δ the run used.")
-        prior_precision = rule.prior(ledger.prior() or float(ledger.meta["prior_precision"]))
+    settings = settings or ledger.settings()
+    if prior_precision is not None:
+        settings = dataclasses.replace(settings, prior_precision=prior_precision,
+                                       server_fisher=None)
+    if not settings.rule.uses_fisher:
+        raise LedgerError(f"this ledger's run merged with {settings.merge!r}; client removal "
+                          "needs a Fisher-weighted rule ('ugm' or 'fisher-averaging').")
     if not ledger.client_ids():
         raise LedgerError(f"the ledger at {ledger.directory} holds no client contributions.")
     if method == "replay":
@@ -214,72 +196,34 @@ def plan_removal(
             raise LedgerError(f"recentring={recentring}; κ must be > 0 (1: the derivation).")
         if shared_rank < 0:
             raise LedgerError(f"shared_rank={shared_rank}; give 0 (off) or a rank > 0.")
-        return _replay(ledger, client_id, rule, prior_precision, recentring=recentring,
+        return _replay(ledger, client_id, settings, recentring=recentring,
                        shared_rank=shared_rank, approximate=approximate)
-    if ledger.meta.get("client_memory"):
+    if settings.client_memory:
         raise LedgerError("this ledger's run used the client memory: a client's reply was "
                           "merged again in every later round, which the one-round eq13 update "
                           "cannot undo. Use method='replay'.")
-    if float(ledger.meta.get("carried_precision", 0.0)):
+    if settings.carried_precision:
         raise LedgerError("this ledger's run carried a precision across rounds, so each "
                           "round merged under another prior; the one-round eq13 update "
                           "assumes one. Use method='replay'.")
-    if _steps(ledger):
-        options = _optimizer_options(ledger)
-        raise LedgerError(f"this ledger's run used server {options['optimizer']} (server_lr, "
-                          f"server_momentum = {_server_optimizer(ledger)}); the one-round eq13 "
-                          "update assumes each merge was applied as is. Use method='replay'.")
-    return RemovalPlan(*_eq13(ledger, client_id, prior_precision, recenter=recenter,
-                              revert_uninformed=revert_uninformed, client_reply=client_reply))
+    if settings.moves_by_optimizer:
+        raise LedgerError(f"this ledger's run used server {settings.server_optimizer} "
+                          f"(server_lr, server_momentum = {settings.server_lr}, "
+                          f"{settings.server_momentum}); the one-round eq13 update assumes "
+                          "each merge was applied as is. Use method='replay'.")
+    state, report = _eq13(ledger, client_id, settings, recenter=recenter,
+                          revert_uninformed=revert_uninformed, client_reply=client_reply)
+    return RemovalPlan(ServerState(state), report)
 
 
-def _server_optimizer(ledger: Ledger) -> tuple[float, float]:
-    """(η, β) of the ledger's run (1, 0 for a ledger written before server momentum)."""
-    return (float(ledger.meta.get("server_lr", 1.0)),
-            float(ledger.meta.get("server_momentum", 0.0)))
-
-
-def _steps(ledger: Ledger) -> bool:
-    """Whether the ledger's run moved the global by a server optimizer, not by the merge."""
-    return (ledger.meta.get("server_optimizer", "momentum") == "adam"
-            or uses_server_optimizer(*_server_optimizer(ledger)))
-
-
-def _optimizer_options(ledger: Ledger) -> dict:
-    server_lr, server_momentum = _server_optimizer(ledger)
-    return {"optimizer": str(ledger.meta.get("server_optimizer", "momentum")),
-            "server_lr": server_lr, "server_momentum": server_momentum}
-
-
-def recorded_step(ledger: Ledger, round_: int, prior: PriorPrecision) -> dict[str, Tensor]:
-    """θ⁺_r − θ_{r−1} of the ledger's round ``round_`` (before any server optimizer), merged
-    again from its history with the run's rule and ``prior`` (float64, float keys): the
-    participants, and the remembered clients' replies from their own rounds' history."""
-    entry = ledger.history_round(round_)
-    float_keys = [k for k, v in entry.start.items() if v.is_floating_point()]
-    memory = {}
-    for item in entry.remembered:
-        old = ledger.history_round(item.reply_round)
-        reply = next((p for p in old.participants if p.client_id == item.client_id), None)
-        if reply is not None:
-            memory[item.client_id] = (item.reply_round, reply,
-                                      {k: old.start[k].double() for k in float_keys})
-    start = {k: entry.start[k].double() for k in float_keys}
-    rule = merge_rule(str(ledger.meta.get("merge", "ugm")))
-    prior = rule.prior(with_carried(prior, {k: v.double() for k, v in entry.carried.items()}))
-    participants = entry.participants + _from_memory(memory, entry.remembered, start, prior,
-                                                     round_)
-    step, _ = _merged_step(rule, start, participants, prior, [p.alpha for p in participants])
-    return step
-
-
-def _eq13(ledger: Ledger, client_id: str, prior_precision: PriorPrecision, *, recenter: bool,
+def _eq13(ledger: Ledger, client_id: str, settings: RunSettings, *, recenter: bool,
           revert_uninformed: bool, client_reply) -> tuple[dict[str, Tensor], dict]:
     """Eq. 13 + the revert of uninformed entries (module docstring)."""
     round_, state = ledger.global_state()
     record = ledger.client(client_id)
     params = _matching_params(state, record.delta, record.fisher, client_id)
     rest = fisher_of_others(ledger, client_id, state, like=record.fisher)
+    prior_precision = settings.merge_prior(record.fisher, None)
 
     recentered = False
     if client_reply is not None:
@@ -291,13 +235,10 @@ def _eq13(ledger: Ledger, client_id: str, prior_precision: PriorPrecision, *, re
         in_history = record.round in ledger.history()
         recentered = recenter and (in_history or record.round - 1 in ledger.rounds())
         if recentered:  # the global the client started from: its round's history, if kept
-            start = (ledger.history_round(record.round).start if in_history
+            start = (ledger.history_round(record.round).start.global_state if in_history
                      else ledger.global_state(record.round - 1)[1])
-            delta = {
-                k: d - fisher[k] / (prior_at(prior_precision, k) + fisher[k])
-                * (params[k] - start[k])
-                for k, d in delta.items()
-            }
+            delta = recentred_delta(delta, fisher, {k: start[k] - params[k] for k in fisher},
+                                    prior_precision)
     removed, reverted = removal_update(
         params, delta, fisher, rest, alpha=record.alpha, prior_precision=prior_precision,
         applied=record.applied if revert_uninformed and record.applied else None,
@@ -318,17 +259,17 @@ def _eq13(ledger: Ledger, client_id: str, prior_precision: PriorPrecision, *, re
     return new_state, report
 
 
-def _replay(ledger: Ledger, client_id: str, rule: MergeRule, prior: PriorPrecision, *,
-            recentring: float, shared_rank: int, approximate: bool) -> RemovalPlan:
-    """Replay removal (module docstring)."""
+def _replay(ledger: Ledger, client_id: str, settings: RunSettings, *, recentring: float,
+            shared_rank: int, approximate: bool) -> RemovalPlan:
+    """Replay removal (module docstring): two folds of ``fl_ugm.engine.step`` in lockstep,
+    the recorded rounds and the rounds without the client, in float64."""
     started = time.perf_counter()
     record = ledger.client(client_id)  # a clear error for an unknown or removed client
     rounds = ledger.history()
     if not rounds:
-        raise LedgerError(
-            f"the ledger at {ledger.directory} holds no per-round history (recorded before "
-            "fl_ugm kept one, or cleared by a removal that did not replay); use "
-            "method='eq13'.")
+        raise LedgerError(f"the ledger at {ledger.directory} holds no per-round history "
+                          "(recorded before fl_ugm kept one, or cleared by a removal that did "
+                          "not replay); use method='eq13'.")
     first = ledger.first_round(client_id)
     reaches_back = first is None or first >= rounds[0]
     if not reaches_back and not approximate:
@@ -343,88 +284,65 @@ def _replay(ledger: Ledger, client_id: str, rule: MergeRule, prior: PriorPrecisi
     if unexplained:
         raise LedgerError(f"the history ends at round {rounds[-1]} but the newest global is of "
                           f"round {newest_round}; rounds {unexplained} are not in it.")
-    mode = str(ledger.meta.get("alpha", "num-examples"))
-    scale = float(ledger.meta.get("scale", 1.0))
     float_keys = [k for k, v in newest.items() if v.is_floating_point()]
     drift = {k: torch.zeros(newest[k].shape, dtype=torch.float64) for k in float_keys}
     applied_change: dict[str, dict[str, Tensor]] = {}  # Σ (replayed − recorded) shares
-    latest: dict[str, tuple[int, Contribution]] = {}  # each remaining client's last round
+    latest: dict[str, tuple[int, Contribution, float]] = {}  # each one's last replayed round
     rewritten: list[HistoryRound] = []
-    own = (_own_directions(ledger, record, rounds, shared_rank) if shared_rank else {})
-    server_lr, server_momentum = _server_optimizer(ledger)
-    steps, options = _steps(ledger), _optimizer_options(ledger)
-    server_state: OptimizerState = ()  # the replayed optimizer state after the last round
-    gamma = float(ledger.meta.get("carried_precision", 0.0))
-    carried: dict[str, Tensor] | None = None  # the replayed carried precision C'_{r−1}
-    # the client memory (``fl_ugm.client_memory``) as recorded and as replayed: each client's
-    # latest (reply round, contribution, start global), float64
-    recorded_memory: dict[str, tuple[int, Contribution, dict[str, Tensor]]] = {}
-    replayed_memory: dict[str, tuple[int, Contribution, dict[str, Tensor]]] = {}
+    own = _own_directions(ledger, record, rounds, shared_rank) if shared_rank else {}
+    recorded_memory = ClientMemory()
+    replayed = ServerState({})  # the replayed state after the previous round
     for index, round_ in enumerate(rounds):
         entry = ledger.history_round(round_)
-        start = {k: entry.start[k].double() for k in float_keys}
-        replayed_start = {k: start[k] + drift[k] for k in float_keys}
-        # the round's prior as recorded and as replayed (with a carried precision, each
-        # run's own, the run's at the first replayed round or where the run restarted it)
-        stored_carried = {k: v.double() for k, v in entry.carried.items()}
-        round_prior = rule.prior(with_carried(prior, stored_carried))
-        replayed_carried = stored_carried if index == 0 or not stored_carried else carried
-        replayed_prior = rule.prior(with_carried(prior, replayed_carried))
-        # the round as recorded, and as replayed: without the client, the others re-centred
-        recorded, recorded_shares = _merged_step(
-            rule, start, entry.participants + _from_memory(
-                recorded_memory, entry.remembered, start, round_prior, round_),
-            round_prior,
-            [p.alpha for p in entry.participants] + [m.alpha for m in entry.remembered])
-        kept = [i for i, p in enumerate(entry.participants) if p.client_id != client_id]
-        recentred = [_recentred(entry.participants[i], _without(drift, own), round_prior,
-                                recentring, replayed_prior if gamma else None) for i in kept]
-        remembered = [m for m in entry.remembered if m.client_id != client_id] if kept else []
-        merged = recentred + _from_memory(replayed_memory, remembered, replayed_start,
-                                          replayed_prior, round_)
-        alphas = client_alphas([p.num_examples for p in merged], mode, scale) if kept else []
-        replayed, shares = _merged_step(rule, replayed_start, merged, replayed_prior, alphas)
-        if gamma:  # C'_r = γ (C'_{r−1} + Σ α' F), as FedUGM carries it
-            carried = carry_precision(replayed_carried, [p.fisher for p in recentred],
-                                      alphas[:len(kept)], gamma)
-        stored_state = tuple({k: v.double() for k, v in part.items()}
-                             for part in entry.server_state)
-        # the run's own state at the first replayed round, or where the run restarted it
-        replayed_state = stored_state if index == 0 or not stored_state else server_state
-        if steps:  # θ_r − θ_{r−1} from the merged step and the state
-            recorded, _ = server_update(recorded, stored_state, server_round=round_, **options)
-            server_state = replayed_state  # a round nobody is left in keeps both, as FedUGM
-            if kept:
-                replayed, server_state = server_update(replayed, replayed_state,
-                                                       server_round=round_, **options)
+        recorded = dataclasses.replace(entry.start.to(torch.float64), memory=recorded_memory)
+        participants = [p.to(torch.float64) for p in entry.participants]
+        # the run's own optimizer state and carried precision at the first replayed round,
+        # or where the run restarted them; else the replay's own
+        restart = index == 0
+        start = ServerState(
+            {k: v + drift[k] if k in drift else v for k, v in recorded.global_state.items()},
+            recorded.optimizer if restart or not recorded.optimizer else replayed.optimizer,
+            recorded.carried if restart or not recorded.carried else replayed.carried,
+            replayed.memory)
+        listed = [m.client_id for m in entry.remembered]
+        try:
+            recorded_after, recorded_round = step(settings, recorded, participants, round_,
+                                                  remembered=listed)
+        except KeyError as missing:
+            raise LedgerError(_lost_reply(round_, missing.args[0], entry.remembered)) from None
+        for merged, stored in zip(recorded_round.remembered, entry.remembered, strict=True):
+            if merged.reply_round != stored.reply_round:
+                raise LedgerError(_lost_reply(round_, stored.client_id, entry.remembered))
+        kept = [i for i, p in enumerate(participants) if p.client_id != client_id]
+        moved = _recentred([participants[i] for i in kept], drift, own, recentring,
+                           settings, recorded.carried, start.carried)
+        replayed, replayed_round = step(settings, start, moved, round_,
+                                        remembered=[c for c in listed if c != client_id])
         for key in float_keys:
-            drift[key] += replayed[key] - recorded[key]
-        participants = [Contribution(p.client_id, p.num_examples, a, p.delta, p.fisher, {})
-                        for p, a in zip(recentred, alphas[:len(kept)], strict=True)]
-        rewritten.append(HistoryRound.of(round_, {**entry.start, **{
-            k: replayed_start[k].to(entry.start[k].dtype) for k in float_keys}}, participants,
-            [_like(part, newest) for part in replayed_state], [
-                Remembered(m.client_id, m.reply_round, a)
-                for m, a in zip(remembered, alphas[len(kept):], strict=True)],
-            _like(replayed_carried or {}, newest)))
-        for i, item, share in zip(kept, participants, shares[:len(kept)], strict=True):
+            drift[key] += (replayed.global_state[key] - start.global_state[key]) - (
+                recorded_after.global_state[key] - recorded.global_state[key])
+        recorded_memory = recorded_after.memory
+        rewritten.append(HistoryRound(
+            round_, ServerState(start.global_state, start.optimizer, start.carried).like(newest),
+            [item.like(newest) for item in moved], replayed_round.alphas,
+            replayed_round.remembered))
+        for j, (i, item) in enumerate(zip(kept, moved, strict=True)):
             if item.client_id is not None:  # the client's record follows the rewrite
                 change = applied_change.setdefault(item.client_id, {})
-                for key, value in share.items():
-                    change[key] = change.get(key, 0) + value - recorded_shares[i][key]
-                latest[item.client_id] = (round_, item)
-                replayed_memory[item.client_id] = (round_, item, replayed_start)
-        for item in entry.participants:
-            if item.client_id is not None:
-                recorded_memory[item.client_id] = (round_, item, start)
+                for key, value in replayed_round.shares[j].items():
+                    change[key] = change.get(key, 0) + value - recorded_round.shares[i][key]
+                latest[item.client_id] = (round_, item, replayed_round.alphas[j])
         if (index + 1) % max(len(rounds) // 10, 1) == 0:
             log.info("replay without client %r: round %d of %d", client_id, index + 1,
                      len(rounds))
-    state = dict(newest)
-    state.update({k: (newest[k].double() + drift[k]).to(newest[k].dtype) for k in float_keys})
+    global_state = dict(newest)
+    global_state.update({k: newest[k].double() + drift[k] for k in float_keys})
+    state = ServerState(global_state, replayed.optimizer, replayed.carried,
+                        replayed.memory).like(newest)
     records = [_updated_record(ledger.client(c), latest.get(c), applied_change.get(c, {}))
                for c in ledger.client_ids() if c != client_id]
     change = torch.sqrt(sum((drift[k] ** 2).sum() for k in float_keys))
+    prior = settings.rule.prior(settings.base_prior(record.fisher))
     report = {
         "client": client_id, "method": "replay", "mode": "offline",
         "global_round": newest_round, "client_round": record.round, "alpha": record.alpha,
@@ -433,19 +351,44 @@ def _replay(ledger: Ledger, client_id: str, rule: MergeRule, prior: PriorPrecisi
         "client_first_round": first, "approximate": not reaches_back,
         "history_dtype": ledger.history_dtype,
         "prior_precision": prior if isinstance(prior, float) else "tensor",
-        "server_lr": server_lr, "server_momentum": server_momentum,
+        "server_lr": settings.server_lr, "server_momentum": settings.server_momentum,
         "update_l2_norm": float(change), "reverted_fraction": 0.0,
         "replay_seconds": time.perf_counter() - started,
         "remaining_clients": [c for c in ledger.client_ids() if c != client_id],
     }  # fmt: skip
-    return RemovalPlan(state, report, rewritten, records,
-                       tuple(_like(part, newest) for part in server_state),
-                       _like(carried, newest) if carried is not None else None)
+    return RemovalPlan(state, report, rewritten, records)
 
 
-def _like(tensors: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``tensors`` in the dtypes of the global ``state``'s entries."""
-    return {k: v.to(state[k].dtype) for k, v in tensors.items()}
+def _recentred(participants: list[Contribution], drift: Mapping[str, Tensor],
+               own: Mapping[str, Tensor], recentring: float, settings: RunSettings,
+               carried: Mapping[str, Tensor] | None,
+               replayed_carried: Mapping[str, Tensor] | None) -> list[Contribution]:
+    """The remaining participants' contributions moved to the replayed start, θ + D: the
+    quadratic model's answer (``fl_ugm.merge.recentred_delta``) with κ·H0 of the recorded
+    round and κ·H0' of the replayed one (they differ with a carried precision), but not
+    along the removed client's own directions ``own`` (module docstring)."""
+    if not participants:
+        return []
+    keys = list(participants[0].fisher)
+    offset = {k: -v for k, v in _without(drift, own).items()}
+    prior = _scaled(settings.merge_prior(keys, carried), recentring)
+    replayed_prior = _scaled(settings.merge_prior(keys, replayed_carried), recentring)
+    return [dataclasses.replace(item, delta=recentred_delta(item.delta, item.fisher, offset,
+                                                            prior, replayed_prior))
+            for item in participants]
+
+
+def _scaled(prior: PriorPrecision, factor: float) -> PriorPrecision:
+    return ({k: factor * v for k, v in prior.items()} if isinstance(prior, Mapping)
+            else factor * prior)
+
+
+def _lost_reply(round_: int, client_id: str, remembered: Sequence[RememberedClient]) -> str:
+    reply_round = next((m.reply_round for m in remembered if m.client_id == client_id), "?")
+    return (f"round {round_} merged client {client_id!r}'s remembered reply of round "
+            f"{reply_round}, which the history does not hold (its first round is later, or the "
+            "history was rewritten without it); a replay of a run with the client memory needs "
+            "every round's history.")
 
 
 def _own_directions(ledger: Ledger, record: ClientRecord, rounds: list[int],
@@ -491,67 +434,7 @@ def _without(drift: Mapping[str, Tensor], directions: Mapping[str, Tensor]
     return out
 
 
-def _merged_step(rule: MergeRule, start: dict[str, Tensor], participants: list[Contribution],
-                 prior: PriorPrecision, alphas: list[float]):
-    """(merged − start per float key, each participant's parameter shares), in float64; a
-    round without participants leaves the global where it was."""
-    if not participants:
-        return {k: torch.zeros_like(v) for k, v in start.items()}, []
-    merged, shares = merge_round(
-        rule, start, [{k: v.double() for k, v in p.delta.items()} for p in participants],
-        [{k: v.double() for k, v in p.fisher.items()} for p in participants],
-        [p.num_examples for p in participants], alphas=alphas,
-        prior_precision=_double_prior(prior), with_shares=True)  # fmt: skip
-    return {k: merged[k] - start[k] for k in start}, shares
-
-
-def _from_memory(memory: Mapping[str, tuple[int, Contribution, dict[str, Tensor]]],
-                 remembered: list[Remembered], current: Mapping[str, Tensor],
-                 prior: PriorPrecision, round_: int) -> list[Contribution]:
-    """The ``remembered`` clients' latest contributions in ``memory``, each re-centred from
-    its start global to ``current`` under the merge's prior (``fl_ugm.client_memory``), as
-    FedUGM merged (or, replayed, would have merged) them in round ``round_``."""
-    out = []
-    for item in remembered:
-        reply_round, contribution, start = memory.get(item.client_id, (None, None, None))
-        if reply_round != item.reply_round:
-            raise LedgerError(
-                f"round {round_} merged client {item.client_id!r}'s remembered reply of round "
-                f"{item.reply_round}, which the history does not hold (its first round is "
-                f"later, or the history was rewritten without it); a replay of a run with the "
-                "client memory needs every round's history.")
-        fisher = {k: v.double() for k, v in contribution.fisher.items()}
-        delta = recentred_delta({k: v.double() for k, v in contribution.delta.items()}, fisher,
-                                start, current, _double_prior(prior))
-        out.append(Contribution(item.client_id, contribution.num_examples, item.alpha, delta,
-                                fisher, {}))
-    return out
-
-
-def _recentred(item: Contribution, drift: Mapping[str, Tensor], prior: PriorPrecision,
-               recentring: float, replayed_prior: PriorPrecision | None = None
-               ) -> Contribution:
-    """The participant's delta re-centred to the replayed global: Δ − F/(κ·H0 + F)·D for
-    the parameters (buffers have no Fisher and keep their delta). Where the replayed round's
-    prior H0' differs from the recorded H0 (a carried precision): ((κ·H0 + F)·Δ − F·D) /
-    (κ·H0' + F), the quadratic model's fine-tune under H0' from the replayed global."""
-    delta = {}
-    for key, value in item.delta.items():
-        value = value.double()
-        if key in item.fisher:
-            fisher = item.fisher[key].double()
-            h0 = recentring * _double_value(prior_at(prior, key))
-            if replayed_prior is None:
-                value = value - fisher / (h0 + fisher) * drift[key]
-            else:
-                replayed_h0 = recentring * _double_value(prior_at(replayed_prior, key))
-                value = ((h0 + fisher) * value - fisher * drift[key]) / (replayed_h0 + fisher)
-        delta[key] = value
-    return Contribution(item.client_id, item.num_examples, item.alpha, delta,
-                        {k: v.double() for k, v in item.fisher.items()}, {})
-
-
-def _updated_record(record: ClientRecord, latest: tuple[int, Contribution] | None,
+def _updated_record(record: ClientRecord, latest: tuple[int, Contribution, float] | None,
                     change: Mapping[str, Tensor]) -> ClientRecord:
     """A remaining client's record as of the rewritten history: its last replayed
     contribution (if the history holds one) and its ``applied`` sum corrected by the
@@ -559,23 +442,12 @@ def _updated_record(record: ClientRecord, latest: tuple[int, Contribution] | Non
     applied = {k: (v.double() + change[k]).to(v.dtype) if k in change else v
                for k, v in record.applied.items()}
     if latest is None:
-        return ClientRecord(record.client_id, record.round, record.num_examples, record.alpha,
-                            record.delta, record.fisher, applied)
-    round_, item = latest
-    like = record.delta
-    return ClientRecord(record.client_id, round_, item.num_examples, item.alpha,
-                        {k: v.to(like[k].dtype) for k, v in item.delta.items()},
+        return dataclasses.replace(record, applied=applied)
+    round_, item, alpha = latest
+    return ClientRecord(record.client_id, round_, item.num_examples, alpha,
+                        {k: v.to(record.delta[k].dtype) for k, v in item.delta.items()},
                         {k: v.to(record.fisher[k].dtype) for k, v in item.fisher.items()},
                         applied)
-
-
-def _double_value(value: float | Tensor) -> float | Tensor:
-    return value.double() if isinstance(value, Tensor) else value
-
-
-def _double_prior(prior: PriorPrecision) -> PriorPrecision:
-    return {k: _double_value(v) for k, v in prior.items()} if isinstance(prior, Mapping) \
-        else prior
 
 
 def fisher_of_others(

@@ -88,15 +88,15 @@ class UpdateScreen:
     ----------
     norm_bound : float or None (default: 3.0)
         A Δ longer than ``norm_bound`` × the lower median of the round's ‖Δ‖ is scaled down
-        to exactly that length (a ×10 update becomes a 3× one). ≥ 1; None: no bound. Honest
-        clients reached 1.8× in 60 rounds of the MNIST-5k benchmark (docs/design.md §1).
+        to exactly that length (a ×10 update becomes a 3× one). ≥ 1; None: no bound
+        (docs/design.md §1 has how far honest clients reach).
     min_cosine : float or None (default: None, off)
         A Δ whose cosine with the coordinate-wise median of the round's deltas is ≤
         ``min_cosine`` (0: it points away from what most clients ask for) is dropped; at
         most ⌊(T − 1) / 2⌋ of T clients, the lowest cosines first, so the majority the
         median stands for is never overruled. In (−1, 1). Off by default: on non-IID
-        clients it also drops honest ones (13–15 % of client-rounds at 0 in the attack
-        benchmark) and costs honest runs about a point; it pays against update poisoning.
+        clients it also drops honest ones (docs/design.md §1 has the measured cost); it pays
+        against update poisoning.
     min_clients : int (default: 3)
         With fewer (finite) deltas than this in a round there is no robust centre: the
         screen leaves the round alone.

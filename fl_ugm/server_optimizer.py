@@ -10,12 +10,9 @@ This is Flower's FedAvgM update (pseudo-gradient θ_{r−1} − θ⁺_r) with th
 replaced by the UGM merge. η = 1, β = 0 is the plain UGM round, which keeps the
 linear-regression oracle exact; with β > 0 round 1 is still the UGM merge (m_0 = 0), later
 rounds are not a MAP of anything but a heavy-ball step along the merged directions.
-Replay removal (``fl_ugm.removal``) replays the momentum too, from the buffer each round
-started with (stored in the ledger's history).
-
 ``server_optimizer="adam"`` applies Flower's FedAdam update to the merged step instead
-(:func:`server_update`). The ledger's history stores the state each round started from, so
-replay removal replays either optimizer.
+(:func:`server_update`). The round engine (``fl_ugm.engine.step``) calls :func:`server_step`;
+the ledger stores the state each round started from, so replay removal replays either.
 """
 
 from __future__ import annotations
@@ -28,21 +25,6 @@ from torch import Tensor
 SERVER_OPTIMIZERS = ("momentum", "adam")
 
 
-def check_server_optimizer(server_lr: float, server_momentum: float) -> None:
-    """Raise ``ValueError`` unless η is finite and > 0 and 0 ≤ β < 1."""
-    if not (math.isfinite(server_lr) and server_lr > 0):
-        raise ValueError(f"server_lr={server_lr}; the server learning rate η must be finite "
-                         "and > 0 (1: apply the merged update as it is).")
-    if not (math.isfinite(server_momentum) and 0 <= server_momentum < 1):
-        raise ValueError(f"server_momentum={server_momentum}; β must be in [0, 1) "
-                         "(0: no momentum).")
-
-
-def uses_server_optimizer(server_lr: float, server_momentum: float) -> bool:
-    """False for η = 1, β = 0: the merged state is the new global as it is."""
-    return server_lr != 1.0 or server_momentum != 0.0
-
-
 #: The server optimizer's state after a round: (m_r,) for momentum, (m_r, v_r) for Adam; an
 #: empty tuple (or a missing key) is the zero state.
 OptimizerState = tuple[dict[str, Tensor], ...]
@@ -52,15 +34,6 @@ def float_steps(start: Mapping[str, Tensor], merged: Mapping[str, Tensor]
                 ) -> dict[str, Tensor]:
     """u_r = θ⁺_r − θ_{r−1} for the floating-point entries (integer buffers do not move)."""
     return {k: v - start[k] for k, v in merged.items() if v.is_floating_point()}
-
-
-def momentum_update(step: Mapping[str, Tensor], momentum: Mapping[str, Tensor] | None,
-                    server_momentum: float) -> dict[str, Tensor]:
-    """m_r = β · m_{r−1} + u_r per key of ``step`` (u_r); a missing m_{r−1} counts as 0."""
-    if not momentum:
-        return dict(step)
-    return {k: u + server_momentum * momentum[k].to(u.dtype) if k in momentum else u
-            for k, u in step.items()}
 
 
 def server_update(step: Mapping[str, Tensor], state: OptimizerState, *, optimizer: str,
@@ -75,7 +48,9 @@ def server_update(step: Mapping[str, Tensor], state: OptimizerState, *, optimize
     = η̂ m_r / (√v_r + τ) with η̂ = η √(1 − β₂^{r+1}) / (1 − β₁^{r+1}), β₁ = ``server_momentum``
     (``flwr.serverapp.strategy.FedAdam``, whose defaults β₂ 0.99, τ 1e-3 these are)."""
     if optimizer == "momentum":
-        momentum = momentum_update(step, state[0] if state else None, server_momentum)
+        previous = state[0] if state else {}
+        momentum = {k: u + server_momentum * previous[k].to(u.dtype) if k in previous else u
+                    for k, u in step.items()}
         return {k: server_lr * m for k, m in momentum.items()}, (momentum,)
     if optimizer != "adam":
         raise ValueError(f"server optimizer {optimizer!r}; choose one of {SERVER_OPTIMIZERS}.")
@@ -100,13 +75,3 @@ def server_step(start: Mapping[str, Tensor], merged: Mapping[str, Tensor],
     new_state = dict(merged)
     new_state.update({k: start[k] + c for k, c in change.items()})
     return new_state, state
-
-
-def momentum_step(start: Mapping[str, Tensor], merged: Mapping[str, Tensor],
-                  momentum: Mapping[str, Tensor] | None, *, server_lr: float,
-                  server_momentum: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(θ_r, m_r) of server momentum (:func:`server_step`; ``momentum`` None: m_{r−1} = 0)."""
-    new_state, (momentum,) = server_step(
-        start, merged, (dict(momentum),) if momentum else (), optimizer="momentum",
-        server_lr=server_lr, server_momentum=server_momentum, server_round=0)
-    return new_state, momentum

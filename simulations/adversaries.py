@@ -24,12 +24,11 @@ from flwr.app import ArrayRecord, Context, Message
 from torch import Tensor
 
 from fl_ugm.protocol import (
-    CLIENT_ID_KEY,
-    CLIENT_RECORD,
     DELTA_RECORD,
     METRICS_RECORD,
     SCALES_RECORD,
     build_ugm_reply,
+    client_id_of,
     parse_ugm_reply,
 )
 from simulations.flower_app import ClientRole, client_data, run_client_train
@@ -40,8 +39,8 @@ from simulations.flower_app import ClientRole, client_data, run_client_train
 ATTACKS = ("inflate", "flip-inflate", "flip", "scale", "norm-match")
 #: Backdoor triggers: a white 4×4 square in the bottom-right corner (pixels blank in every
 #: digit, so no other client's data touches their weights), or a 6×6 checkerboard in the
-#: centre (pixels most digits ink, in a pattern none has; a plain white square there was
-#: learned far less: 33 % attack success against the checkerboard's 81 %, seeds 0–2).
+#: centre (pixels most digits ink, in a pattern none has; docs/unlearning.md says why not a
+#: plain white square there).
 TRIGGERS = ("corner", "checker")
 
 
@@ -110,7 +109,7 @@ def update_of(reply: Message, request: Message) -> tuple[dict[str, Tensor], dict
     if DELTA_RECORD not in content.array_records:
         trained = content.array_records["arrays"].to_torch_state_dict()
         return {k: v - sent[k] for k, v in trained.items() if v.is_floating_point()}, {}
-    update = parse_ugm_reply(content, sent, node_id=reply.metadata.src_node_id)
+    update = parse_ugm_reply(content, sent, node_id=reply.metadata.src_node_id).contribution
     return update.delta, update.fisher
 
 
@@ -125,7 +124,7 @@ def replace_update(reply: Message, request: Message, delta: Mapping[str, Tensor]
         content["arrays"] = ArrayRecord({k: sent[k] + delta[k] if k in delta else v
                                          for k, v in trained.items()})
         return
-    client = content.config_records.get(CLIENT_RECORD, {}).get(CLIENT_ID_KEY)
+    client = client_id_of(content)
     wire = "float16" if SCALES_RECORD in content.config_records else "float32"
     rebuilt = build_ugm_reply(delta, fisher, content.metric_records[METRICS_RECORD], client,
                               wire)

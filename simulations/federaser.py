@@ -64,7 +64,7 @@ def run_federaser(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
     roster = ClientRoster(excluded=[removed])
     roster.discover(grid)
     client_of = {node: client for client, node in roster.node_of.items()}
-    start = ledger.history_round(ledger.history()[0]).start
+    start = ledger.history_round(ledger.history()[0]).start.global_state
     theta = {k: v.clone() for k, v in start.items()}
     for round_ in rounds:
         stored = {p.client_id: p for p in ledger.history_round(round_).participants

@@ -212,7 +212,7 @@ def test_ugm_reply_sends_the_trainable_entries_in_the_asked_dtype():
     reply = ugm_reply(request, model, fisher=fisher, num_examples=12, client_id="c7",
                       metrics={"train-loss": 0.25})
 
-    update = parse_ugm_reply(reply.content, glob, node_id=1)
+    update = parse_ugm_reply(reply.content, glob, node_id=1).contribution
     assert sorted(update.delta) == TRAINABLE  # frozen backbone not sent, no float buffer
     torch.testing.assert_close(update.delta["head.lora_b"], torch.full((3, 2), 0.5))
     assert float(update.delta["head.lora_a"].abs().max()) == 0.0

@@ -23,6 +23,7 @@ from torch import nn
 from fl_ugm import FedUGM
 from fl_ugm.client import handle_train, train_classifier, ugm_reply
 from fl_ugm.client_duals import DUAL_STATE_RECORD, reported_delta
+from fl_ugm.engine import RunSettings
 from fl_ugm.fisher import diagonal_fisher, iterate_batches
 from fl_ugm.protocol import DUAL_STEP_KEY, ugm_train_config
 
@@ -76,8 +77,9 @@ def test_the_dual_adds_its_linear_term_to_the_training_gradient():
 
 
 def _train_message(dual_step: float, seed: int = 0):
-    config = ugm_train_config(ConfigRecord({"server-round": 1}), fisher="empirical",
-                              prior_precision=3.0, dual_step=dual_step)
+    config = ugm_train_config(ConfigRecord({"server-round": 1}), RunSettings(
+        fisher="empirical", prior_precision=3.0, client_dual_step=dual_step,
+        wire_dtype="float32"))
     return message(RecordDict({"arrays": ArrayRecord(global_state(seed)), "config": config}))
 
 

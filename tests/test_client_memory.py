@@ -11,7 +11,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 from helpers import LinearGrid, linear_problem
 
 from fl_ugm import FedUGM
-from fl_ugm.client_memory import ClientMemory, recentred_delta
+from fl_ugm.engine import ClientMemory, Contribution
+from fl_ugm.merge import recentred_delta
 from fl_ugm.strategy import REMEMBERED_METRIC
 
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -47,8 +48,8 @@ def test_with_memory_partial_participation_merges_as_if_every_client_seen_took_p
         torch.testing.assert_close(theta, expected, rtol=0, atol=1e-10)
         assert metrics[REMEMBERED_METRIC] == remembered[-1]
     assert seen == set(range(5)) and max(remembered) == 3  # stale replies were merged
-    assert sorted(strategy.memory.replies) == [f"p{j}" for j in range(5)]
-    assert len(strategy.memory.starts) <= 5  # only the globals a remembered reply needs
+    assert sorted(strategy.state.memory.replies) == [f"p{j}" for j in range(5)]
+    assert len(strategy.state.memory.starts) <= 5  # only the globals a remembered reply needs
 
 
 def test_recentring_is_the_fine_tune_from_the_new_global_on_a_quadratic():
@@ -66,7 +67,7 @@ def test_recentring_is_the_fine_tune_from_the_new_global_on_a_quadratic():
 
     buffer = torch.tensor([2.0], dtype=torch.float64)
     out = recentred_delta({"w": fine_tune(start), "running": buffer}, {"w": fisher},
-                          {"w": start}, {"w": current}, {"w": prior})
+                          {"w": start - current}, {"w": prior})
     torch.testing.assert_close(out["w"], fine_tune(current), rtol=0, atol=1e-14)
     assert out["w"][0] == fine_tune(start)[0] and out["running"] is buffer
 
@@ -99,23 +100,32 @@ def test_a_dropped_reply_is_not_remembered_and_bad_combinations_are_refused():
     strategy = FedUGM(prior_precision=1.0, client_memory=True, min_train_nodes=2,
                       min_available_nodes=3, fisher_clip=None, update_screen=None)
     _, arrays, _ = _round(strategy, grid, 1, theta0)
-    kept = strategy.memory.replies["p0"]
+    kept = strategy.state.memory.replies["p0"]
     grid.nan_nodes = {1}  # client p0 now sends a NaN Δ: dropped, its round-1 reply stays
     _, arrays, metrics = _round(strategy, grid, 2, arrays.to_torch_state_dict()["w"])
-    assert strategy.memory.replies["p0"] is kept and metrics[REMEMBERED_METRIC] == 1
+    assert strategy.state.memory.replies["p0"] is kept and metrics[REMEMBERED_METRIC] == 1
     assert torch.isfinite(arrays.to_torch_state_dict()["w"]).all()
     with pytest.raises(ValueError, match="client_memory cannot be combined"):
         FedUGM(client_memory=True, carried_precision=0.5)
 
 
-def test_the_memory_keeps_only_the_start_globals_it_needs():
-    memory = ClientMemory()
+def test_the_memory_keeps_only_the_start_globals_it_needs_and_is_never_modified():
+    def reply(client, n):
+        return Contribution(client, n, {"w": torch.ones(2)}, {"w": torch.ones(2)})
+
     one, two = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
-    memory.remember(1, one, [("a", {"w": torch.ones(2)}, {"w": torch.ones(2)}, 3)])
-    memory.remember(2, two, [("a", {"w": torch.ones(2)}, {"w": torch.ones(2)}, 4)])
-    assert list(memory.starts) == [2] and memory.replies["a"].num_examples == 4
-    memory.remember(3, one, [("b", {"w": torch.ones(2)}, {"w": torch.ones(2)}, 1)])
-    assert [c for c, *_ in memory.recentred(two, 1.0, skip={"b"})] == ["a"]
+    empty = ClientMemory()
+    first = empty.remember(1, one, [reply("a", 3)])
+    memory = first.remember(2, two, [reply("a", 4)])
+    assert list(memory.starts) == [2] and memory.replies["a"][1].num_examples == 4
+    assert list(first.starts) == [1] and not empty.replies  # the older memories stay
+    memory = memory.remember(3, one, [reply("b", 1)])
+    ((round_, item),) = memory.recentred(two, 1.0, ["a"])
+    assert (round_, item.client_id) == (2, "a")
+    torch.testing.assert_close(item.delta["w"], torch.ones(2))  # started where θ is
+    assert list(memory.without(["a"]).replies) == ["b"]
+    with pytest.raises(ValueError, match="needs a client id"):
+        memory.remember(4, one, [reply(None, 1)])
 
 
 def test_replay_removal_replays_the_memory_and_the_strategy_keeps_the_replayed_memory(
@@ -168,13 +178,13 @@ def test_replay_removal_replays_the_memory_and_the_strategy_keeps_the_replayed_m
 
     resumed = strategy()
     resumed.resume_from_ledger()  # the memory as the history leaves it, and the momentum
-    torch.testing.assert_close(resumed.momentum["w"], trainer.momentum["w"], rtol=0,
-                               atol=1e-10)
-    assert {c: r.reply_round for c, r in resumed.memory.replies.items()} == {
-        c: r.reply_round for c, r in trainer.memory.replies.items()}
-    for client, reply in trainer.memory.replies.items():
-        torch.testing.assert_close(resumed.memory.replies[client].delta["w"], reply.delta["w"],
-                                   rtol=0, atol=0)
+    torch.testing.assert_close(resumed.state.optimizer[0]["w"],
+                               trainer.state.optimizer[0]["w"], rtol=0, atol=1e-10)
+    assert {c: r for c, (r, _) in resumed.state.memory.replies.items()} == {
+        c: r for c, (r, _) in trainer.state.memory.replies.items()}
+    for client, (_, reply) in trainer.state.memory.replies.items():
+        torch.testing.assert_close(resumed.state.memory.replies[client][1].delta["w"],
+                                   reply.delta["w"], rtol=0, atol=0)
 
     without = protocol(sampled, {removed})
     assert (without - trained).abs().max() > 1e-2  # p2's influence was real
@@ -187,7 +197,7 @@ def test_replay_removal_replays_the_memory_and_the_strategy_keeps_the_replayed_m
     arrays, report = remover.remove(grid, f"p{removed}", recentring=1.0, shared_rank=0,
                                     repair_rounds=1)
     assert report["method"] == "replay" and report["repair_rounds"] == 1
-    assert f"p{removed}" not in remover.memory.replies
+    assert f"p{removed}" not in remover.state.memory.replies
     assert f"p{removed}" not in grid.sent[-1][1]
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"],
                                protocol(grid.participation(), {removed}), rtol=0, atol=1e-8)

@@ -150,7 +150,7 @@ def test_attacks_on_float16_replies_and_the_norm_matched_backdoor():
     half = message(build_ugm_reply(delta, fisher, MetricRecord({"num-examples": 40}), "c1",
                                    "float16"), src=1)
     attack(half, request, "inflate", 1e6)
-    update = parse_ugm_reply(half.content, state, node_id=1)
+    update = parse_ugm_reply(half.content, state, node_id=1).contribution
     for key in PARAM_KEYS:
         torch.testing.assert_close(update.fisher[key], 1e6 * fisher[key], rtol=1e-3, atol=0)
     assert update.client_id == "c1"

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from fl_ugm.cli import main as cli_main
+from fl_ugm.engine import ServerState
 from fl_ugm.ledger import Ledger, LedgerCorruptError, LedgerError
 from fl_ugm.merge import ugm_merge
 from fl_ugm.removal import remove_from_ledger
@@ -242,14 +243,14 @@ def test_a_removal_is_one_commit_before_or_after_never_between(tmp_path, monkeyp
 
     monkeypatch.setattr(Ledger, "forget_client", fail)
     with pytest.raises(OSError, match="crash between"):
-        ledger.commit_removal("c1", 2, state)
+        ledger.commit_removal("c1", 2, ServerState(state))
     monkeypatch.undo()
     assert (tmp_path / "index.json").read_text() == index
     for reopened in (ledger, Ledger(tmp_path)):  # in memory and on disk: before
         assert reopened.client_ids() == ["c0", "c1", "c2"] and reopened.removed_clients() == {}
         assert reopened.rounds() == [0, 1]
     # then the same removal without the failure: after, all three steps at once
-    ledger.commit_removal("c1", 2, state)
+    ledger.commit_removal("c1", 2, ServerState(state))
     reopened = Ledger(tmp_path)
     assert reopened.client_ids() == ["c0", "c2"] and reopened.removed_clients() == {"c1": 2}
     torch.testing.assert_close(reopened.global_state()[1]["w"], retrain(1), rtol=0, atol=1e-10)

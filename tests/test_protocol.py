@@ -31,8 +31,9 @@ def test_a_built_reply_parses_back_to_the_same_update():
     content = build_ugm_reply(delta, fisher, MetricRecord({"num-examples": 12, "loss": 0.5}),
                               client_id="c-7")
     assert content.config_records[CLIENT_RECORD][CLIENT_ID_KEY] == "c-7"
-    update = parse_ugm_reply(content, state, node_id=3)
-    assert (update.node_id, update.client_id, update.num_examples) == (3, "c-7", 12.0)
+    reply = parse_ugm_reply(content, state, node_id=3)
+    update = reply.contribution
+    assert (reply.node_id, update.client_id, update.num_examples) == (3, "c-7", 12.0)
     for key in delta:
         assert torch.equal(update.delta[key], delta[key])
     for key in fisher:  # the Fisher travels as float32
@@ -103,7 +104,7 @@ def test_float16_wire_halves_the_bytes_and_keeps_each_tensors_relative_precision
                for name, content in (("wide", wide), ("narrow", narrow))
                for r in ("delta", "fisher")}
     assert payload["narrow"] < 0.6 * payload["wide"]
-    update = parse_ugm_reply(narrow, state, node_id=1)
+    update = parse_ugm_reply(narrow, state, node_id=1).contribution
     for values, sent in ((update.delta, delta), (update.fisher, fisher)):
         for key, x in sent.items():
             assert values[key].dtype == torch.float32
@@ -144,7 +145,8 @@ def test_a_reply_may_cover_a_subset_of_the_global_but_nothing_else():
     delta = {k: torch.ones_like(state[k]) for k in head}
     fisher = {k: torch.ones_like(state[k]) for k in head}
     metrics = MetricRecord({"num-examples": 4})
-    update = parse_ugm_reply(build_ugm_reply(delta, fisher, metrics, "c"), state, node_id=1)
+    update = parse_ugm_reply(build_ugm_reply(delta, fisher, metrics, "c"), state,
+                             node_id=1).contribution
     assert set(update.delta) == set(update.fisher) == set(head)
     odd = build_ugm_reply({**delta, "adapter.A": torch.ones(2)}, fisher, metrics, "c")
     with pytest.raises(InvalidReply, match=r"unexpected: \['adapter.A'\]"):

@@ -52,6 +52,7 @@ def test_the_own_loop_snippet_answers_a_fedugm_train_message():
     from torch import nn
     from torch.utils.data import DataLoader
 
+    from fl_ugm.engine import RunSettings
     from fl_ugm.protocol import parse_ugm_reply, ugm_train_config
 
     torch.manual_seed(0)
@@ -70,14 +71,13 @@ def test_the_own_loop_snippet_answers_a_fedugm_train_message():
     namespace: dict = {"build_model": build_model, "my_loader": my_loader}
     exec(compile(snippet("own-loop"), "README own-loop snippet", "exec"), namespace)
     glob = build_model().state_dict()
-    config = ugm_train_config(ConfigRecord(), fisher="sampled", prior_precision=1.0,
-                              wire_dtype="float16")  # what FedUGM sends
+    config = ugm_train_config(ConfigRecord(), RunSettings())  # what FedUGM sends
     request = message(RecordDict({"arrays": ArrayRecord(glob), "config": config}))
     context = Context(run_id=1, node_id=1, node_config={"client-id": "7"}, state=RecordDict(),
                       run_config={})
     reply = namespace["train"](request, context)
 
-    update = parse_ugm_reply(reply.content, glob, node_id=1)
+    update = parse_ugm_reply(reply.content, glob, node_id=1).contribution
     assert sorted(update.delta) == sorted(update.fisher) == ["2.bias", "2.weight"]
     assert update.client_id == "7" and update.num_examples == 24
     assert all(a.dtype == "float16" for a in reply.content["delta"].values())

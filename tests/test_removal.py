@@ -299,7 +299,7 @@ def test_history_retention_dtype_and_the_approximate_replay(tmp_path, caplog):
     assert len(list((tmp_path / "history").iterdir())) == 3  # older rounds deleted
     stored = reopened.history_round(5)
     assert stored.participants[0].delta["w"].dtype == torch.bfloat16
-    assert stored.start["w"].dtype == torch.float64  # the start globals stay exact
+    assert stored.start.global_state["w"].dtype == torch.float64  # the start globals stay exact
     assert reopened.history_bytes() == sum(
         p.stat().st_size for p in (tmp_path / "history").iterdir())
     with pytest.raises(LedgerMismatchError, match="history_rounds: stored 3, asked 0"):
@@ -415,7 +415,7 @@ def test_replay_removal_replays_the_server_optimizer(tmp_path, optimizer):
                                            removed=removed)
     theta, momentum = protocol(participation, ())
     torch.testing.assert_close(trained, theta, rtol=0, atol=1e-10)  # the strategy's rounds
-    torch.testing.assert_close(trainer.momentum["w"], momentum, rtol=0, atol=1e-10)
+    torch.testing.assert_close(trainer.state.optimizer[0]["w"], momentum, rtol=0, atol=1e-10)
     if optimizer == "momentum":
         first = protocol(participation[:1], ())[0]  # round 1: η · (the UGM merge − θ0)
         exact = (H0 * theta0 + sum(sizes[t] * xty[t] for t in participation[0])
@@ -426,9 +426,9 @@ def test_replay_removal_replays_the_server_optimizer(tmp_path, optimizer):
 
     resumed = strategy()
     resumed.resume_from_ledger()
-    assert len(resumed.server_state) == len(trainer.server_state) == (
+    assert len(resumed.state.optimizer) == len(trainer.state.optimizer) == (
         1 if optimizer == "momentum" else 2)
-    for part, expected in zip(resumed.server_state, trainer.server_state, strict=True):
+    for part, expected in zip(resumed.state.optimizer, trainer.state.optimizer, strict=True):
         torch.testing.assert_close(part["w"], expected["w"], rtol=0, atol=1e-10)
     with pytest.raises(LedgerError, match=rf"used server {optimizer} .* Use method='replay'"):
         remove_from_ledger(Ledger(tmp_path), f"p{removed}", method="eq13")
@@ -445,12 +445,12 @@ def test_replay_removal_replays_the_server_optimizer(tmp_path, optimizer):
     arrays, _ = remover.remove(grid, f"p{removed}", recentring=1.0, shared_rank=0,
                                repair_rounds=0)
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], without, rtol=0, atol=1e-8)
-    torch.testing.assert_close(remover.momentum["w"], momentum_without, rtol=0, atol=1e-8)
+    torch.testing.assert_close(remover.state.optimizer[0]["w"], momentum_without, rtol=0, atol=1e-8)
     # a server restarted on the ledger right after the removal (the offline-removal flow)
     # continues from the replayed optimizer state, not from zero
     restarted = strategy()
     assert restarted.resume_from_ledger()[0] == rounds + 1  # the removal's round
-    for part, expected in zip(restarted.server_state, remover.server_state, strict=True):
+    for part, expected in zip(restarted.state.optimizer, remover.state.optimizer, strict=True):
         torch.testing.assert_close(part["w"], expected["w"], rtol=0, atol=1e-8)
     # the rewritten history carries the replayed momentum: removing p0 too equals the
     # protocol without both
@@ -483,11 +483,11 @@ def test_a_resume_after_removing_the_last_rounds_only_client_keeps_the_momentum(
     remover = strategy()
     remover.remove(grid, f"p{last}", recentring=1.0, shared_rank=0, repair_rounds=0)
     assert not Ledger(tmp_path).history_round(5).participants
-    assert float(remover.momentum["w"].abs().max()) > 0
+    assert float(remover.state.optimizer[0]["w"].abs().max()) > 0
     restarted = strategy()
     restarted.resume_from_ledger()
-    torch.testing.assert_close(restarted.momentum["w"], remover.momentum["w"], rtol=0,
-                               atol=1e-10)
+    torch.testing.assert_close(restarted.state.optimizer[0]["w"],
+                               remover.state.optimizer[0]["w"], rtol=0, atol=1e-10)
 
 
 def test_replay_removal_replays_the_carried_precision(tmp_path):
@@ -527,10 +527,10 @@ def test_replay_removal_replays_the_carried_precision(tmp_path):
                                            removed=removed)
     theta, carried = protocol(participation, ())
     torch.testing.assert_close(trained, theta, rtol=0, atol=1e-10)
-    torch.testing.assert_close(trainer.carried["w"], carried, rtol=0, atol=1e-10)
+    torch.testing.assert_close(trainer.state.carried["w"], carried, rtol=0, atol=1e-10)
     resumed = strategy()
     resumed.resume_from_ledger()
-    torch.testing.assert_close(resumed.carried["w"], carried, rtol=0, atol=1e-10)
+    torch.testing.assert_close(resumed.state.carried["w"], carried, rtol=0, atol=1e-10)
     with pytest.raises(LedgerError, match=r"carried a precision .* Use method='replay'"):
         remove_from_ledger(Ledger(tmp_path), f"p{removed}", method="eq13")
 
@@ -543,10 +543,10 @@ def test_replay_removal_replays_the_carried_precision(tmp_path):
     arrays, _ = remover.remove(grid, f"p{removed}", recentring=1.0, shared_rank=0,
                                repair_rounds=0)
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], without, rtol=0, atol=1e-8)
-    torch.testing.assert_close(remover.carried["w"], carried_without, rtol=0, atol=1e-8)
+    torch.testing.assert_close(remover.state.carried["w"], carried_without, rtol=0, atol=1e-8)
     resumed = strategy()  # after the removal, C comes from the rewritten history
     resumed.resume_from_ledger()
-    torch.testing.assert_close(resumed.carried["w"], carried_without, rtol=0, atol=1e-8)
+    torch.testing.assert_close(resumed.state.carried["w"], carried_without, rtol=0, atol=1e-8)
     state, _ = remove_from_ledger(Ledger(tmp_path), "p0", recentring=1.0, shared_rank=0)
     torch.testing.assert_close(state["w"], protocol(participation, (removed, 0))[0], rtol=0,
                                atol=1e-8)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from helpers import LinearGrid, linear_problem, new_strategy, train
 
+from fl_ugm import FedUGM
 from fl_ugm.ledger import Ledger
 
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -67,3 +68,27 @@ def test_a_removed_client_is_never_sampled_or_recorded_after_a_resume(tmp_path):
     assert ledger.rounds()[-1] == completed + 2
     assert all(2 not in nodes for kind, nodes in grid.sent[sent_before + 2:])
     torch.testing.assert_close(ledger.global_state()[1]["w"], resumed, rtol=0, atol=0)
+
+
+def test_a_resume_after_a_round_that_merged_nothing_keeps_the_server_state(tmp_path):
+    """Server momentum; round 3 gets no valid reply (the global and the momentum stay) and
+    the server dies after round 4's start recorded that global as round 3's: the restarted
+    server continues from the momentum of round 2, as the live one would have."""
+    hessians, xty, theta0 = linear_problem(seed=17)
+
+    def strategy():
+        return FedUGM(prior_precision=0.6, min_train_nodes=3, min_available_nodes=3,
+                      ledger=tmp_path, server_lr=0.8, server_momentum=0.5,
+                      update_screen=None)
+
+    live = strategy()
+    theta = train(live, LinearGrid(hessians, xty), theta0, rounds=2)
+    broken = LinearGrid(hessians, xty, failing={1, 2, 3})
+    messages = live.configure_train(3, ArrayRecord({"w": theta}), ConfigRecord(), broken)
+    assert live.aggregate_train(3, broken.send_and_receive(messages)) == (None, None)
+    live.configure_train(4, ArrayRecord({"w": theta}), ConfigRecord(), broken)  # then killed
+    assert Ledger(tmp_path).rounds()[-1] == 3 and Ledger(tmp_path).history() == [1, 2]
+    restarted = strategy()
+    assert restarted.resume_from_ledger()[0] == 3
+    torch.testing.assert_close(restarted.state.optimizer[0]["w"], live.state.optimizer[0]["w"],
+                               rtol=0, atol=0)

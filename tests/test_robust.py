@@ -173,7 +173,7 @@ def test_a_flipped_client_is_dropped_logged_and_never_enters_the_ledger(tmp_path
 
 def test_a_scaled_update_is_merged_and_recorded_at_the_bound(tmp_path, caplog):
     """FedUGM's default screen is the norm bound alone (the cosine screen is opt-in)."""
-    assert FedUGM().update_screen == UpdateScreen(norm_bound=3.0, min_cosine=None)
+    assert FedUGM().settings.update_screen == UpdateScreen(norm_bound=3.0, min_cosine=None)
     hessians, xty, theta0 = linear_problem(seed=5, clients=5, shared=THETA_STAR)
     grid = HostileLinearGrid(hessians, xty, hostile=2, factor=10.0)  # client p1
     strategy = FedUGM(prior_precision=H0, min_train_nodes=5, min_available_nodes=5,

@@ -419,22 +419,23 @@ def test_the_app_builds_flowers_robust_strategies_and_fedugms_options():
     trimmed = build_strategy({**cfg, "strategy": "fedtrimmedavg"}, 10)
     assert type(trimmed) is FedTrimmedAvg and trimmed.beta == 0.1
     ugm = build_strategy({**cfg, "strategy": "fedugm"}, 10)
-    assert (ugm.update_screen.norm_bound, ugm.update_screen.min_cosine) == (3.0, None)
-    assert ugm.client_dual_step == 0.0 and ugm.memory is None
-    mifa = build_strategy({**cfg, "strategy": "mifa"}, 10)  # FedAvg's average + the memory
-    assert (mifa.merge, mifa.alpha, mifa.memory is not None) == (
-        "task-arithmetic", "num-examples", True)
+    settings = ugm.settings
+    assert (settings.update_screen.norm_bound, settings.update_screen.min_cosine) == (3.0, None)
+    assert settings.client_dual_step == 0.0 and not settings.client_memory
+    mifa = build_strategy({**cfg, "strategy": "mifa"}, 10).settings  # FedAvg's average + memory
+    assert (mifa.merge, mifa.alpha, mifa.client_memory) == ("task-arithmetic", "num-examples",
+                                                            True)
     assert build_strategy({**cfg, "strategy": "fedugm", "ugm-client-memory": True},
-                          10).memory is not None
+                          10).settings.client_memory
     assert build_strategy({**cfg, "strategy": "fedugm", "ugm-dual-step": 0.3},
-                          10).client_dual_step == 0.3
+                          10).settings.client_dual_step == 0.3
     screen = build_strategy({**cfg, "strategy": "fedugm", "screen-min-cosine": 0}, 10)
-    assert screen.update_screen.min_cosine == 0.0
+    assert screen.settings.update_screen.min_cosine == 0.0
     parts = build_strategy({**cfg, "strategy": "fedugm", "screen-norm-bound": 0,
-                            "screen-min-cosine": -1}, 10).update_screen
+                            "screen-min-cosine": -1}, 10).settings.update_screen
     assert (parts.norm_bound, parts.min_cosine) == (None, None)
     assert build_strategy({**cfg, "strategy": "fedugm", "update-screen": False},
-                          10).update_screen is None
+                          10).settings.update_screen is None
 
 
 def test_scores_rounds_to_the_best_baseline_and_seconds_per_round():

@@ -280,7 +280,7 @@ def test_the_carried_precision_keeps_every_round_an_exact_map_on_the_oracle():
                                    atol=1e-10)
         carried = gamma * ((0 if carried is None else carried)
                            + sum(a * hessians[t] for a, t in zip(alphas, kept)))
-        torch.testing.assert_close(strategy.carried["w"], carried, rtol=0, atol=1e-12)
+        torch.testing.assert_close(strategy.state.carried["w"], carried, rtol=0, atol=1e-12)
     assert sent == [False, True, True, True]  # round 1 uses δ alone
     with pytest.raises(ValueError, match=r"carried_precision=1\.0; γ must be in \[0, 1\)"):
         FedUGM(carried_precision=1.0)
@@ -402,9 +402,11 @@ def test_server_fisher_is_added_to_the_prior():
                                prior_precision=3.5)
     for key in PARAM_KEYS:
         torch.testing.assert_close(merged[key], reference[key])
-    strategy.server_fisher = {"fc.weight": server_fisher["fc.weight"]}
+    partial = FedUGM(prior_precision=0.5, server_fisher={"fc.weight": server_fisher["fc.weight"]},
+                     min_train_nodes=2)
+    partial.current_arrays = state
     with pytest.raises(ValueError, match="server_fisher has no entry for"):
-        strategy.aggregate_train(2, replies)
+        partial.aggregate_train(2, replies)
 
 
 @pytest.mark.parametrize("rule", ["fisher-averaging", "task-arithmetic"])

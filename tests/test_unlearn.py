@@ -25,9 +25,16 @@ def test_unlearn_runs_every_method_and_writes_results(tmp_path):
         assert set(results[name]) == set(METRICS)
         assert all(math.isfinite(v) for values in results[name].values() for v in values)
     assert results["retrain"]["dist_to_retrain"] == [0.0]
-    # every removal moved the model
+    # every removal moved the model; those without repair rounds moved it toward the
+    # retrained one (distance and agreement), the default replay most of the way
+    none = {metric: results["none"][metric][0] for metric in ("dist_to_retrain", "agreement")}
     for name in set(METHODS) - {"none", "retrain"}:
-        assert results[name]["dist_to_retrain"][0] != results["none"]["dist_to_retrain"][0]
+        assert results[name]["dist_to_retrain"][0] != none["dist_to_retrain"]
+    for name in ("replay", "eq13-offline", "ugm-offline", "ugm-online", "ta-negation"):
+        assert results[name]["dist_to_retrain"][0] < none["dist_to_retrain"], name
+        assert results[name]["agreement"][0] > none["agreement"], name
+    assert results["replay"]["dist_to_retrain"][0] < 0.5 * none["dist_to_retrain"]
+    assert results["replay"]["agreement"][0] > 0.85 > none["agreement"]
     # the removal runs went through FedUGM.remove in Flower: the online one asked client 1
     online = json.loads((out / "seed0" / "eq13-online" / "removal-1.json").read_text())
     assert online["mode"] == "online" and online["client"] == "1"
