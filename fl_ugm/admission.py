@@ -7,20 +7,23 @@ screened out, only logged (it took no part in the round)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from logging import INFO, WARNING
 
 from flwr.common.logger import log
 
 from fl_ugm.engine import RunSettings
 from fl_ugm.protocol import DroppedReply, ParsedReply
-from fl_ugm.robust import clip_fisher_inflation
+from fl_ugm.robust import clip_fisher_inflation, clip_num_examples
 from fl_ugm.roster import ClientRoster
 
 #: Fisher clips up to this many times the median are logged at INFO as honest variation
 #: (docs/design.md §1, "Defences"); above it a client is likely inflating its Fisher (a
 #: WARNING).
 CLIP_WARNING_RATIO = 100.0
-#: The round's aggregated train metrics carry how many client tensors the clip scaled down,
+#: The round's aggregated train metrics carry how many clients' claimed sizes and how many
+#: client tensors the clips scaled down,
+NUM_EXAMPLES_CLIPPED_METRIC = "num-examples-clipped"
 FISHER_CLIPPED_METRIC = "fisher-clipped-tensors"
 #: ... how many replies the update screen left out, and how many it scaled down.
 SCREENED_OUT_METRIC = "screened-out-clients"
@@ -32,10 +35,15 @@ SCREEN_WARNING_COSINE = -0.5
 
 def admit(replies: list[ParsedReply], dropped: list[DroppedReply], roster: ClientRoster,
           *, needs_id: bool) -> list[ParsedReply]:
-    """The replies that may take part: the roster learns which node serves which client;
-    an excluded client's reply, a second reply under a client id already seen this round
-    and (``needs_id``: the client memory) a reply without a client id are dropped."""
-    admitted, seen = [], {}
+    """The replies that may take part. Dropped: a reply without a client id when one is
+    needed (``needs_id``: the client memory); an excluded client's; a claim to an id bound
+    to another, connected node (``ClientRoster.claim``); and every claim to an id that more
+    than one node sends this round, but the bound node's."""
+    nodes: dict[str, set[int]] = {}
+    for reply in replies:
+        if reply.client_id is not None:
+            nodes.setdefault(reply.client_id, set()).add(reply.node_id)
+    admitted, seen = [], set()
     for reply in replies:
         client = reply.client_id
         if client is None:
@@ -45,11 +53,16 @@ def admit(replies: list[ParsedReply], dropped: list[DroppedReply], roster: Clien
             reason = ("it sent no client-id, and with client_memory a client must be known by "
                       "a stable id across rounds (pass client_id to fl_ugm.client.handle_train "
                       "or ugm_reply).")
+        elif len(nodes[client]) > 1 and roster.node_of.get(client) not in nodes[client]:
+            reason = (f"nodes {sorted(nodes[client])} all replied as client {client!r} this "
+                      "round and none is bound to it; every claim is dropped.")
+        elif len(nodes[client]) > 1 and roster.node_of.get(client) != reply.node_id:
+            reason = (f"client id {client!r} is bound to node {roster.node_of[client]}, which "
+                      "replied too.")
         elif client in seen:
-            reason = f"node {seen[client]} already replied as client {client!r} this round."
-        else:
-            seen[client] = reply.node_id
-            roster.learn(client, reply.node_id)
+            reason = f"a second reply as client {client!r} this round."
+        elif (reason := roster.claim(client, reply.node_id)) is None:
+            seen.add(client)
             if client not in roster.excluded:
                 admitted.append(reply)
                 continue
@@ -57,6 +70,33 @@ def admit(replies: list[ParsedReply], dropped: list[DroppedReply], roster: Clien
                      "ignored."
         dropped.append(DroppedReply(reply.node_id, client, reason))
     return admitted
+
+
+def clip_sizes(settings: RunSettings, server_round: int, replies: list[ParsedReply]
+               ) -> int | None:
+    """The weight defence on the claimed sizes (``fisher_clip``, ``client_sizes``), in place:
+    a bounded client is weighted as a client of the bounded size (its n, and its Fisher, a
+    sum over its examples, scaled alike); logs every bounded claim and returns how many were
+    bounded (None when off)."""
+    known = settings.client_sizes or {}
+    if settings.fisher_clip is None and not known:
+        return None
+    sizes, bounded = clip_num_examples(
+        [r.contribution.num_examples for r in replies], settings.fisher_clip or math.inf,
+        [known.get(r.client_id) for r in replies])
+    for reply, size in zip(replies, sizes, strict=True):
+        claimed = reply.contribution.num_examples
+        if size < claimed:  # weighted as a client of ``size`` examples: F (a sum) scales too
+            reply.contribution = dataclasses.replace(
+                reply.contribution, num_examples=size,
+                fisher={k: v * (size / claimed) for k, v in reply.contribution.fisher.items()})
+    for index, ratio in bounded:
+        reply = replies[index]
+        log(WARNING if ratio > CLIP_WARNING_RATIO else INFO,
+            "aggregate_train: node %d%s in round %d claims %.3g× the median client's number "
+            "of examples; weighted as %g examples.", reply.node_id, who(reply.client_id),
+            server_round, ratio, reply.contribution.num_examples)
+    return len(bounded)
 
 
 def clip_fishers(settings: RunSettings, server_round: int, replies: list[ParsedReply]

@@ -65,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         ledger = Ledger(args.ledger, create=False)
+        if args.out.resolve().is_relative_to(args.ledger.resolve()):
+            raise LedgerError(f"--out {args.out} lies inside the ledger {args.ledger}; write "
+                              "the result outside it (the ledger's files are its own).")
+        if args.forget:
+            ledger.lock()  # one writer: refused now if a server writes this ledger
         plan = plan_removal(ledger, args.client, method=args.method,
                             prior_precision=args.prior_precision, recentring=args.recentring,
                             shared_rank=args.shared_rank,
@@ -72,13 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                             recenter=not args.no_recenter, revert_uninformed=not args.eq13_only)
         write_atomically(args.out, lambda tmp: save_file(
             {k: v.contiguous() for k, v in plan.state.global_state.items()}, str(tmp)))
+        if args.forget:
+            plan.report["deleted_files"] = ledger.commit_removal(
+                args.client, plan.report["global_round"] + 1, plan.state,
+                history=plan.history, records=plan.records)
         report_path = args.out.with_suffix(args.out.suffix + ".report.json")
         write_atomically(report_path, lambda tmp: tmp.write_text(
             json.dumps(plan.report, indent=2)))
-        if args.forget:
-            ledger.commit_removal(args.client, plan.report["global_round"] + 1, plan.state,
-                                  history=plan.history, records=plan.records)
-    except (LedgerError, ValueError) as err:  # a bad value (e.g. --prior-precision 0) too
+    except (LedgerError, ValueError, OSError) as err:  # a bad value or path, too
         print(f"fl-ugm remove: {err}", file=sys.stderr)
         return 2
     print(json.dumps(plan.report, indent=2))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +39,9 @@ from fl_ugm.server_optimizer import SERVER_OPTIMIZERS, OptimizerState, server_st
 FISHER_ESTIMATORS = ("sampled", "empirical", "exact", "training")
 #: The dtypes clients send Δ and F in (``fl_ugm.protocol``).
 WIRE_DTYPES = ("float32", "float16")
+#: A stable client id: 1-128 letters, digits, '.', '_' or '-', and not "." or ".." (the
+#: ledger names files by it).
+CLIENT_ID_PATTERN = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,128}$")
 
 _LEDGER = {"ledger": True}  # a setting the ledger stores: the replay and resume depend on it
 #: The combinations of options that are refused, and why.
@@ -61,8 +65,11 @@ class RunSettings:
     server_fisher : n_0·F_0 per parameter (a sum), added to δ in the merge's H0.
     fisher : the estimator clients are asked for (:data:`FISHER_ESTIMATORS`).
     wire_dtype : "float16" (scaled per tensor, a reply as large as FedAvg's) or "float32".
-    fisher_clip : a client's per-example Fisher mass is clipped to this × the round's median
-        client's, per tensor (≥ 1; None: off; ``fl_ugm.robust``).
+    fisher_clip : a client's claimed number of examples (its α) and its per-example Fisher
+        mass, per tensor, are clipped to this × the round's median client's (≥ 1; None: off;
+        ``fl_ugm.robust``).
+    client_sizes : client id → the number of examples the server knows it has; a larger
+        claim is clipped to it (with or without ``fisher_clip``).
     update_screen : the norm bound (default) and the opt-in cosine screen on the deltas
         (``fl_ugm.robust.UpdateScreen``; None: off).
     server_lr, server_momentum, server_optimizer : η > 0 and β ∈ [0, 1) of server momentum
@@ -85,6 +92,7 @@ class RunSettings:
     fisher: str = "sampled"
     wire_dtype: str = "float16"
     fisher_clip: float | None = 3.0
+    client_sizes: Mapping[str, float] | None = field(default=None, compare=False, repr=False)
     update_screen: UpdateScreen | None = UpdateScreen()  # noqa: RUF009 (frozen)
     server_lr: float = field(default=1.0, metadata=_LEDGER)
     server_momentum: float = field(default=0.0, metadata=_LEDGER)

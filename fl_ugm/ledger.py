@@ -1,26 +1,17 @@
 """On-disk ledger of a run's client contributions, history and checkpoints, for client
 removal and resume: storage only (the types are ``fl_ugm.engine``'s, the crash-safe files
-``fl_ugm.storage``'s). docs/design.md §5 has the format::
-
-    index.json                     the files with their SHA-256, the run settings ("meta"),
-                                   the removed clients with their removal rounds
-    clients/<id>.r<round>.g<gen>   a client's latest contribution and its "applied" sum
-    globals/round-<round>          the global after a round (the last ``keep_globals``)
-    state/round-<round>.g<gen>     the rest of the server state after the last merged round
-    history/round-<round>.g<gen>   a round as merged: the state it started from and every
-                                   participant's Δ and F (``history_dtype``)
-
-Clients are stored under a stable id (never Flower's ephemeral node id). A round
+``fl_ugm.storage``'s; docs/design.md §5 has the format). Under a stable id per client (never
+Flower's ephemeral node id): its latest contribution and "applied" sum (``clients/``); the
+global after each of the last rounds (``globals/``); the rest of the server state after the
+last merged round (``state/``); each round as merged (``history/``). A round
 (:meth:`Ledger.record_round`) and a removal (:meth:`Ledger.commit_removal`) are one commit
-each: a crash leaves the ledger before or after, never between (one writer at a time: the
-strategy, or ``fl-ugm remove --forget``). A ledger belongs to one run: its settings and its
-model are stored on first use, and a run with others is refused.
+each: a crash leaves the ledger before or after, never between. A ledger belongs to one run:
+its settings and its model are stored on first use, and a run with others is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fl_ugm.engine import (
+    CLIENT_ID_PATTERN,
     ClientMemory,
     Contribution,
     HistoryRound,
@@ -38,25 +30,27 @@ from fl_ugm.engine import (
     ServerState,
 )
 from fl_ugm.storage import (
+    FOLDERS,
     INDEX,
     LedgerCorruptError,
     LedgerError,
+    LedgerLockedError,
     LedgerMismatchError,
     Store,
+    difference,
     group,
     signature,
     write_atomically,
 )
 
 __all__ = ["ClientRecord", "Ledger", "LedgerCorruptError", "LedgerError",
-           "LedgerMismatchError", "write_atomically"]
+           "LedgerLockedError", "LedgerMismatchError", "write_atomically"]
 
 FORMAT_VERSION = 1
 #: Storage dtypes of the per-round history's deltas and Fishers ("as-sent": the dtype the
 #: replies decode to; the start globals are always kept as they are).
 HISTORY_DTYPES = {"as-sent": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
                   "float16": torch.float16}
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 #: The optimizer state's parts as stored: m (momentum, Adam's first moment), Adam's v.
 _OPTIMIZER_PARTS = ("momentum", "second-moment")
 
@@ -83,16 +77,13 @@ class Ledger:
     """Persistent per-client contributions, the run's history and the last ``keep_globals``
     global states.
 
-    ``directory`` is created if missing (with ``create=False``, for readers such as
-    ``fl-ugm remove``, a missing directory or index is an error); an existing ledger there
-    is opened and its index verified. ``keep_globals`` ≥ 1: the global checkpoints kept.
-    ``history_rounds``: rounds of history kept, 0 every round (a new ledger's default),
-    L > 0 the last L (a replay then reaches back L rounds). ``history_dtype``: the storage
-    dtype of the history's deltas and Fishers, "as-sent" (a new ledger's default: as the
-    server decoded the replies, the global's dtype), "float32", "bfloat16" (half of
-    float32's bytes) or "float16" (too, with a narrower range); a replay from a narrower
-    dtype than the global's is exact only to that dtype's precision. Both history settings
-    are stored with the run (None: the stored ones); a ledger opened with others is refused.
+    ``directory`` is created if missing (``create=False``, for readers such as ``fl-ugm
+    remove``: a missing directory or index is an error). ``keep_globals`` ≥ 1: the global
+    checkpoints kept. ``history_rounds``: rounds of history kept (0: every round, a new
+    ledger's default; L: the last L). ``history_dtype``: the history's Δ and F in "as-sent"
+    (the default: as decoded), "float32", "bfloat16" or "float16" (a replay from a dtype
+    narrower than the global's is exact to its precision only). Both are stored when the
+    ledger is created (None: the stored ones); a ledger opened with others is refused.
     """
 
     def __init__(self, directory: str | Path, *, keep_globals: int = 3,
@@ -110,15 +101,20 @@ class Ledger:
         self.keep_globals = keep_globals
         if not create and not self.directory.is_dir():
             raise LedgerError(f"the ledger directory {self.directory} does not exist.")
-        if not create and not (self.directory / INDEX).exists():
-            raise LedgerError(f"{self.directory} is not an fl_ugm ledger (it has no {INDEX}).")
-        for folder in ("clients", "globals", "history", "state"):
-            (self.directory / folder).mkdir(parents=True, exist_ok=True)
         self._store = Store(self.directory, {"version": FORMAT_VERSION, "clients": {},
                                              "globals": [], "meta": {}, "removed": {}},
-                            FORMAT_VERSION)
+                            FORMAT_VERSION)  # refuses data files without an index
         settings = {"history_rounds": history_rounds, "history_dtype": history_dtype}
-        self._check_history_settings({k: v for k, v in settings.items() if v is not None})
+        if (self.directory / INDEX).exists():
+            self._check_history_settings({k: v for k, v in settings.items() if v is not None})
+            return
+        if not create:
+            raise LedgerError(f"{self.directory} is not an fl_ugm ledger (it has no {INDEX}).")
+        for folder in FOLDERS:
+            (self.directory / folder).mkdir(parents=True, exist_ok=True)
+        self._index["meta"].update(history_rounds=history_rounds or 0,
+                                   history_dtype=history_dtype or "as-sent")
+        self._store.commit([])  # a new ledger: its index and history settings, at once
 
     @property
     def _index(self) -> dict:
@@ -184,6 +180,10 @@ class Ledger:
     def replay_removal_rounds(self) -> list[int]:
         """Rounds whose global is a replay removal's (the rewritten history leads there)."""
         return list(self._index.get("replay_rounds", []))
+
+    def nodes(self) -> dict[str, int]:
+        """The node each recorded client id is bound to (``fl_ugm.roster``)."""
+        return {c: int(n) for c, n in self._index.get("nodes", {}).items()}
 
     def removed_clients(self) -> dict[str, int]:
         """Clients removed from this ledger's run, with the round whose global removed them;
@@ -291,11 +291,10 @@ class Ledger:
                       fisher: Mapping[str, Tensor], num_examples: float, alpha: float,
                       applied: Mapping[str, Tensor] | None = None) -> None:
         """Store (replace) the client's latest Δ_t, F_t, n_t, α_t from round ``round_``, and
-        optionally ``applied``: the running sum, over every round it took part in, of what
-        the merge added to the global on its behalf (see ``FedUGM``)."""
-        if not _SAFE_ID.match(client_id):
-            raise LedgerError(f"client id {client_id!r} must be 1-128 characters of letters, "
-                              "digits, '.', '_' or '-' (it becomes a file name).")
+        ``applied``: Σ over the rounds it took part in of what the merges added for it."""
+        if not CLIENT_ID_PATTERN.match(client_id):
+            raise LedgerError(f"client id {client_id!r} must be 1-128 letters, digits, '.', "
+                              "'_' or '-', not '.' or '..' (it names the client's files).")
         if client_id in self.removed_clients():
             raise LedgerError(f"client {client_id!r} was removed from this run; its "
                               "contributions are not recorded again.")
@@ -305,7 +304,7 @@ class Ledger:
         tensors.update({f"fisher/{k}": v for k, v in fisher.items()})
         tensors.update({f"applied/{k}": v for k, v in (applied or {}).items()})
         previous = self._index["clients"].get(client_id)
-        name = f"clients/{client_id}.r{int(round_):06d}.g{self._generation():03d}.safetensors"
+        name = self._store.new_name("clients", f"{client_id}.r{int(round_):06d}")
         digest = self._store.write_tensors(name, tensors)
         first = int(round_) if previous is None else previous.get("first_round",
                                                                   previous["round"])
@@ -313,14 +312,16 @@ class Ledger:
             "file": name, "sha256": digest, "round": int(round_), "first_round": first,
             "num_examples": float(num_examples), "alpha": float(alpha),
         }  # fmt: skip
-        self._store.commit([previous["file"]] if previous and previous["file"] != name else [])
+        self._store.commit([previous["file"]] if previous else [])
 
     def record_round(self, round_: int, start: ServerState, contributions:
-                     Sequence[Contribution], result: RoundResult, after: ServerState) -> None:
+                     Sequence[Contribution], result: RoundResult, after: ServerState,
+                     nodes: Mapping[str, int] | None = None) -> None:
         """Store one merged round (``fl_ugm.engine.step``'s ``start`` → ``after``) as one
         commit: each contribution with a client id (its share in ``result`` added to its
         ``applied`` sum, in float64; a remembered client's share is not: ``applied`` covers
-        the rounds it replied in), the round's history and the state after it."""
+        the rounds it replied in), the round's history, the state after it and ``nodes``,
+        the node each client id is bound to (``fl_ugm.roster``)."""
         shares = result.shares or [{} for _ in contributions]
         with self.batch():
             for item, alpha, share in zip(contributions, result.alphas, shares, strict=True):
@@ -336,20 +337,22 @@ class Ledger:
             self._record_history(HistoryRound(round_, start, list(contributions),
                                               list(result.alphas), list(result.remembered)))
             self._record_state(round_, after)
+            self._index.setdefault("nodes", {}).update(nodes or {})
 
     def commit_removal(self, client_id: str, round_: int, state: ServerState, *,
                        history: Sequence[HistoryRound] | None = None,
-                       records: Sequence[ClientRecord] = ()) -> None:
-        """Apply a client's removal as one commit: ``state`` (the server state without the
-        client) becomes round ``round_``'s, the client's record is deleted and its id joins
-        the removed clients. ``history``: a replay's rewritten rounds (the training without
-        the client), which replace the stored history; ``records``: the remaining clients'
-        records as of that history. Without ``history`` the stored history is cleared: it no
-        longer leads to the global (a later replay reaches back to here)."""
+                       records: Sequence[ClientRecord] = ()) -> list[str]:
+        """Apply a client's removal as one commit and return the files it deleted: ``state``
+        (the server state without the client) becomes round ``round_``'s and the only global
+        kept (every earlier one was trained with the client), the client's record is deleted
+        and its id joins the removed clients. ``history``: a replay's rewritten rounds (the
+        training without the client), which replace the stored history; ``records``: the
+        remaining clients' records as of that history. Without ``history`` the stored
+        history is cleared: it no longer leads to the global."""
         with self.batch():
             superseded = [entry["file"] for entry in self._index.get("history", [])]
-            self._index["history"] = []
-            self._index["generation"] = self._generation() + 1  # new file names from here
+            superseded += [entry["file"] for entry in self._index["globals"]]
+            self._index["history"], self._index["globals"] = [], []
             for rewritten in history or ():
                 self._record_history(rewritten)
             if history is not None:
@@ -360,8 +363,11 @@ class Ledger:
                                    alpha=record.alpha, applied=record.applied)
             self._record_state(round_, state)
             self.forget_client(client_id)
+            self._index.get("nodes", {}).pop(client_id, None)
             self._index.setdefault("removed", {})[client_id] = int(round_)
             self._store.commit(superseded)
+            deleted = sorted(set(self._store.pending()))
+        return deleted
 
     def record_global(self, round_: int, state: Mapping[str, Tensor]) -> None:
         """Store the global state after ``round_``; drop checkpoints beyond ``keep_globals``.
@@ -369,13 +375,14 @@ class Ledger:
         The first global fixes the ledger's model (keys, shapes, dtypes); a state of another
         model is refused with :class:`LedgerMismatchError`."""
         self._check_model(state)
-        name = f"globals/round-{int(round_):06d}.safetensors"
+        name = self._store.new_name("globals", f"round-{int(round_):06d}")
         digest = self._store.write_tensors(name, state)
+        replaced = [e for e in self._index["globals"] if e["round"] == round_]
         entries = [e for e in self._index["globals"] if e["round"] != round_]
         entries.append({"round": int(round_), "file": name, "sha256": digest})
         entries.sort(key=lambda e: e["round"])
         dropped, self._index["globals"] = entries[:-self.keep_globals], entries[-self.keep_globals:]
-        self._store.commit([entry["file"] for entry in dropped])
+        self._store.commit([entry["file"] for entry in dropped + replaced])
 
     def forget_client(self, client_id: str) -> None:
         """Delete a client's stored contribution (a removal uses :meth:`commit_removal`)."""
@@ -383,6 +390,11 @@ class Ledger:
         if entry is None:
             raise LedgerError(f"unknown client id {client_id!r}.")
         self._store.commit([entry["file"]])
+
+    def lock(self) -> None:
+        """Become this ledger's one writer now, instead of at the first write (a second
+        writing process gets ``LedgerLockedError`` naming the holder; ``fl_ugm.storage``)."""
+        self._store.lock()
 
     def batch(self) -> contextlib.AbstractContextManager[None]:
         """Group writes into one commit (``fl_ugm.storage.Store.batch``): all or nothing."""
@@ -401,7 +413,7 @@ class Ledger:
         """Store the run's per-tensor H0, or refuse one that differs from the stored one."""
         stored = self.prior()
         if stored is None:
-            name = "prior.safetensors"
+            name = self._store.new_name("state", "prior")
             self._index["prior"] = {"file": name,
                                     "sha256": self._store.write_tensors(name, prior)}
             self._store.commit([])
@@ -410,10 +422,6 @@ class Ledger:
             raise LedgerMismatchError(f"the ledger at {self.directory} was written with another "
                                       "server Fisher in its prior; use a new ledger directory.")
 
-    def _generation(self) -> int:
-        """Bumped by every history rewrite, so that no data file name is ever reused."""
-        return int(self._index.get("generation", 0))
-
     def _record_state(self, round_: int, state: ServerState) -> None:
         """The global after ``round_`` and the rest of the server state (none: no file)."""
         self.record_global(round_, state.global_state)
@@ -421,11 +429,10 @@ class Ledger:
         entry: dict = {"round": int(round_)}
         tensors = _server_tensors(state)
         if tensors:
-            entry["file"] = (f"state/round-{int(round_):06d}.g{self._generation():03d}"
-                             ".safetensors")
+            entry["file"] = self._store.new_name("state", f"round-{int(round_):06d}")
             entry["sha256"] = self._store.write_tensors(entry["file"], tensors)
         self._index["server_state"] = entry
-        self._store.commit([previous] if previous and previous != entry.get("file") else [])
+        self._store.commit([previous] if previous else [])
 
     def _record_history(self, entry: HistoryRound) -> None:
         """Store one round's history and drop rounds beyond ``history_rounds``."""
@@ -436,11 +443,12 @@ class Ledger:
             for kind, values in (("delta", item.delta), ("fisher", item.fisher)):
                 tensors.update({f"c{index}/{kind}/{k}": _stored(v, dtype)
                                 for k, v in values.items()})
-        name = f"history/round-{entry.round:06d}.g{self._generation():03d}.safetensors"
+        name = self._store.new_name("history", f"round-{entry.round:06d}")
         digest = self._store.write_tensors(name, tensors)
         clients = [{"id": item.client_id, "num_examples": float(item.num_examples),
                     "alpha": float(alpha)}
                    for item, alpha in zip(entry.participants, entry.alphas, strict=True)]
+        replaced = [e for e in self._index.get("history", []) if e["round"] == entry.round]
         entries = [e for e in self._index.get("history", []) if e["round"] != entry.round]
         entries.append({"round": entry.round, "file": name, "sha256": digest,
                         "clients": clients, "bytes": (self.directory / name).stat().st_size})
@@ -450,7 +458,7 @@ class Ledger:
         entries.sort(key=lambda e: e["round"])
         keep = self.history_rounds or len(entries)
         dropped, self._index["history"] = entries[:-keep], entries[-keep:]
-        self._store.commit([e["file"] for e in dropped])
+        self._store.commit([e["file"] for e in dropped + replaced])
 
     def _check_model(self, state: Mapping[str, Tensor]) -> None:
         """Store the model's signature with the first global; refuse another model later."""
@@ -461,15 +469,7 @@ class Ledger:
             return
         if stored == fingerprint:
             return
-        detail = ""
-        if self._index["globals"]:
-            _, previous = self.global_state()
-            missing = sorted(set(previous) - set(state))[:5]
-            extra = sorted(set(state) - set(previous))[:5]
-            reshaped = [k for k in previous if k in state and (
-                tuple(previous[k].shape) != tuple(state[k].shape)
-                or previous[k].dtype != state[k].dtype)][:5]
-            detail = f" (missing: {missing}, unexpected: {extra}, other shape or dtype: {reshaped})"
+        detail = difference(self.global_state()[1], state) if self._index["globals"] else ""
         raise LedgerMismatchError(
             f"the ledger at {self.directory} holds a different model than this run's global"
             f"{detail}. Give this run a new ledger directory.")

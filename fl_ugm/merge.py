@@ -105,11 +105,8 @@ def ugm_merge(
             continue
         _raise_first_bad_client("ugm_merge", key, base, deltas, fishers)
         if not bool(torch.isfinite(out).all()):
-            raise ValueError(
-                f"ugm_merge: the merge of '{key}' overflowed to Inf although every input is "
-                f"finite; the deltas or Fishers are too large for {compute[key]} (rescale the "
-                "Fisher, e.g. by dividing it by n_t)."
-            )
+            _raise_largest_client("ugm_merge", key, compute[key], deltas, weights,
+                                  fishers, priors[key])
     return {key: out.to(base[key].dtype) for key, out in merged.items()}
 
 
@@ -143,17 +140,21 @@ def task_arithmetic(
             acc.add_(delta[key].detach().to(compute), alpha=weight)
         if not bool(torch.isfinite(acc).all()):
             _raise_first_bad_client("task_arithmetic", key, base, deltas)
-            raise ValueError(f"task_arithmetic: the sum for '{key}' overflowed to Inf.")
+            _raise_largest_client("task_arithmetic", key, compute, deltas, weights)
         merged[key] = acc.to(theta.dtype)
     return merged
 
 
-def weighted_average(
-    base: Params, deltas: Sequence[Params], *, alphas: Sequence[float]
-) -> dict[str, Tensor]:
+def weighted_average(base: Params, deltas: Sequence[Params], *, alphas: Sequence[float]
+                     ) -> dict[str, Tensor]:
     """FedAvg arithmetic: θ⁺ = θ + Σ_t α_t Δ_t / Σ_s α_s (α_t ≥ 0, e.g. n_t; normalised here)."""
     checked = _check_alphas("weighted_average", alphas, len(deltas), allow_negative=False)
-    total = math.fsum(checked)
+    try:
+        total = math.fsum(checked)
+    except OverflowError:  # weights too large to sum: the same ratios, scaled down first
+        top = max(checked)
+        checked = [a / top for a in checked]
+        total = math.fsum(checked)
     if total <= 0:
         raise ValueError("weighted_average: the alphas sum to 0; give at least one client > 0.")
     return task_arithmetic(base, deltas, alphas=[a / total for a in checked])
@@ -199,19 +200,11 @@ def remove_client(
 
     θ₋t = θ − α_t (H0 + F_t) / (H0 + Σ_{s≠t} α_s F_s) · Δ_t
 
-    Parameters
-    ----------
-    params : Mapping[str, Tensor]
-        θ, the current model (it includes client t).
-    delta, fisher : Mapping[str, Tensor]
-        Client t's Δ_t and F_t (Fisher summed over its examples): from fine-tuning from
-        ``params`` (online removal) or its last stored contribution (offline removal).
-    fisher_rest : Mapping[str, Tensor]
-        Σ_{s≠t} α_s F_s over the clients that stay (≥ 0).
-    alpha : float
-        α_t ≥ 0, the weight client t had in the merge.
-    prior_precision : float or Mapping[str, Tensor | float]
-        H0 > 0, as in :func:`ugm_merge`.
+    ``params`` is θ (it includes client t); ``delta``, ``fisher`` are client t's Δ_t and F_t
+    (a sum over its examples), from fine-tuning from ``params`` (online removal) or its last
+    stored contribution (offline); ``fisher_rest`` is Σ_{s≠t} α_s F_s over the clients that
+    stay (≥ 0); ``alpha`` is α_t ≥ 0, the weight t had; ``prior_precision`` H0 > 0, as in
+    :func:`ugm_merge`.
     """
     fn = "remove_client"
     _check_base(fn, params)
@@ -440,6 +433,24 @@ def _raise_first_bad_client(
                 f"{float(values.min()):.3g}); a diagonal Fisher is a sum of squares and must "
                 "be ≥ 0.",
                 client_index=index, key=key)
+
+
+def _raise_largest_client(fn: str, key: str, compute: torch.dtype, deltas: Sequence[Params],
+                          alphas: Sequence[float], fishers: Sequence[Params] = (),
+                          prior: float | Tensor = 0.0) -> None:
+    """After ``key`` overflowed with finite inputs: raise for the client whose terms are
+    largest (|α (H0 + F) Δ| and α F, in float64), to be dropped."""
+    sizes = []
+    for index, (alpha, delta) in enumerate(zip(alphas, deltas, strict=True)):
+        term = delta[key].detach().double().abs()
+        fisher = fishers[index][key].detach().double() if fishers else None
+        if fisher is not None:
+            term = torch.maximum(term * (_as_tensor(prior, torch.float64, term.device) + fisher),
+                                 fisher)
+        sizes.append(abs(alpha) * float(term.max()) if term.numel() else 0.0)
+    index = max(range(len(sizes)), key=sizes.__getitem__)
+    raise InvalidClientInput(f"{fn}: '{key}' overflowed {compute}; deltas[{index}] (with its "
+                             "Fisher) is too large for it.", client_index=index, key=key)
 
 
 # --------------------------------------------------------------------------- dtype helpers

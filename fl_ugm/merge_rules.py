@@ -40,7 +40,11 @@ ALPHA_MODES = ("num-examples", "uniform", "ones")
 def client_alphas(num_examples: Sequence[float], mode: str, scale: float = 1.0) -> list[float]:
     """α_t for clients with ``num_examples`` (n_t > 0) under ``mode``, times λ = ``scale``."""
     if mode == "num-examples":
-        total = math.fsum(num_examples)
+        try:
+            total = math.fsum(num_examples)
+        except OverflowError:  # claims too large to sum: the same ratios, scaled down first
+            top = max(num_examples)
+            return client_alphas([n / top for n in num_examples], mode, scale)
         base = [n / total for n in num_examples]
     elif mode == "uniform":
         base = [1.0 / len(num_examples)] * len(num_examples)

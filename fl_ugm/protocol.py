@@ -57,7 +57,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from torch import Tensor
 
-from fl_ugm.engine import WIRE_DTYPES, Contribution, RunSettings
+from fl_ugm.engine import CLIENT_ID_PATTERN, WIRE_DTYPES, Contribution, RunSettings
 
 # --------------------------------------------------------------------------- server → client
 #: The train config asks for a UGM reply (delta + Fisher) instead of FedAvg's "arrays".
@@ -97,6 +97,8 @@ CLIENT_ID_KEY = "client-id"
 SCALES_RECORD = "ugm-scales"
 #: float16 values are x / s with s = max|x| / _FLOAT16_TOP; 2¹⁵ leaves headroom below 65504.
 _FLOAT16_TOP = 2.0**15
+#: The largest scale whose float16 values (≤ 65504) stay finite in float32.
+_FLOAT16_SCALE_MAX = float(torch.finfo(torch.float32).max) / 65504.0
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -198,8 +200,12 @@ def parse_ugm_reply(
     delta = _checked_tensors(DELTA_RECORD, delta_record, global_state, scales, same_dtype=True)
     fisher = _checked_tensors(FISHER_RECORD, fisher_record, global_state, scales,
                               same_dtype=False)
-    return ParsedReply(node_id, Contribution(client_id_of(content), float(num_examples), delta,
-                                             fisher), content)
+    client_id = client_id_of(content)
+    if client_id is not None and not CLIENT_ID_PATTERN.match(client_id):
+        raise InvalidReply(f"client id {client_id!r} must be 1-128 letters, digits, '.', '_' or "
+                           "'-' (not '.' or '..'): it names the client's files in the ledger.")
+    return ParsedReply(node_id, Contribution(client_id, float(num_examples), delta, fisher),
+                       content)
 
 
 def parse_ugm_replies(
@@ -227,6 +233,9 @@ def parse_ugm_replies(
                                            weighted_by_key=weighted_by_key))
         except InvalidReply as err:
             dropped.append(DroppedReply(node, client_id_of(message.content), str(err)))
+        except Exception as err:  # whatever a client sent must not stop the server
+            dropped.append(DroppedReply(node, client_id_of(message.content),
+                                        f"it could not be read ({type(err).__name__}: {err})."))
     if not updates:
         return updates, dropped
     count = Counter(_covered(u) for u in updates)
@@ -254,14 +263,16 @@ def _covered(update: ParsedReply) -> tuple[frozenset[str], frozenset[str]]:
 
 
 def client_id_of(content: RecordDict) -> str | None:
-    """The stable client id a reply's content carries (``CLIENT_RECORD``), or None."""
+    """The client id a reply's content carries (``CLIENT_RECORD``; a non-string is shown as
+    its repr, which no valid id matches), or None."""
     client_id = content.config_records.get(CLIENT_RECORD, {}).get(CLIENT_ID_KEY)
-    return None if client_id is None else str(client_id)
+    return client_id if client_id is None or isinstance(client_id, str) else repr(client_id)
 
 
 def client_id_of_query_reply(reply: Message) -> str | None:
-    """The stable client id a QUERY reply carries, or None (an error or no id)."""
-    return None if reply.has_error() else client_id_of(reply.content)
+    """The stable client id a QUERY reply carries, or None (an error, no id, an invalid one)."""
+    client_id = None if reply.has_error() else client_id_of(reply.content)
+    return client_id if client_id is not None and CLIENT_ID_PATTERN.match(client_id) else None
 
 
 # --------------------------------------------------------------------------- client side
@@ -350,8 +361,9 @@ def query_reply_content(client_id: str) -> RecordDict:
 
 def _checked_tensors(name: str, record: ArrayRecord, global_state: Mapping[str, Tensor],
                      scales: ConfigRecord | None, *, same_dtype: bool) -> dict[str, Tensor]:
-    """The record's tensors, checked against the global (shape; dtype: the global's for a
-    delta, any float for a Fisher) and decoded from float16 when ``scales`` is given."""
+    """The record's tensors, decoded (their bytes must hold what the Array declares),
+    checked against the global (shape; dtype: the global's for a delta, any float for a
+    Fisher) and decoded from float16 when ``scales`` is given."""
     out = {}
     for key, array in record.items():
         expected = global_state[key]
@@ -367,7 +379,7 @@ def _checked_tensors(name: str, record: ArrayRecord, global_state: Mapping[str, 
             raise InvalidReply(f"{name}['{key}'] has dtype {array.dtype}, the global {wanted}.")
         if array.dtype not in _FLOAT_DTYPES:
             raise InvalidReply(f"{name}['{key}'] has dtype {array.dtype}; expected a float.")
-        out[key] = tensor_view(array)
+        out[key] = _decoded(name, key, array)
     return out
 
 
@@ -377,17 +389,35 @@ def _from_float16(name: str, key: str, array: Array, scales: ConfigRecord,
     scale = scales.get(f"{name}/{key}")
     if array.dtype != "float16":
         raise InvalidReply(f"{name}['{key}'] has dtype {array.dtype} in a float16 reply.")
-    if not isinstance(scale, float) or not (math.isfinite(scale) and scale > 0):
+    if not isinstance(scale, float) or not (0 < scale <= _FLOAT16_SCALE_MAX):
         raise InvalidReply(f"{name}['{key}'] has no valid scale in '{SCALES_RECORD}' "
-                           f"(got {scale!r}).")
-    return (tensor_view(array).float() * scale).to(dtype)
+                           f"(got {scale!r}; a scale is > 0 and keeps float16 values finite "
+                           "in float32).")
+    return (_decoded(name, key, array).float() * scale).to(dtype)
+
+
+def _decoded(name: str, key: str, array: Array) -> Tensor:
+    """The tensor an Array's bytes hold, which must be what the Array declares."""
+    try:
+        tensor = tensor_view(array)
+    except Exception as err:  # any malformed bytes
+        raise InvalidReply(f"{name}['{key}'] cannot be decoded ({type(err).__name__}: "
+                           f"{err}).") from None
+    held = str(tensor.dtype).removeprefix("torch.")
+    if tuple(tensor.shape) != tuple(array.shape) or held != array.dtype:
+        raise InvalidReply(f"{name}['{key}'] declares {array.dtype} {tuple(array.shape)} but "
+                           f"its bytes hold {held} {tuple(tensor.shape)}.")
+    return tensor
 
 
 def tensor_view(array: Array) -> Tensor:
-    """A read-only tensor over the bytes of a serialized NumPy ``Array``, without a copy.
+    """A read-only tensor over the bytes of a serialized NumPy ``Array``, without a copy
+    (a Fortran-ordered array is copied into C order).
 
     ``Array.numpy()`` deserializes into a fresh array; the strategy holds every reply's
-    delta and Fisher at once, so a copy would double the memory of a round.
+    delta and Fisher at once, so a copy would double the memory of a round. Raises
+    ``InvalidReply`` or numpy's errors for bytes that are no native-endian numeric array of
+    the size the header declares.
     """
     if array.stype != "numpy.ndarray":
         raise InvalidReply(f"unsupported array serialization {array.stype!r}.")
@@ -396,12 +426,15 @@ def tensor_view(array: Array) -> Tensor:
     readers = {(1, 0): np.lib.format.read_array_header_1_0,
                (2, 0): np.lib.format.read_array_header_2_0}
     if version not in readers:
-        return torch.from_numpy(array.numpy())
+        raise InvalidReply(f"unsupported .npy format version {version}.")
     shape, fortran_order, dtype = readers[version](header)
-    if fortran_order or dtype.hasobject:
-        return torch.from_numpy(array.numpy())
+    if dtype.hasobject or not dtype.isnative:
+        raise InvalidReply(f"unsupported array dtype {dtype.str} (objects or a foreign byte "
+                           "order).")
     count = int(np.prod(shape, dtype=np.int64))
     flat = np.frombuffer(array.data, dtype=dtype, count=count, offset=header.tell())
     with warnings.catch_warnings():  # read-only buffer: fl_ugm never writes to inputs
         warnings.simplefilter("ignore", UserWarning)
+        if fortran_order:
+            return torch.from_numpy(np.ascontiguousarray(flat.reshape(shape[::-1]).T))
         return torch.from_numpy(flat.reshape(shape))

@@ -5,8 +5,9 @@ more harm than under FedAvg: by inflating its Fisher (it takes over the merge) o
 a poisoned Δ (it is trusted most on its own classes). Two defences, both run by
 ``FedUGM.aggregate_train`` before the merge (docs/design.md §1, "Defences"):
 
-* :func:`clip_fisher_inflation` bounds a client's **weight**: its per-example Fisher mass
-  at most ``factor`` × the median client's, per tensor.
+* :func:`clip_num_examples` and :func:`clip_fisher_inflation` bound a client's **weight**:
+  its claimed number of examples (α_t ∝ n_t) and its per-example Fisher mass, per tensor,
+  each at most ``factor`` × the median client's.
 * :class:`UpdateScreen` bounds a client's **content**: its Δ's norm at most ``norm_bound`` ×
   the median client's (scaled down to the bound), and, if asked (``min_cosine``), a Δ that
   points away from the coordinate-wise median of the round's deltas (cosine ≤
@@ -26,6 +27,29 @@ import torch
 from torch import Tensor
 
 Params = Mapping[str, Tensor]
+
+
+def clip_num_examples(num_examples: Sequence[float], factor: float,
+                      known: Sequence[float | None] | None = None
+                      ) -> tuple[list[float], list[tuple[int, float]]]:
+    """The weight defence: (the claimed n_t, each at most ``factor`` × the lower median claim
+    of the round and at most the size the server knows for it (``known``, None where it
+    knows none), which clients were bounded with their claim / median).
+
+    α_t is n_t / Σn, so a client that claims more examples than it has weighs more; bounded
+    like its Fisher, it weighs at most ``factor`` median clients. With fewer than 2 claims
+    the median bounds nothing (a known size still does)."""
+    if factor < 1:
+        raise ValueError(f"clip_num_examples: factor={factor}; it must be ≥ 1.")
+    out = [float(n) for n in num_examples]
+    median = sorted(out)[(len(out) - 1) // 2] if len(out) >= 2 else math.inf
+    bounded = []
+    for index, claimed in enumerate(out):
+        limit = min(factor * median, (known or [None] * len(out))[index] or math.inf)
+        if claimed > limit:
+            out[index] = limit
+            bounded.append((index, claimed / median if math.isfinite(median) else math.inf))
+    return out, bounded
 
 
 def clip_fisher_inflation(

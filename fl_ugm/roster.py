@@ -9,7 +9,7 @@ answers with ``fl_ugm.client.handle_query``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 
 from flwr.app import Message, MessageType, RecordDict
@@ -24,17 +24,37 @@ QUERY_TIMEOUT = 120.0
 
 class ClientRoster:
     """Stable client ids ↔ node ids, and the excluded clients (removed ones, or ones a run
-    leaves out): they are never sampled, and their replies are dropped."""
+    leaves out): they are never sampled, and their replies are dropped.
 
-    def __init__(self, excluded: Iterable[str] = ()) -> None:
-        self.node_of: dict[str, int] = {}
+    A client id is bound to the first node that used it (``bound``: bindings kept from an
+    earlier run, e.g. in the ledger). Another node's claim to a bound id is refused while
+    the bound node is connected (as the last sampling saw it, ``connected``); once it is gone
+    (a SuperNode restarted without a persistent key, or a new SuperLink), the next claimant
+    takes the id over. Under Flower's node authentication a node id stands for the node's
+    key, so an id then stays with its key while that node is connected (docs/threat-model.md).
+    """
+
+    def __init__(self, excluded: Iterable[str] = (), bound: Mapping[str, int] | None = None
+                 ) -> None:
+        self.node_of: dict[str, int] = dict(bound or {})
         self.excluded: set[str] = set(excluded)
+        self.connected: set[int] | None = None  # nodes connected at the last sampling
         self._queried: set[int] = set()  # nodes already asked for their client id
         self._reported_missing: set[str] = set()
 
-    def learn(self, client_id: str, node_id: int) -> None:
-        """``client_id`` is served by ``node_id`` (from a reply that carried the id)."""
+    def claim(self, client_id: str, node_id: int) -> str | None:
+        """Bind ``client_id`` to ``node_id`` if it may speak for it (the id is unbound,
+        already its, or bound to a node that is gone) and return None; else the reason."""
+        bound = self.node_of.get(client_id)
+        if bound is not None and bound != node_id and (
+                self.connected is None or bound in self.connected):
+            return (f"client id {client_id!r} is bound to node {bound}, which is connected; "
+                    f"node {node_id}'s claim to it is refused.")
+        if bound is not None and bound != node_id:
+            log(INFO, "client %r: its node %d is gone; node %d takes the id over.", client_id,
+                bound, node_id)
         self.node_of[client_id] = node_id
+        return None
 
     def exclude(self, client_id: str) -> None:
         """Never sample ``client_id`` again and drop its replies."""
@@ -52,12 +72,21 @@ class ClientRoster:
         messages = [Message(content=RecordDict(), message_type=MessageType.QUERY,
                             dst_node_id=node) for node in targets]
         self._queried.update(targets)
-        answered = 0
+        claims: dict[str, list[int]] = {}
         for reply in grid.send_and_receive(messages, timeout=min(timeout, QUERY_TIMEOUT)):
             client_id = client_id_of_query_reply(reply)
             if client_id is not None:
-                self.learn(client_id, reply.metadata.src_node_id)
-                answered += 1
+                claims.setdefault(client_id, []).append(reply.metadata.src_node_id)
+        answered = sum(len(nodes) for nodes in claims.values())
+        for client_id, nodes in claims.items():
+            bound = self.node_of.get(client_id)
+            if len(nodes) > 1 and bound not in nodes:
+                log(WARNING, "nodes %s all answer as client %r; none is bound to it, so none "
+                    "is taken for it.", sorted(nodes), client_id)
+            elif len(nodes) == 1 or bound in nodes:
+                reason = self.claim(client_id, bound if bound in nodes else nodes[0])
+                if reason:
+                    log(WARNING, "query: %s", reason)
         if answered < len(targets):
             log(WARNING, "%d of %d nodes did not answer the query for their client id; give "
                 "the ClientApp a query handler (fl_ugm.client.handle_query) so that removed "
@@ -70,14 +99,28 @@ class ClientRoster:
         excluded client's node is unknown."""
         return _EligibleNodes(self, grid)
 
+    def locate(self, grid: Grid, client_id: str) -> int | None:
+        """The connected node that serves ``client_id`` (queried if its known node is gone),
+        or None."""
+        self.connected = set(grid.get_node_ids())
+        if self.node_of.get(client_id) not in self.connected:
+            self.discover(grid, [n for n in self.connected if n not in self._queried])
+        node = self.node_of.get(client_id)
+        return node if node in self.connected else None
+
+    def _located(self, connected: Iterable[int]) -> set[str]:
+        """The clients whose known node is connected."""
+        connected = set(connected)
+        return {c for c, node in self.node_of.items() if node in connected}
+
     def _locate_excluded(self, grid: Grid, connected: list[int]) -> None:
-        unknown = self.excluded - set(self.node_of)
+        unknown = self.excluded - self._located(connected)
         if not unknown:
             return
         fresh = [n for n in connected if n not in self._queried]
         if fresh:
             self.discover(grid, fresh)
-        missing = unknown - set(self.node_of) - self._reported_missing
+        missing = unknown - self._located(connected) - self._reported_missing
         if missing:
             self._reported_missing |= missing
             log(INFO, "excluded client(s) %s: no connected node identifies as them (gone, or "
@@ -93,6 +136,7 @@ class _EligibleNodes:
 
     def get_node_ids(self) -> list[int]:
         connected = list(self._grid.get_node_ids())
+        self._roster.connected = set(connected)
         self._roster._locate_excluded(self._grid, connected)
         skip = self._roster.excluded_nodes()
         return [node for node in connected if node not in skip]

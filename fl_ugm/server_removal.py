@@ -90,9 +90,7 @@ def _online_contribution(roster: ClientRoster, grid: Grid, client_id: str,
                          timeout: float, weighted_by_key: str
                          ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Send the client the removal ``request``; its validated (Δ_t, F_t)."""
-    if client_id not in roster.node_of:
-        roster.discover(grid, timeout=timeout)
-    node = roster.node_of.get(client_id)
+    node = roster.locate(grid, client_id)
     if node is None:
         raise RemovalError(
             f"no connected node identifies as client {client_id!r}, so it cannot take part in "

@@ -25,9 +25,11 @@ from torch import Tensor
 from fl_ugm.admission import (
     FISHER_CLIPPED_METRIC,
     NORM_BOUNDED_METRIC,
+    NUM_EXAMPLES_CLIPPED_METRIC,
     SCREENED_OUT_METRIC,
     admit,
     clip_fishers,
+    clip_sizes,
     screen,
     who,
 )
@@ -70,7 +72,8 @@ class FedUGM(FedAvg):
     **options
         The run's options by name (:class:`fl_ugm.engine.RunSettings`, which documents each
         and holds its default: ``prior_precision``, ``alpha``, ``scale``, ``merge``,
-        ``server_fisher``, ``fisher``, ``wire_dtype``, ``fisher_clip``, ``update_screen``,
+        ``server_fisher``, ``fisher``, ``wire_dtype``, ``fisher_clip``, ``client_sizes``,
+        ``update_screen``,
         ``server_lr``, ``server_momentum``, ``server_optimizer``, ``carried_precision``,
         ``client_memory``, ``client_dual_step``), and Flower's ``FedAvg`` arguments
         (``fraction_train``, ``min_train_nodes``, ``min_available_nodes``,
@@ -115,10 +118,12 @@ class FedUGM(FedAvg):
         self._nodes_asked = 0  # train messages sent in the current round
         self.ledger = Ledger(ledger) if isinstance(ledger, str | Path) else ledger
         removed: Iterable[str] = ()
+        bound: dict[str, int] = {}
         if self.ledger is not None:
+            self.ledger.lock()  # one writer per ledger, from the start
             self.ledger.ensure_settings(self.settings)
-            removed = self.ledger.removed_clients()
-        self.roster = ClientRoster([*excluded_clients, *removed])
+            removed, bound = self.ledger.removed_clients(), self.ledger.nodes()
+        self.roster = ClientRoster([*excluded_clients, *removed], bound)
 
     @property
     def current_arrays(self) -> dict[str, Tensor] | None:
@@ -169,8 +174,8 @@ class FedUGM(FedAvg):
             (s.client_dual_step, f"Client dual variables: ρ {s.client_dual_step:g}"),
             (s.moves_by_optimizer, f"Server {s.server_optimizer} on the merged update: "
                                    f"η {s.server_lr:g}, β {s.server_momentum:g}")) if on]
-        lines += ["Fisher-inflation clip: " + ("off" if s.fisher_clip is None else
-                  f"{s.fisher_clip:g} × the median client's per-example Fisher mass"),
+        lines += ["Weight clip: " + ("off" if s.fisher_clip is None else
+                  f"{s.fisher_clip:g} × the median client's size and per-example Fisher mass"),
                   f"Update screen: {s.update_screen or 'off'}",
                   f"Ledger: {self.ledger.directory if self.ledger else 'none'}; excluded "
                   f"clients: {', '.join(sorted(self.roster.excluded)) or 'none'}"]
@@ -222,6 +227,7 @@ class FedUGM(FedAvg):
         # makes a round's float32 sums, and so a whole run, reproducible from its seed
         parsed.sort(key=lambda r: (r.client_id is None, r.client_id or "", r.node_id))
         parsed = admit(parsed, dropped, self.roster, needs_id=self.settings.client_memory)
+        bounded = clip_sizes(self.settings, server_round, parsed)
         clipped = clip_fishers(self.settings, server_round, parsed)
         needed = self._replies_needed()
         screened = screen(self.settings, server_round, parsed, needed)
@@ -240,6 +246,8 @@ class FedUGM(FedAvg):
             self._record(server_round, parsed, result, after)
         self.state = after
         metrics = self.train_metrics_aggr_fn([r.content for r in parsed], self.weighted_by_key)
+        if bounded is not None:
+            metrics[NUM_EXAMPLES_CLIPPED_METRIC] = bounded
         if clipped is not None:
             metrics[FISHER_CLIPPED_METRIC] = clipped
         if screened is not None:
@@ -278,12 +286,13 @@ class FedUGM(FedAvg):
             timeout=timeout, arrayrecord_key=self.arrayrecord_key,
             configrecord_key=self.configrecord_key, weighted_by_key=self.weighted_by_key,
             **options)  # fmt: skip
-        self.ledger.commit_removal(client_id, removal_round, plan.state, history=plan.history,
-                                   records=plan.records)
+        deleted = self.ledger.commit_removal(client_id, removal_round, plan.state,
+                                             history=plan.history, records=plan.records)
         self.roster.exclude(client_id)
         self.state = plan.state
         report = plan.report
-        report.update(removal_round=removal_round, removal_seconds=time.perf_counter() - started)
+        report.update(removal_round=removal_round, deleted_files=deleted,
+                      removal_seconds=time.perf_counter() - started)
         arrays = ArrayRecord(dict(plan.state.global_state))
         for server_round in range(removal_round + 1, removal_round + 1 + repair_rounds):
             log(INFO, "[REPAIR ROUND %d/%d]", server_round - removal_round, repair_rounds)
@@ -316,13 +325,28 @@ class FedUGM(FedAvg):
         ``replies`` to ``dropped`` and the rest are merged again."""
         while len(replies) >= needed:
             try:
-                return step(self.settings, self.state, [r.contribution for r in replies],
-                            server_round, with_shares=self.ledger is not None)
+                after, result = step(self.settings, self.state,
+                                     [r.contribution for r in replies], server_round,
+                                     with_shares=self.ledger is not None)
             except InvalidClientInput as err:
                 if err.client_index is None or err.client_index >= len(replies):
-                    raise
+                    log(WARNING, "aggregate_train: round %d cannot merge (%s); keeping the "
+                        "global model.", server_round, err)
+                    return None
                 bad = replies.pop(err.client_index)
                 dropped.append(DroppedReply(bad.node_id, bad.client_id, str(err)))
+                continue
+            except ValueError as err:  # e.g. a key set the server Fisher does not cover
+                log(WARNING, "aggregate_train: round %d cannot merge (%s); keeping the global "
+                    "model.", server_round, err)
+                return None
+            if all(bool(v.isfinite().all()) for v in after.global_state.values()
+                   if v.is_floating_point()):
+                return after, result
+            log(WARNING, "aggregate_train: round %d's server step left the global non-finite "
+                "(server_lr or server_momentum too large for these updates); keeping the "
+                "global model.", server_round)
+            return None
         return None
 
     def _record(self, server_round: int, replies: list[ParsedReply], result: RoundResult,
@@ -334,7 +358,8 @@ class FedUGM(FedAvg):
                     "history but it cannot be removed later (pass client_id to "
                     "fl_ugm.client.handle_train).", reply.node_id)
         self.ledger.record_round(server_round, self.state, [r.contribution for r in replies],
-                                 result, after)
+                                 result, after, nodes={r.client_id: r.node_id for r in replies
+                                                       if r.client_id is not None})
         log(INFO, "ledger: round %d recorded; history %.1f MB (%d rounds, %s)", server_round,
             self.ledger.history_bytes() / 1e6, len(self.ledger.history()),
             self.ledger.history_dtype)

@@ -321,14 +321,19 @@ def test_remove_client_bad_input():
         remove_client(base, deltas[0], fishers[0], fishers[1], alpha=-1.0, prior_precision=1.0)
 
 
-def test_overflow_of_finite_inputs_is_reported():
-    base, deltas, fishers = make_clients(2)
-    for d in deltas:
-        d["w"].fill_(3e38)
+def test_overflow_of_finite_inputs_names_the_largest_client():
+    base, deltas, fishers = make_clients(3)
+    for d, value in zip(deltas, (1e38, 3e38, 2e38)):
+        d["w"].fill_(value)
     for f in fishers:
         f["w"].zero_()
-    with pytest.raises(ValueError, match=r"merge of 'w' overflowed"):
-        ugm_merge(base, deltas, fishers, alphas=[1, 1], prior_precision=1.0)
+    with pytest.raises(InvalidClientInput, match=r"'w' overflowed torch.float32; deltas\[1\] "
+                       r"\(with its Fisher\) is too large") as raised:
+        ugm_merge(base, deltas, fishers, alphas=[1, 1, 1], prior_precision=1.0)
+    assert raised.value.client_index == 1 and raised.value.key == "w"
+    with pytest.raises(InvalidClientInput, match=r"deltas\[1\]") as raised:
+        task_arithmetic(base, deltas, alphas=[1, 1, 1])
+    assert raised.value.client_index == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("server_identity")
 @pytest.mark.parametrize("mode", ["online", "offline"])
 def test_removal_through_the_strategy_is_exact_on_the_linear_oracle(mode, tmp_path):
     """Train one round, then remove p1 from a NEW strategy on the same ledger (a removal run
-    after a server restart; online mode finds p1's node with a QUERY)."""
+    after a server restart; online mode finds p1's node by the binding the ledger keeps)."""
     hessians, xty, theta0 = linear_problem(seed=5)
     grid = LinearGrid(hessians, xty)
     train(new_strategy(tmp_path), grid, theta0, rounds=1)
@@ -45,8 +45,8 @@ def test_removal_through_the_strategy_is_exact_on_the_linear_oracle(mode, tmp_pa
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], expected, rtol=0, atol=1e-10)
     assert report["mode"] == mode and report["removal_round"] == 2
     sent_types = [kind for kind, _ in grid.sent[1:]]
-    if mode == "online":  # QUERY to all three nodes, then one removal request to p1's node
-        assert sent_types == [MessageType.QUERY, MessageType.TRAIN]
+    if mode == "online":  # one removal request, to the node p1 is bound to
+        assert sent_types == [MessageType.TRAIN]
         assert grid.sent[-1][1] == [2]
     else:
         assert sent_types == []
@@ -64,12 +64,14 @@ def test_the_online_request_is_a_train_message_marked_as_removal(tmp_path):
     captured = []
     original = grid._answer
     grid._answer = lambda msg: captured.append(msg) or original(msg)
+    newest = Ledger(tmp_path).global_state(1)[1]["w"]
     strategy.remove(grid, "p0", method="eq13", mode="online", repair_rounds=0)
     (request,) = captured
     config = request.content.config_records["config"]
     assert config[REMOVAL_KEY] is True and config[PRIOR_KEY] == H0
     sent_global = request.content.array_records["arrays"].to_torch_state_dict()["w"]
-    torch.testing.assert_close(sent_global, Ledger(tmp_path).global_state(1)[1]["w"])
+    torch.testing.assert_close(sent_global, newest)
+    assert Ledger(tmp_path).rounds() == [2]  # the globals trained with p0 are gone
 
 
 def test_repair_rounds_exclude_the_removed_client_and_report_metrics(tmp_path):
@@ -85,8 +87,9 @@ def test_repair_rounds_exclude_the_removed_client_and_report_metrics(tmp_path):
 
     arrays, report = strategy.remove(grid, "p1", method="eq13", mode="offline", repair_rounds=2,
                                      evaluate_fn=evaluate)
-    # discovery, then two repair rounds sent only to p0's and p2's nodes
-    assert grid.sent[-3][0] == MessageType.QUERY
+    # two repair rounds sent only to p0's and p2's nodes (the ledger knows p1's node: no
+    # query first)
+    assert [kind for kind, _ in grid.sent[-3:]] == [MessageType.TRAIN] * 3
     assert [sorted(nodes) for _, nodes in grid.sent[-2:]] == [[1, 3], [1, 3]]
     assert evaluated == [2, 5] and report["final_round"] == 5
     final = arrays.to_torch_state_dict()["w"]
@@ -180,7 +183,7 @@ def test_an_online_reply_must_come_from_the_client_asked(tmp_path):
     grid = LinearGrid(hessians, xty)
     strategy = new_strategy(tmp_path)
     train(strategy, grid, theta0, rounds=1)
-    strategy.roster.learn("p1", 3)  # stale routing: node 3 serves p2
+    strategy.roster.node_of["p1"] = 3  # stale routing: node 3 serves p2
     index = (tmp_path / "index.json").read_text()
     with pytest.raises(RemovalError, match="node 3 answered the removal request of client 'p1' "
                        "as client 'p2'; nothing was changed"):

@@ -391,7 +391,7 @@ def test_server_adam_on_the_merged_step_is_flowers_fedadam_when_the_merge_is_fed
         assert (ends[1][key] - initial[key]).abs().max() > 0.05
 
 
-def test_server_fisher_is_added_to_the_prior():
+def test_server_fisher_is_added_to_the_prior(caplog):
     state = global_state()
     server_fisher = {k: torch.full_like(state[k], 3.0) for k in PARAM_KEYS}
     strategy = FedUGM(prior_precision=0.5, server_fisher=server_fisher, min_train_nodes=2)
@@ -404,9 +404,10 @@ def test_server_fisher_is_added_to_the_prior():
         torch.testing.assert_close(merged[key], reference[key])
     partial = FedUGM(prior_precision=0.5, server_fisher={"fc.weight": server_fisher["fc.weight"]},
                      min_train_nodes=2)
-    partial.current_arrays = state
-    with pytest.raises(ValueError, match="server_fisher has no entry for"):
-        partial.aggregate_train(2, replies)
+    partial.current_arrays = state  # the clients train tensors the server Fisher lacks
+    assert partial.aggregate_train(2, replies) == (None, None)
+    assert "round 2 cannot merge (FedUGM: server_fisher has no entry for" in caplog.text
+    assert torch.equal(partial.current_arrays["fc.bias"], state["fc.bias"])
 
 
 @pytest.mark.parametrize("rule", ["fisher-averaging", "task-arithmetic"])
@@ -513,18 +514,35 @@ def test_subtract_applied_removes_a_clients_accumulated_updates(tmp_path):
     assert report["mode"] == "subtract-applied"
 
 
-def test_two_replies_under_one_client_id_keep_the_first(caplog):
-    """Two nodes claiming the same client id in a round would corrupt that client's ledger
-    record: the second is dropped."""
+def test_a_client_id_belongs_to_the_first_node_that_used_it(caplog):
+    """Two nodes claiming a new client id in the same round are both dropped (either could
+    be the impostor); once node 1 has used it, node 2's claims are dropped while node 1 is
+    connected, and a second reply from node 1 in a round too."""
     state = global_state()
     strategy = FedUGM(prior_precision=1.0, min_train_nodes=1)
     strategy.current_arrays = state
-    first, second = (ugm_reply(node, 10, state, seed=node,
-                               client=ConfigRecord({"client-id": "same"})) for node in (1, 2))
+
+    def claim(node, seed):
+        return ugm_reply(node, 10, state, seed=seed, client=ConfigRecord({"client-id": "same"}))
+
     with caplog.at_level("WARNING", logger="flwr"):
-        arrays, _ = strategy.aggregate_train(1, [first, second])
-    assert ("dropping node 2 in round 1 (client 'same'): node 1 already replied as client "
-            "'same' this round.") in caplog.text
+        assert strategy.aggregate_train(1, [claim(1, 1), claim(2, 2)]) == (None, None)
+    assert ("dropping node 2 in round 1 (client 'same'): nodes [1, 2] all replied as client "
+            "'same' this round and none is bound to it") in caplog.text
+    first = claim(1, 1)
+    strategy.aggregate_train(2, [first])  # node 1 uses the id: bound to it
+    strategy.current_arrays = state
+    with caplog.at_level("WARNING", logger="flwr"):
+        arrays, _ = strategy.aggregate_train(3, [claim(2, 2), first, claim(1, 3)])
+    assert ("dropping node 2 in round 3 (client 'same'): client id 'same' is bound to node 1, "
+            "which replied too.") in caplog.text
+    assert "dropping node 1 in round 3 (client 'same'): a second reply as client 'same'" \
+        in caplog.text
     reference = reference_from([first], state, ugm_merge, alphas=[1.0], prior_precision=1.0)
     for key in PARAM_KEYS:
         torch.testing.assert_close(arrays.to_torch_state_dict()[key], reference[key])
+    strategy.current_arrays = state
+    with caplog.at_level("WARNING", logger="flwr"):
+        assert strategy.aggregate_train(4, [claim(2, 2)]) == (None, None)
+    assert "client id 'same' is bound to node 1, which is connected; node 2's claim" \
+        in caplog.text
