@@ -55,7 +55,7 @@ def admit(replies: list[ParsedReply], dropped: list[DroppedReply], roster: Clien
                       "or ugm_reply).")
         elif len(nodes[client]) > 1 and roster.node_of.get(client) not in nodes[client]:
             reason = (f"nodes {sorted(nodes[client])} all replied as client {client!r} this "
-                      "round and none is bound to it; every claim is dropped.")
+                      "round and none of them is bound to it; every claim is dropped.")
         elif len(nodes[client]) > 1 and roster.node_of.get(client) != reply.node_id:
             reason = (f"client id {client!r} is bound to node {roster.node_of[client]}, which "
                       "replied too.")

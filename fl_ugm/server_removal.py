@@ -1,7 +1,7 @@
 """Client removal inside a running Flower app: the plan behind ``FedUGM.remove``.
 
-1. ``method="eq13"`` with ``mode="online"``: send the client (found by its stable id; a QUERY
-   if this run has not heard from it) a train message carrying the newest global and
+1. ``method="eq13"`` with ``mode="online"``: send the client (at the node its id is bound to;
+   a QUERY if that node is gone) a train message carrying the newest global and
    ``REMOVAL_KEY``; it fine-tunes as usual and its Δ_t, F_t feed the removal. Otherwise the
    ledger alone is used (``method="replay"`` replays its history; no client trains).
 2. Compute the removal (``fl_ugm.removal.plan_removal``) with the run's settings.

@@ -320,26 +320,24 @@ class FedUGM(FedAvg):
     def _step(self, server_round: int, replies: list[ParsedReply],
               dropped: list[DroppedReply], needed: int
               ) -> tuple[ServerState, RoundResult] | None:
-        """The round engine's step over the replies, or None if fewer than ``needed`` remain.
-        A client whose values the merge rejects (NaN, Inf, negative Fisher) is moved from
-        ``replies`` to ``dropped`` and the rest are merged again."""
+        """The round engine's step over the replies, or None (logged) if fewer than
+        ``needed`` remain or the round cannot merge. A client whose values the merge rejects
+        (NaN, Inf, a negative Fisher, an overflow) is moved from ``replies`` to ``dropped``
+        and the rest are merged again; a step that leaves the global non-finite keeps it."""
         while len(replies) >= needed:
             try:
                 after, result = step(self.settings, self.state,
                                      [r.contribution for r in replies], server_round,
                                      with_shares=self.ledger is not None)
-            except InvalidClientInput as err:
-                if err.client_index is None or err.client_index >= len(replies):
+            except ValueError as err:  # InvalidClientInput names the reply at fault
+                index = err.client_index if isinstance(err, InvalidClientInput) else None
+                if index is None or index >= len(replies):  # e.g. keys no server Fisher has
                     log(WARNING, "aggregate_train: round %d cannot merge (%s); keeping the "
                         "global model.", server_round, err)
                     return None
-                bad = replies.pop(err.client_index)
+                bad = replies.pop(index)
                 dropped.append(DroppedReply(bad.node_id, bad.client_id, str(err)))
                 continue
-            except ValueError as err:  # e.g. a key set the server Fisher does not cover
-                log(WARNING, "aggregate_train: round %d cannot merge (%s); keeping the global "
-                    "model.", server_round, err)
-                return None
             if all(bool(v.isfinite().all()) for v in after.global_state.values()
                    if v.is_floating_point()):
                 return after, result

@@ -153,6 +153,10 @@ class Deployment:
         self.superlink_address = ""
         self.env = {
             **os.environ,
+            # the SuperLink starts flower-superexec through PATH: this interpreter's scripts
+            # first, so the tests pass in a virtual environment that is not activated
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                     os.environ.get("PATH", "")]),
             TAG_VAR: self.tag,
             "FLWR_HOME": str(self.home),
             "FLWR_TELEMETRY_ENABLED": "0",

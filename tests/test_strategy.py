@@ -528,7 +528,7 @@ def test_a_client_id_belongs_to_the_first_node_that_used_it(caplog):
     with caplog.at_level("WARNING", logger="flwr"):
         assert strategy.aggregate_train(1, [claim(1, 1), claim(2, 2)]) == (None, None)
     assert ("dropping node 2 in round 1 (client 'same'): nodes [1, 2] all replied as client "
-            "'same' this round and none is bound to it") in caplog.text
+            "'same' this round and none of them is bound to it") in caplog.text
     first = claim(1, 1)
     strategy.aggregate_train(2, [first])  # node 1 uses the id: bound to it
     strategy.current_arrays = state
