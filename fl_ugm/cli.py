@@ -87,8 +87,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LedgerError, ValueError, OSError) as err:  # a bad value or path, too
         print(f"fl-ugm remove: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(plan.report, indent=2))
+    print(summary(plan.report, args.out, report_path, forgotten=args.forget))
     return 0
+
+
+def summary(report: dict, out: Path, report_path: Path, *, forgotten: bool) -> str:
+    """What a removal did, in a few lines (the whole report is in ``report_path``)."""
+    how = report["method"]
+    if "replayed_from_round" in report:
+        first, last = report["replayed_from_round"], report["replayed_to_round"]
+        how += f" of rounds {first} to {last} ({last - first + 1} rounds"
+        how += ", approximate: the history starts after the client's first round)" if report[
+            "approximate"] else ")"
+    lines = [f"removed client {report['client']!r} from the global of round "
+             f"{report['global_round']} ({how}); the update moved it by "
+             f"{report['update_l2_norm']:.4g} (L2)",
+             f"new global: {out}", f"report: {report_path}"]
+    if forgotten:
+        lines.append(f"ledger: committed as round {report['global_round'] + 1}; "
+                     f"{len(report['deleted_files'])} files trained with the client deleted")
+    else:
+        lines.append("ledger: unchanged (--forget commits the removal to it)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,47 +1,22 @@
 """What a Flower ClientApp calls: fine-tune from the global model and build the reply.
 
-Two ways to answer FedUGM's train message:
+Two ways to answer a train message, each of which serves FedUGM and Flower's own strategies
+(FedAvg, FedProx, FedAdam... get the standard ``arrays`` + ``metrics`` reply):
 
 * **Your own training loop** (any loss, DataLoader, device, frozen backbone or adapters):
-  load the global with :func:`load_global`, train, compute the Fisher of the trainable
-  parameters (``fl_ugm.fisher.diagonal_fisher`` or ``TrainingFisher``), and return
-  :func:`ugm_reply`::
-
-      @app.train()
-      def train(msg, context):
-          model = build_model().to(device)          # frozen parts: requires_grad_(False)
-          load_global(msg, model)
-          n = my_training_loop(model, loader, msg)   # returns the number of examples
-          fisher = diagonal_fisher(model, loader, unpack=lambda b: (b["img"], b["label"]))
-          return ugm_reply(msg, model, fisher=fisher, num_examples=n,
-                           client_id=str(context.node_config["client-id"]))
-
-  Train under FedUGM's prior as the derivation assumes: add (δ / 2n)·‖w − θ‖² to your mean
-  loss (FedProx's proximal term with μ = δ / n), δ =
-  ``fl_ugm.protocol.proximal_precision(msg.content, n)``; with FedUGM's
-  ``carried_precision`` that is a tensor per parameter (Σ δ_i (w_i − θ_i)² / 2n).
-
+  :func:`load_global`, train with :class:`ProximalTerm` added to your mean loss, compute the
+  Fisher of the trainable parameters (``fl_ugm.fisher.diagonal_fisher`` or
+  ``TrainingFisher``), return :func:`ugm_reply` (README "Quickstart";
+  ``examples/quickstart-pytorch``).
 * **The ready-made classifier loop**: :func:`handle_train` (cross-entropy on in-memory
-  tensors, SGD or Adam), which answers any strategy: FedUGM gets the UGM reply, Flower's
-  FedAvg, FedProx, FedAdam… the standard ``{"arrays": ArrayRecord(θ_t), "metrics": ...}``.
+  tensors, SGD or Adam).
 
 The UGM reply (``fl_ugm.protocol``) carries Δ for the trainable parameters and the float
 buffers (e.g. BatchNorm running statistics, which the server averages by num-examples), the
 Fisher of the trainable parameters (a SUM over the n_t examples), ``num-examples`` and the
-client's stable id, in the wire dtype the server asked for. Frozen parameters are not sent:
-the server keeps the global's values there.
-
-The proximal prior: FedUGM sends its δ as ``"ugm-prior"`` (and, with a carried precision,
-a per-parameter precision as the ``"ugm-prior-precision"`` ArrayRecord); FedProx sends
-``"proximal-mu"`` (μ/2·‖w − θ‖² on a MEAN loss, i.e. precision μ·n_t on the summed loss).
-All become the term (precision / 2n)·‖w − θ‖² added to the mean loss, the H0 of the
-derivation.
-
-Let the server find this client's node (removal, excluded clients)::
-
-    @app.query()
-    def query(msg, context):
-        return handle_query(msg, str(context.node_config["client-id"]))
+client's stable id (:func:`client_id`), in the wire dtype the server asked for. Frozen
+parameters are not sent: the server keeps the global's values there. :func:`handle_query`
+answers the server's QUERY for the id (removal, excluded clients).
 """
 
 from __future__ import annotations
@@ -51,11 +26,11 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import Tensor, nn
 
 from fl_ugm.client_duals import DUAL_STATE_RECORD, next_dual, reported_delta
-from fl_ugm.engine import FISHER_ESTIMATORS
+from fl_ugm.engine import CLIENT_ID_PATTERN, FISHER_ESTIMATORS
 from fl_ugm.fisher import TrainingFisher, diagonal_fisher, iterate_batches
 from fl_ugm.protocol import (
     DUAL_STEP_KEY,
@@ -69,10 +44,74 @@ from fl_ugm.protocol import (
     ugm_requested,
 )
 
-__all__ = ["handle_evaluate", "handle_query", "handle_train", "load_global",
-           "train_classifier", "ugm_reply"]
+__all__ = ["ProximalTerm", "client_id", "handle_evaluate", "handle_query", "handle_train",
+           "load_global", "train_classifier", "ugm_reply"]
 
 OPTIMIZERS = ("sgd", "adam")
+
+
+
+def client_id(context: Context) -> str:
+    """This client's stable id, which the ledger keys its contributions on (Flower's node id
+    changes when a SuperNode restarts): ``context.node_config["client-id"]`` (a deployment:
+    ``flower-supernode --node-config 'client-id="hospital-3"'``), else, in a simulation,
+    whose nodes carry only ``partition-id``, that partition's number as a string ("0", "1",
+    ...: stable across runs of one federation). Raises ``ValueError`` if the node config has
+    neither, or the id is not 1-128 letters, digits, '.', '_' or '-'."""
+    config = context.node_config
+    value = config.get("client-id", config.get("partition-id"))
+    if value is None:
+        raise ValueError("this node's config has neither 'client-id' nor 'partition-id'; start "
+                         "the SuperNode with --node-config 'client-id=\"<a stable id>\"'.")
+    value = str(value)
+    if not CLIENT_ID_PATTERN.match(value):
+        raise ValueError(f"client id {value!r} must be 1-128 letters, digits, '.', '_' or '-' "
+                         "(not '.' or '..'): it names the client's files in the ledger.")
+    return value
+
+
+class ProximalTerm:
+    """The proximal prior the server asked for, as a term of your MEAN loss::
+
+        load_global(msg, model)
+        prox = ProximalTerm(msg, model, n)        # θ: the global the model now holds
+        loss = F.cross_entropy(model(x), y) + prox(model)
+
+    ``prox(model)`` is (1 / 2n)·Σ_i P_i (w_i − θ_i)² over the trainable parameters, with n
+    the local examples and P the precision on the SUMMED loss (``.precision``): FedUGM's δ
+    (sum units; per coordinate δ + the carried precision with ``carried_precision``),
+    FedProx's μ·n (so the term is FedProx's μ/2·‖w − θ‖²), or 0 for a strategy that asks
+    for none (the term is then a zero and costs nothing). Its gradient pulls each weight
+    back with strength P/n. FedUGM's merge assumes it (its H0 is δ), so keep it; leaving it
+    out changes little only when P/n is negligible against the loss's curvature (the
+    default δ = 1 with hundreds of examples), never with a carried precision or client
+    duals, which work through it.
+    """
+
+    def __init__(self, msg: Message, model: nn.Module, num_examples: int, *,
+                 configrecord_key: str = "config") -> None:
+        if not num_examples > 0:
+            raise ValueError(f"ProximalTerm: num_examples={num_examples}; it must be > 0.")
+        config = msg.content.config_records.get(configrecord_key, ConfigRecord())
+        self.num_examples = int(num_examples)
+        self.precision = _prior_for(model, proximal_precision(
+            msg.content, self.num_examples, configrecord_key), config)
+        trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
+        scales = (self.precision if isinstance(self.precision, dict)
+                  else dict.fromkeys(trainable, self.precision))
+        self._anchor = {k: p.detach().clone() for k, p in trainable.items()
+                        if not isinstance(scales[k], float) or scales[k] > 0}
+        self._scale = {k: scales[k].to(self._anchor[k]) if isinstance(scales[k], Tensor)
+                       else scales[k] for k in self._anchor}
+
+    def __call__(self, model: nn.Module) -> Tensor:
+        """The term for ``model``'s current weights (a scalar on their device, float32)."""
+        params = dict(model.named_parameters())
+        terms = [(self._scale[k] * (params[k] - anchor) ** 2).sum()
+                 for k, anchor in self._anchor.items()]
+        if not terms:
+            return torch.zeros((), device=next(iter(params.values())).device)
+        return torch.stack(terms).sum() / (2 * self.num_examples)
 
 
 def train_classifier(
@@ -208,11 +247,8 @@ def handle_train(
         prox_precision=prior, training_fisher=training_fisher, dual=dual,
     )  # fmt: skip
     if not ugm:
-        metrics = MetricRecord({NUM_EXAMPLES_KEY: n, "train-loss": loss})
-        trained = {k: v.detach() for k, v in model.state_dict().items()}
-        content = RecordDict({arrayrecord_key: ArrayRecord(trained), "metrics": metrics})
-        return Message(content=content, reply_to=msg)
-    if training_fisher is not None:
+        fisher = {}
+    elif training_fisher is not None:
         fisher = training_fisher.estimate(n)
     else:
         generator = torch.Generator().manual_seed(seed)
@@ -276,8 +312,11 @@ def ugm_reply(
     configrecord_key: str = "config",
     dual: Mapping[str, Tensor] | None = None,
 ) -> Message:
-    """The UGM reply to FedUGM's train message ``msg``, from ``model`` fine-tuned from the
-    global that ``msg`` carries (any training loop, any device).
+    """The reply to the train message ``msg``, from ``model`` fine-tuned from the global that
+    ``msg`` carries (any training loop, any device): FedUGM's UGM reply, or, when the server
+    did not ask for one (Flower's FedAvg, FedProx, FedAdam...), the standard reply
+    (``arrays``: the trained state dict; ``metrics``: ``num-examples`` and ``metrics``; the
+    Fisher is not needed then, and not checked).
 
     Parameters
     ----------
@@ -310,8 +349,8 @@ def ugm_reply(
     Returns
     -------
     Message
-        The reply (``fl_ugm.protocol``), in the wire dtype the server asked for
-        (``"ugm-wire-dtype"``; float32 if it did not say).
+        The UGM reply (``fl_ugm.protocol``), in the wire dtype the server asked for
+        (``"ugm-wire-dtype"``; float32 if it did not say), or the standard one.
 
     Raises
     ------
@@ -325,6 +364,11 @@ def ugm_reply(
         raise ValueError(f"ugm_reply: num_examples={num_examples!r}; it must be > 0.")
     global_state = _global_state(msg, arrayrecord_key)
     config = msg.content.config_records.get(configrecord_key, ConfigRecord())
+    record = MetricRecord({NUM_EXAMPLES_KEY: num_examples, **dict(metrics or {})})
+    if not ugm_requested(config):
+        trained = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return Message(content=RecordDict({arrayrecord_key: ArrayRecord(trained),
+                                           "metrics": record}), reply_to=msg)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("ugm_reply: the model has no trainable parameters (requires_grad).")
@@ -374,7 +418,6 @@ def ugm_reply(
         delta = reported_delta(delta, fisher, prior,
                                {k: v.to(device="cpu", dtype=delta[k].dtype)
                                 for k, v in dual.items()})
-    record = MetricRecord({NUM_EXAMPLES_KEY: num_examples, **dict(metrics or {})})
     content = build_ugm_reply(delta, fisher, record, client_id,
                               str(config.get(WIRE_DTYPE_KEY, "float32")))
     return Message(content=content, reply_to=msg)

@@ -162,6 +162,26 @@ class RunSettings:
                 settings, server_fisher={k: v.double() - delta for k, v in prior.items()})
         return settings
 
+    def describe(self) -> list[str]:
+        """The settings as lines for the server's log (``FedUGM.summary``)."""
+        s = self
+        lines = [f"UGM merge (rule: {s.merge}):",
+                 f"Prior precision δ: {s.prior_precision:g}"
+                 + (" (+ server Fisher)" if s.server_fisher is not None else ""),
+                 f"Alpha: {s.alpha} × scale {s.scale:g}",
+                 f"Client Fisher estimator: {s.fisher} (fl_ugm.client.handle_train's; an own "
+                 f"loop chooses its own); replies in {s.wire_dtype}"]
+        lines += [line for on, line in (
+            (s.carried_precision, f"Carried precision: γ {s.carried_precision:g}"),
+            (s.client_memory, "Client memory: every client's latest reply, re-centred"),
+            (s.client_dual_step, f"Client dual variables: ρ {s.client_dual_step:g}"),
+            (s.moves_by_optimizer, f"Server {s.server_optimizer} on the merged update: "
+                                   f"η {s.server_lr:g}, β {s.server_momentum:g}")) if on]
+        return [*lines, "Weight clip: " + (
+            "off" if s.fisher_clip is None else
+            f"{s.fisher_clip:g} × the median client's size and per-example Fisher mass"),
+            f"Update screen: {s.update_screen or 'off'}"]
+
     @property
     def rule(self) -> MergeRule:
         return MERGE_RULES[self.merge]

@@ -346,8 +346,8 @@ def _replay(ledger: Ledger, client_id: str, settings: RunSettings, *, recentring
     report = {
         "client": client_id, "method": "replay", "mode": "offline",
         "global_round": newest_round, "client_round": record.round, "alpha": record.alpha,
-        "num_examples": record.num_examples, "replayed_rounds": [rounds[0], rounds[-1]],
-        "recentring": recentring, "shared_rank": shared_rank,
+        "num_examples": record.num_examples, "replayed_from_round": rounds[0],
+        "replayed_to_round": rounds[-1], "recentring": recentring, "shared_rank": shared_rank,
         "client_first_round": first, "approximate": not reaches_back,
         "history_dtype": ledger.history_dtype,
         "prior_precision": prior if isinstance(prior, float) else "tensor",

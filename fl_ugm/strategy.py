@@ -18,7 +18,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import Tensor
 
@@ -34,7 +34,7 @@ from fl_ugm.admission import (
     who,
 )
 from fl_ugm.engine import RoundResult, RunSettings, ServerState, step
-from fl_ugm.ledger import Ledger
+from fl_ugm.ledger import Ledger, LedgerError
 from fl_ugm.merge import InvalidClientInput
 from fl_ugm.protocol import (
     PRIOR_RECORD,
@@ -64,6 +64,11 @@ class FedUGM(FedAvg):
         recent checkpoints and the removed clients (``fl_ugm.ledger``). A ledger written by
         a run with other settings or another model is refused; the clients it lists as
         removed are never sampled again.
+    resume : bool
+        On a ledger that already holds a run: continue it (``start`` then trains from the
+        ledger's newest global and server state up to ``num_rounds`` training rounds in all;
+        a removal's round does not count). Without it, training on such a ledger is refused
+        (``LedgerError``), never mixed with the new run.
     excluded_clients : iterable of str
         Client ids never sampled in this run (e.g. to retrain without them); like removed
         clients, they count against ``min_train_nodes`` and ``min_available_nodes``.
@@ -99,7 +104,7 @@ class FedUGM(FedAvg):
     global model. With ``client_memory`` a reply without a client id is dropped.
     """
 
-    def __init__(self, *, ledger: Ledger | str | Path | None = None,
+    def __init__(self, *, ledger: Ledger | str | Path | None = None, resume: bool = False,
                  excluded_clients: Iterable[str] = (), settings: RunSettings | None = None,
                  **options) -> None:
         run = {k: options.pop(k) for k in list(options) if k in RunSettings.option_names()}
@@ -115,6 +120,8 @@ class FedUGM(FedAvg):
         self.settings = settings or RunSettings(**run)
         self.state = ServerState({})
         self.round_offset = 0
+        self.resume = resume
+        self._adopted = False  # the ledger's run is this one (resumed, or begun here)
         self._nodes_asked = 0  # train messages sent in the current round
         self.ledger = Ledger(ledger) if isinstance(ledger, str | Path) else ledger
         removed: Iterable[str] = ()
@@ -148,6 +155,7 @@ class FedUGM(FedAvg):
         if self.ledger is None:
             raise RuntimeError("FedUGM.resume_from_ledger needs the strategy's ledger.")
         resumed = self.ledger.resume_state(self.settings, excluded=self.roster.excluded)
+        self._adopted = True
         if resumed is None:
             return None
         self.round_offset, self.state = resumed
@@ -160,25 +168,32 @@ class FedUGM(FedAvg):
                 "fl_ugm); it restarts from 0.", " or ".join(lost), self.round_offset)
         return self.round_offset, ArrayRecord(dict(self.state.global_state))
 
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              **kwargs) -> Result:
+        """Flower's ``Strategy.start`` (same arguments). On a ledger that holds a run, with
+        ``resume=True``: from its newest global, for the training rounds left of
+        ``num_rounds`` (``result.arrays`` is that global if no round merged)."""
+        resumed = None
+        if self.resume and not self._adopted and self.ledger is not None:
+            resumed = self.resume_from_ledger()
+            if resumed is not None:
+                removals = self.ledger.removed_clients().values()  # a round number each
+                done = self.round_offset - sum(1 for r in removals if r <= self.round_offset)
+                initial_arrays, left = resumed[1], max(num_rounds - done, 0)
+                log(INFO, "resume: %d of %d training rounds done (the ledger's round %d); "
+                    "this run's round r is the ledger's round %d + r.", done, num_rounds,
+                    self.round_offset, self.round_offset)
+                num_rounds = left
+        result = super().start(grid, initial_arrays, num_rounds, **kwargs)
+        if resumed is not None and not len(result.arrays):
+            result.arrays = initial_arrays
+        return result
+
     def summary(self) -> None:
         """Log the UGM settings, then FedAvg's."""
-        s = self.settings
-        lines = [f"UGM merge (rule: {s.merge}):",
-                 f"Prior precision δ: {s.prior_precision:g}"
-                 + (" (+ server Fisher)" if s.server_fisher is not None else ""),
-                 f"Alpha: {s.alpha} × scale {s.scale:g}",
-                 f"Client Fisher estimator: {s.fisher}; replies in {s.wire_dtype}"]
-        lines += [line for on, line in (
-            (s.carried_precision, f"Carried precision: γ {s.carried_precision:g}"),
-            (s.client_memory, "Client memory: every client's latest reply, re-centred"),
-            (s.client_dual_step, f"Client dual variables: ρ {s.client_dual_step:g}"),
-            (s.moves_by_optimizer, f"Server {s.server_optimizer} on the merged update: "
-                                   f"η {s.server_lr:g}, β {s.server_momentum:g}")) if on]
-        lines += ["Weight clip: " + ("off" if s.fisher_clip is None else
-                  f"{s.fisher_clip:g} × the median client's size and per-example Fisher mass"),
-                  f"Update screen: {s.update_screen or 'off'}",
-                  f"Ledger: {self.ledger.directory if self.ledger else 'none'}; excluded "
-                  f"clients: {', '.join(sorted(self.roster.excluded)) or 'none'}"]
+        lines = [*self.settings.describe(),
+                 f"Ledger: {self.ledger.directory if self.ledger else 'none'}; excluded "
+                 f"clients: {', '.join(sorted(self.roster.excluded)) or 'none'}"]
         log(INFO, "\t├──> %s", lines[0])
         for index, line in enumerate(lines[1:], 2):
             log(INFO, "\t│\t%s── %s", "└" if index == len(lines) else "├", line)
@@ -189,20 +204,19 @@ class FedUGM(FedAvg):
     ) -> Iterable[Message]:
         """Remember the global; ask the sampled clients (never an excluded one) for a UGM
         reply. Excluded clients count against the minimum node counts."""
+        if self.ledger is not None and not self._adopted and self.ledger.rounds():
+            raise LedgerError(
+                f"the ledger {self.ledger.directory} already holds a run (up to round "
+                f"{self.ledger.rounds()[-1]}); pass FedUGM(resume=True) to continue it, or "
+                "give a new ledger directory. It is not mixed with this run.")
+        self._adopted = True  # the ledger's run is this one from here
         server_round += self.round_offset
         self.current_arrays = arrays.to_torch_state_dict()
         if self.ledger is not None and server_round - 1 not in self.ledger.rounds():
             self.ledger.record_global(server_round - 1, self.current_arrays)
         if self.fraction_train == 0.0:
             return []
-        eligible = self.roster.eligible(grid)
-        left_out = len(self.roster.excluded)
-        sample_size = max(int(len(eligible.get_node_ids()) * self.fraction_train),
-                          self.min_train_nodes - left_out)
-        node_ids, candidates = sample_nodes(eligible, self.min_available_nodes - left_out,
-                                            sample_size)
-        log(INFO, "configure_train: Sampled %d nodes (out of %d%s)", len(node_ids),
-            len(candidates), f"; {left_out} excluded clients left out" if left_out else "")
+        node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes, "train")
         config = ugm_train_config(config, self.settings)
         config["server-round"] = server_round
         self._nodes_asked = len(node_ids)
@@ -211,6 +225,18 @@ class FedUGM(FedAvg):
             record[PRIOR_RECORD] = ArrayRecord(
                 {k: self.settings.prior_precision + c for k, c in self.state.carried.items()})
         return self._construct_messages(record, node_ids, MessageType.TRAIN)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's, over the nodes of clients that are not excluded."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes,
+                                "evaluate")
+        config["server-round"] = server_round + self.round_offset
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, node_ids, MessageType.EVALUATE)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -289,7 +315,7 @@ class FedUGM(FedAvg):
         deleted = self.ledger.commit_removal(client_id, removal_round, plan.state,
                                              history=plan.history, records=plan.records)
         self.roster.exclude(client_id)
-        self.state = plan.state
+        self.state, self._adopted = plan.state, True  # the run goes on from the removal
         report = plan.report
         report.update(removal_round=removal_round, deleted_files=deleted,
                       removal_seconds=time.perf_counter() - started)
@@ -303,6 +329,7 @@ class FedUGM(FedAvg):
                 this_run, grid.send_and_receive(messages, timeout=timeout))
             arrays = repaired if repaired is not None else arrays
         final_round = removal_round + repair_rounds
+        self.round_offset = final_round  # a later start's round 1 follows it
         report.update(
             repair_rounds=repair_rounds, final_round=final_round,
             seconds=time.perf_counter() - started,
@@ -312,6 +339,18 @@ class FedUGM(FedAvg):
         return arrays, report
 
     # ------------------------------------------------------------------ steps of a round
+
+    def _sample(self, grid: Grid, fraction: float, min_nodes: int, what: str) -> list[int]:
+        """Flower's node sampling over the nodes of clients that are not excluded (which
+        count against ``min_nodes`` and ``min_available_nodes``)."""
+        eligible = self.roster.eligible(grid)
+        left_out = len(self.roster.excluded)
+        sample_size = max(int(len(eligible.get_node_ids()) * fraction), min_nodes - left_out)
+        node_ids, candidates = sample_nodes(eligible, self.min_available_nodes - left_out,
+                                            sample_size)
+        log(INFO, "configure_%s: Sampled %d nodes (out of %d%s)", what, len(node_ids),
+            len(candidates), f"; {left_out} excluded clients left out" if left_out else "")
+        return node_ids
 
     def _replies_needed(self) -> int:
         """min_train_nodes, or every node asked when fewer were (after removals)."""

@@ -32,7 +32,7 @@ the initial and final global), ``remove-client`` / ``removal-method`` / ``remova
 ``repair-rounds`` (after training, ``FedUGM.remove``; with ``num-server-rounds=0`` a
 removal-only run on an existing ledger), ``history-rounds`` / ``history-dtype`` (the
 ledger's per-round history for replay removal: rounds kept, 0 = all, and storage dtype),
-``resume`` (continue the run recorded in ``ledger``, see :func:`resume_point`),
+``resume`` (continue the run recorded in ``ledger``: ``FedUGM(resume=True)``),
 ``wire-dtype`` (FedUGM's reply dtype for Δ and F: float16, with a scale per tensor, or
 float32), ``evaluate-on`` (test | validation: the ``server-examples`` split, to choose
 settings without the test set).
@@ -71,7 +71,13 @@ from flwr.serverapp.strategy import (
 )
 from safetensors.torch import load_file, save_file
 
-from fl_ugm.client import handle_evaluate, handle_query, handle_train, train_classifier
+from fl_ugm.client import (
+    client_id,
+    handle_evaluate,
+    handle_query,
+    handle_train,
+    train_classifier,
+)
 from fl_ugm.ledger import Ledger, write_atomically
 from fl_ugm.protocol import REMOVAL_KEY
 from fl_ugm.robust import UpdateScreen
@@ -157,11 +163,6 @@ def client_data(cfg: Mapping[str, Any], context: Context) -> tuple[torch.Tensor,
     return tensors["inputs"].float(), tensors["labels"].long()
 
 
-def client_id_of(context: Context) -> str:
-    """This SuperNode's stable client id: ``node_config["client-id"]``, else its partition."""
-    return str(context.node_config.get("client-id", context.node_config["partition-id"]))
-
-
 def history_path(out: str | Path, strategy: str, seed: int) -> Path:
     """Where a run with ``out=...`` writes its history JSON."""
     return Path(out) / f"history-{strategy}-seed{int(seed)}.json"
@@ -220,7 +221,8 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
             merge={"fedugm": "ugm", "mifa": "task-arithmetic"}.get(name, name), ledger=ledger,
             fisher_clip=float(cfg.get("fisher-clip", 3.0)) or None,
             update_screen=update_screen(cfg),
-            excluded_clients=excluded, wire_dtype=str(cfg.get("wire-dtype", "float16")),
+            excluded_clients=excluded, resume=bool(cfg.get("resume", False)),
+            wire_dtype=str(cfg.get("wire-dtype", "float16")),
             server_lr=float(cfg.get("ugm-server-lr", 1.0)),
             server_momentum=float(cfg.get("ugm-server-momentum", 0.0)),
             carried_precision=float(cfg.get("ugm-carry", 0.0)),
@@ -391,12 +393,12 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
     })  # fmt: skip
     arrays = ArrayRecord(model.state_dict())
     rounds = int(cfg["num-server-rounds"])
-    if rounds > 0 and getattr(strategy, "ledger", None) is not None:
-        rounds, arrays = resume_point(strategy, cfg, rounds, arrays, history)
-    if rounds > 0:
+    if rounds > 0:  # with resume=true, FedUGM continues the ledger's run to `rounds`
         result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=rounds,
                                 train_config=train_config, evaluate_fn=central_evaluate)
         arrays = result.arrays if len(result.arrays) else arrays
+        if getattr(strategy, "round_offset", 0):
+            history["resumed_from_round"] = strategy.round_offset
         history["train_metrics"] = {str(r): dict(m) for r, m in
                                     result.train_metrics_clientapp.items()}
     if removed:
@@ -417,26 +419,6 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
             report.write_text(json.dumps(history["removal"], indent=1) + "\n")
             log(INFO, "removal report written to %s", report)
     return history
-
-
-def resume_point(strategy: FedUGM, cfg: Mapping[str, Any], rounds: int, arrays: ArrayRecord,
-                 history: dict[str, Any]) -> tuple[int, ArrayRecord]:
-    """(rounds still to run, arrays to start from) for a FedUGM run with a ledger. A ledger
-    that already holds rounds is continued only with ``resume=true`` (a run killed after
-    round R resumes at R + 1 and ends after ``num-server-rounds`` in all)."""
-    done = strategy.ledger.rounds()
-    if not done:
-        return rounds, arrays
-    if not cfg.get("resume", False):
-        raise ValueError(
-            f"the ledger {strategy.ledger.directory} already holds rounds up to {done[-1]}; "
-            "pass resume=true to continue that run, or give an empty ledger directory."
-        )
-    completed, arrays = strategy.resume_from_ledger()
-    history["resumed_from_round"] = completed
-    log(INFO, "resuming from round %d of %d (ledger %s)", completed, rounds,
-        strategy.ledger.directory)
-    return max(rounds - completed, 0), arrays
 
 
 # --------------------------------------------------------------------------- client
@@ -469,7 +451,7 @@ def run_client_train(msg: Message, context: Context, cfg: Mapping[str, Any],
         lr=float(train.get("lr", cfg["lr"])),
         optimizer=str(train.get("optimizer", cfg["optimizer"])),
         seed=int(cfg["seed"]) * 100_003 + 1_009 * server_round + partition_id,
-        client_id=client_id_of(context), state=context.state,
+        client_id=client_id(context), state=context.state,
     )  # fmt: skip
     role.tamper(cfg, context, msg, reply)
     return reply
@@ -503,7 +485,7 @@ def make_apps(overrides: Mapping[str, Any] | None = None,
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:
-        return handle_query(msg, client_id_of(context))
+        return handle_query(msg, client_id(context))
 
     return server_app, client_app
 

@@ -209,8 +209,13 @@ class LinearGrid:
             return handle_query(incoming, f"p{node - 1}")
         if node in self.failing:
             return Message(Error(code=0, reason="client crashed"), reply_to=incoming)
-        config = msg.content.config_records["config"]
         theta = msg.content.array_records["arrays"].to_torch_state_dict()["w"]
+        if msg.metadata.message_type == MessageType.EVALUATE:  # the client's loss at θ
+            h, b = self.hessians[node - 1], self.xty[node - 1]
+            loss = float((0.5 * h * theta**2 - b * theta).sum())
+            return Message(RecordDict({"metrics": MetricRecord(
+                {"num-examples": self.sizes[node - 1], "loss": loss})}), reply_to=incoming)
+        config = msg.content.config_records["config"]
         h, b = self.hessians[node - 1], self.xty[node - 1]
         h0 = float(config[PRIOR_KEY]) if self.prior is None else self.prior
         if PRIOR_RECORD in msg.content.array_records:  # FedUGM's carried precision
@@ -298,8 +303,8 @@ def retrained(hessians, xty, theta0, keep):
 NO_SCREEN = {"update_screen": None}
 
 
-def new_strategy(ledger_dir, nodes: int = 3) -> FedUGM:
+def new_strategy(ledger_dir, nodes: int = 3, **options) -> FedUGM:
     return FedUGM(prior_precision=H0, min_train_nodes=nodes, min_available_nodes=nodes,
-                  ledger=ledger_dir, **NO_SCREEN)
+                  ledger=ledger_dir, **NO_SCREEN, **options)
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import MessageType
+from flwr.serverapp.strategy import FedAvg
 from helpers import (
     LinearGrid,
     linear_problem,
@@ -23,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fl_ugm import FedUGM
-from fl_ugm.client import load_global, ugm_reply
+from fl_ugm.client import ProximalTerm, client_id, load_global, ugm_reply
 from fl_ugm.fisher import diagonal_fisher
 from fl_ugm.ledger import Ledger
 from fl_ugm.merge import ugm_merge
@@ -31,9 +32,9 @@ from fl_ugm.protocol import (
     CLIENT_RECORD,
     NUM_EXAMPLES_KEY,
     PRIOR_KEY,
+    UGM_KEY,
     WIRE_DTYPE_KEY,
     parse_ugm_reply,
-    proximal_precision,
 )
 from fl_ugm.removal import remove_from_ledger
 
@@ -111,9 +112,8 @@ def own_loop_client_app() -> ClientApp:
         torch.manual_seed(node)
         model = AdaptedNet()
         load_global(msg, model)
-        anchor = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
         n = len(data)
-        precision = proximal_precision(msg.content["config"], n)
+        prox = ProximalTerm(msg, model, n)
         loader = DataLoader(data, batch_size=16, shuffle=True,
                             generator=torch.Generator().manual_seed(node))
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
@@ -121,16 +121,13 @@ def own_loop_client_app() -> ClientApp:
         for _ in range(3):
             for batch in loader:
                 x, y = unpack(batch)
-                loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
-                loss = loss + precision / (2 * n) * sum(
-                    ((p - anchor[k]) ** 2).sum() for k, p in model.named_parameters()
-                    if p.requires_grad)
+                loss = F.cross_entropy(model(x), y, label_smoothing=0.1) + prox(model)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
         fisher = diagonal_fisher(model, DataLoader(data, batch_size=32), unpack=unpack,
                                  generator=torch.Generator().manual_seed(node))
-        return ugm_reply(msg, model, fisher=fisher, num_examples=n, client_id=f"c{node}",
+        return ugm_reply(msg, model, fisher=fisher, num_examples=n, client_id=client_id(context),
                          metrics={"train-loss": loss.item()})
 
     return app
@@ -200,12 +197,35 @@ def test_an_own_loop_client_app_with_a_frozen_backbone_and_an_adapter_trains_wit
     assert sorted(result.train_metrics_clientapp) == [1, 2]
 
 
+def test_the_same_own_loop_client_app_serves_flowers_fedavg():
+    """A client app written for FedUGM, unchanged, under Flower's own FedAvg: it gets the
+    standard reply (the trained state dict), and FedAvg's global is the example-weighted
+    average of the trained models."""
+    torch.manual_seed(0)
+    state = {k: v.clone() for k, v in AdaptedNet().state_dict().items()}
+    grid = ClientAppGrid(own_loop_client_app(), nodes=3)
+    strategy = FedAvg(min_train_nodes=3, min_available_nodes=3, fraction_evaluate=0.0)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=1)
+
+    (replies,) = grid.replies
+    assert all(set(r.content.array_records) == {"arrays"} for r in replies)
+    trained = [r.content["arrays"].to_torch_state_dict() for r in replies]
+    sizes = [float(r.content["metrics"][NUM_EXAMPLES_KEY]) for r in replies]
+    assert sorted(sizes) == [60.0, 80.0, 100.0]  # the nodes in sampling order
+    merged = result.arrays.to_torch_state_dict()
+    for key in TRAINABLE:
+        expected = sum(t[key] * n for t, n in zip(trained, sizes)) / sum(sizes)
+        torch.testing.assert_close(merged[key], expected, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(merged[key], state[key])
+
+
 def test_ugm_reply_sends_the_trainable_entries_in_the_asked_dtype():
     torch.manual_seed(1)
     model = AdaptedNet()
     glob = {k: v.clone() for k, v in model.state_dict().items()}
     request = message(RecordDict({"arrays": ArrayRecord(glob),
-                                  "config": ConfigRecord({WIRE_DTYPE_KEY: "float32"})}))
+                                  "config": ConfigRecord({UGM_KEY: True,
+                                                          WIRE_DTYPE_KEY: "float32"})}))
     with torch.no_grad():
         model.head.lora_b.add_(0.5)
     fisher = {k: torch.full_like(p, 2.0) for k, p in model.named_parameters() if p.requires_grad}
@@ -271,7 +291,8 @@ def test_ugm_reply_says_what_is_wrong(case, mutate, fragment):
     glob = {k: v.clone() for k, v in model.state_dict().items()}
     fisher = {k: torch.ones_like(p) for k, p in model.named_parameters() if p.requires_grad}
     mutate(model, glob, fisher)
-    request = message(RecordDict({"arrays": ArrayRecord(glob), "config": ConfigRecord({})}))
+    request = message(RecordDict({"arrays": ArrayRecord(glob),
+                                  "config": ConfigRecord({UGM_KEY: True})}))
     with pytest.raises(ValueError, match=r"ugm_reply") as error:
         ugm_reply(request, model, fisher=fisher, num_examples=10)
     assert fragment in str(error.value), case

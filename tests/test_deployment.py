@@ -1,18 +1,22 @@
-"""Real Flower deployments of the fl_ugm app on loopback (flwr 1.41): a SuperLink, SuperNodes
-and ``flwr run``, each a separate OS process, as an operator would start them.
+"""Real Flower deployments on loopback (flwr 1.41 and 1.42): a SuperLink, SuperNodes and
+``flwr run``, each a separate OS process, as an operator would start them.
 
-* plain: ``flower-superlink --insecure`` + three SuperNodes, 3 FedUGM rounds;
 * TLS: a CA and a server certificate made at test time; SuperNodes and ``flwr run`` trust
-  the CA, a SuperNode without it is refused (certificate verify failed);
+  the CA, a SuperNode without it is refused (certificate verify failed); one FedUGM round
+  over the three SuperNodes, recorded under their node-config client ids;
 * node auth: ``--enable-supernode-auth`` (needs TLS); SuperNode keys registered with
-  ``flwr supernode register``; an unregistered key is refused.
+  ``flwr supernode register``; an unregistered key is refused;
+* crash: ``flower-superlink --insecure`` + three SuperNodes; the ServerApp killed mid-run,
+  a client removed offline, the run resumed;
+* the quickstart example (``examples/quickstart-pytorch``) on a simulation SuperLink:
+  train, remove a client, resume.
 
 Every process gets a private ``FLWR_HOME`` and a unique environment tag. Flower starts more
 processes of its own (``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``), some in
 new sessions, which inherit the tag; teardown stops everything carrying the tag by PID and
 asserts that nothing is left. Ports are picked free at run time. Linux only (``/proc``).
 
-Run with ``python -m pytest -m deployment tests/test_deployment.py`` (about 2.5 min on 2 cores).
+Run with ``python -m pytest -m deployment tests/test_deployment.py`` (about 7 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from simulations.flower_app import history_path
 
@@ -419,15 +424,6 @@ def start_nodes(dep: Deployment, *security: str, count: int = 3) -> set[int]:
 # tests
 
 
-def test_insecure_superlink_three_supernodes_flwr_run(deployment, tmp_path):
-    deployment.start_superlink("--insecure")
-    deployment.write_connection()
-    node_ids = start_nodes(deployment, "--insecure")
-    history = deployment.run_app(tmp_path / "out", rounds=3)
-    check_history(history, rounds=3, node_ids=node_ids)
-    check_ledger(tmp_path / "out" / "ledger", ["c0", "c1", "c2"])
-
-
 def test_tls_superlink_refuses_supernode_without_ca(deployment, tmp_path):
     ca, cert, key = write_tls_files(tmp_path)
     deployment.start_superlink(
@@ -440,6 +436,7 @@ def test_tls_superlink_refuses_supernode_without_ca(deployment, tmp_path):
     assert_refused(stranger, "CERTIFICATE_VERIFY_FAILED")
     history = deployment.run_app(tmp_path / "out", rounds=1)
     check_history(history, rounds=1, node_ids=node_ids)
+    check_ledger(tmp_path / "out" / "ledger", ["c0", "c1", "c2"])
 
 
 def test_supernode_auth_admits_registered_keys_only(deployment, tmp_path):
@@ -486,7 +483,8 @@ def test_server_killed_mid_run_resumes_from_the_ledger_without_a_removed_client(
                                                                               tmp_path):
     """SIGKILL the ServerApp process once round 1 of 4 is in the ledger; remove client c1
     offline (``fl-ugm remove --forget``); ``flwr run`` again with ``resume=true`` on the same
-    ledger continues after the removal's global and ends after round 4. c1's SuperNode is
+    ledger continues after the removal's global for the 4 training rounds (the removal's global
+    is ledger round killed + 1, so the run ends at ledger round 5). c1's SuperNode is
     still connected but is never asked to train again, and c1 is never recorded again."""
     from fl_ugm.ledger import Ledger
 
@@ -519,14 +517,56 @@ def test_server_killed_mid_run_resumes_from_the_ledger_without_a_removed_client(
     assert remove.popen.returncode == 0, remove.tail()
     history = deployment.run_app(out, rounds=4, resume=True)
     assert history["resumed_from_round"] == killed_after + 1  # the removal's global
-    assert len(history["accuracy"]) == 4 - (killed_after + 1) + 1
+    assert len(history["accuracy"]) == 4 - killed_after + 1  # the removal is no training
     assert history["replies"], "no round ran after the resume"
     for round_log in history["replies"]:
         assert set(round_log["nodes"]) == {node_of["c0"], node_of["c2"]}, round_log
         assert round_log["errors"] == 0
     ledger = Ledger(out / "ledger")
-    assert ledger.rounds()[-1] == 4 and ledger.removed_clients() == {"c1": killed_after + 1}
+    assert ledger.rounds()[-1] == 5 and ledger.removed_clients() == {"c1": killed_after + 1}
     assert ledger.client_ids() == ["c0", "c2"]
     for client in ("c0", "c2"):
         record = ledger.client(client)
-        assert record.round == 4 and all(bool(v.abs().sum() > 0) for v in record.applied.values())
+        assert record.round == 5 and all(bool(v.abs().sum() > 0) for v in record.applied.values())
+
+
+def test_the_quickstart_example_trains_removes_a_client_and_resumes(deployment, tmp_path):
+    """The README's quickstart as a user runs it: ``flwr run examples/quickstart-pytorch`` on
+    a simulation SuperLink (3 simulated SuperNodes: client ids from their partitions) for 2
+    rounds with a ledger; a run that removes client "1" and trains nothing more; a resumed run
+    to 3 training rounds in all, which trains one more round without client "1"."""
+    from safetensors.torch import load_file
+
+    from fl_ugm.ledger import Ledger
+
+    deployment.start_superlink("--insecure", "--simulation")
+    deployment.write_connection()
+    ledger_dir, final = tmp_path / "ledger", tmp_path / "final.safetensors"
+
+    def run(name: str, **config: Any) -> None:
+        config = {"dataset": "mnist", "ledger": str(ledger_dir), **config}
+        process = deployment.flwr(
+            name, "run", str(ROOT / "examples" / "quickstart-pytorch"), CONNECTION, "--stream",
+            "--federation-config", "num-supernodes=3 client-resources-num-cpus=1",
+            "--run-config", toml_pairs(config), timeout=240)
+        assert process.popen.returncode == 0, deployment.tails()
+
+    run("flwr-run-train", **{"num-server-rounds": 2})
+    ledger = Ledger(ledger_dir)
+    assert ledger.rounds() == [0, 1, 2] and ledger.client_ids() == ["0", "1", "2"]
+    before = ledger.global_state()[1]
+
+    run("flwr-run-remove", **{"num-server-rounds": 2, "resume": True, "remove-client": "1"})
+    ledger = Ledger(ledger_dir)
+    assert ledger.removed_clients() == {"1": 3} and ledger.client_ids() == ["0", "2"]
+    assert ledger.rounds() == [3]  # every global trained with client 1 is gone
+    removed = ledger.global_state()[1]
+    assert any(not torch.equal(removed[k], before[k]) for k in before)
+
+    run("flwr-run-resume", **{"num-server-rounds": 3, "resume": True, "final-model": str(final)})
+    ledger = Ledger(ledger_dir)
+    assert ledger.rounds()[-1] == 4, deployment.tails()  # one training round after the removal
+    assert ledger.client_ids() == ["0", "2"]
+    assert all(ledger.client(c).round == 4 for c in ("0", "2"))
+    newest = ledger.global_state()[1]
+    assert all(torch.equal(load_file(str(final))[k], newest[k]) for k in newest)

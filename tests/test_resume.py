@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, MessageType
 from helpers import LinearGrid, linear_problem, new_strategy, train
 
 from fl_ugm import FedUGM
-from fl_ugm.ledger import Ledger
+from fl_ugm.ledger import Ledger, LedgerError
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -92,3 +92,55 @@ def test_a_resume_after_a_round_that_merged_nothing_keeps_the_server_state(tmp_p
     assert restarted.resume_from_ledger()[0] == 3
     torch.testing.assert_close(restarted.state.optimizer[0]["w"], live.state.optimizer[0]["w"],
                                rtol=0, atol=0)
+
+
+def test_a_ledger_that_holds_a_run_is_refused_unless_resumed(tmp_path):
+    """A new run on a ledger that holds one is refused before it writes anything (Flower's
+    start and a hand-written loop alike); with resume=True it continues it instead."""
+    hessians, xty, theta0 = linear_problem(seed=21)
+    grid = LinearGrid(hessians, xty)
+    new_strategy(tmp_path).start(grid=grid, initial_arrays=ArrayRecord({"w": theta0}),
+                                 num_rounds=2, evaluate_fn=None)
+    index = (tmp_path / "index.json").read_text()
+    for run in (lambda s: s.start(grid=grid, initial_arrays=ArrayRecord({"w": theta0}),
+                                  num_rounds=2),
+                lambda s: train(s, grid, theta0, rounds=1)):
+        with pytest.raises(LedgerError, match=r"resume=True"):
+            run(new_strategy(tmp_path))
+        assert (tmp_path / "index.json").read_text() == index  # nothing written
+
+    straight = train(new_strategy(tmp_path / "straight"), grid, theta0, rounds=4)
+    result = new_strategy(tmp_path, resume=True).start(
+        grid=grid, initial_arrays=ArrayRecord({"w": theta0}), num_rounds=4)
+    torch.testing.assert_close(result.arrays.to_torch_state_dict()["w"], straight,
+                               rtol=0, atol=1e-12)
+    assert Ledger(tmp_path).rounds()[-1] == 4
+
+
+def test_a_removal_does_not_count_as_a_training_round_and_is_not_evaluated(tmp_path):
+    """Train 2 rounds, remove p1 (its global takes ledger round 3), resume to 3 rounds in
+    all: exactly one more round is trained (ledger round 4), and neither its training nor its
+    evaluation is sent to p1's node."""
+    hessians, xty, theta0 = linear_problem(seed=22)
+    grid = LinearGrid(hessians, xty)
+    new_strategy(tmp_path).start(grid=grid, initial_arrays=ArrayRecord({"w": theta0}),
+                                 num_rounds=2)
+    new_strategy(tmp_path, resume=True).remove(grid, "p1")
+    assert Ledger(tmp_path).rounds()[-1] == 3
+
+    before = len(grid.sent)
+    result = new_strategy(tmp_path, resume=True).start(
+        grid=grid, initial_arrays=ArrayRecord({"w": theta0}), num_rounds=3)
+    sent = grid.sent[before:]
+    assert [kind for kind, _ in sent if kind != MessageType.QUERY] == [
+        MessageType.TRAIN, MessageType.EVALUATE]
+    assert all(2 not in nodes for kind, nodes in sent if kind != MessageType.QUERY)
+    assert Ledger(tmp_path).rounds()[-1] == 4
+    assert len(result.arrays)
+    # nothing left to train: the newest global comes back, and nothing is sent
+    before = len(grid.sent)
+    done = new_strategy(tmp_path, resume=True).start(
+        grid=grid, initial_arrays=ArrayRecord({"w": theta0}), num_rounds=3)
+    assert [kind for kind, _ in grid.sent[before:]] == []
+    torch.testing.assert_close(done.arrays.to_torch_state_dict()["w"],
+                               result.arrays.to_torch_state_dict()["w"], rtol=0, atol=0)

@@ -201,8 +201,11 @@ def test_forget_deletes_every_state_trained_with_the_client_and_reports_it(tmp_p
     old_globals = [e["file"] for e in Ledger(tmp_path)._index["globals"]]
     assert cli_main(["remove", "--ledger", str(tmp_path), "--client", "p1", "--out",
                      str(tmp_path.parent / "out.safetensors"), "--forget"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    out = tmp_path.parent / "out.safetensors.report.json"
+    report = json.loads(out.read_text())
     assert set(report["deleted_files"]) >= {client_file, *old_globals}
+    assert f"{len(report['deleted_files'])} files trained with the client deleted" in (
+        capsys.readouterr().out)
     left = files(tmp_path)
     assert not left & {client_file, *old_globals}
     ledger = Ledger(tmp_path)

@@ -1,0 +1,1 @@
+"""quickstart: Flower's PyTorch quickstart with FedUGM."""
