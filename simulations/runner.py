@@ -38,6 +38,9 @@ OFFLINE_ENV = {
 #: Ray: one CPU per simulated client, and Ray's own logs kept off the console.
 BACKEND_CONFIG = {"client_resources": {"num_cpus": 1},
                   "init_args": {"logging_level": "ERROR", "log_to_driver": False}}
+#: The runner's own config keys: ``ray-address`` is an existing Ray cluster's address
+#: (``HOST:PORT`` of its head, as ``ray start --head`` prints it; "" starts a local Ray).
+RUNNER_KEYS = {"ray-address": ""}
 
 
 def app_run_config() -> dict[str, Any]:
@@ -48,7 +51,7 @@ def app_run_config() -> dict[str, Any]:
 def simulation_layers(*experiment: Path) -> list[dict | Path]:
     """Config layers of a Ray experiment: the app's run config, the adversaries' keys
     (``configs/adversaries.yaml``), then the experiment's own YAML files."""
-    return [app_run_config(), CONFIGS / "adversaries.yaml", *experiment]
+    return [app_run_config(), RUNNER_KEYS, CONFIGS / "adversaries.yaml", *experiment]
 
 
 def load_config(argv: Sequence[str], layers: Sequence[Mapping | Path], *, prog: str,
@@ -127,7 +130,8 @@ def simulate(run_config: Mapping[str, Any], label: str = "",
     started = time.perf_counter()
     app_server, client_app = make_apps(run_config, Adversary())
     run_simulation(server_app=server_app or app_server, client_app=client_app,
-                   num_supernodes=int(run_config["num-clients"]), backend_config=BACKEND_CONFIG)
+                   num_supernodes=int(run_config["num-clients"]),
+                   backend_config=backend_config(str(run_config.get("ray-address", ""))))
     if not path.exists():
         raise RuntimeError(f"the {run_config['strategy']} simulation (seed {run_config['seed']}) "
                            "wrote no history; see the Flower log above.")
@@ -137,6 +141,16 @@ def simulate(run_config: Mapping[str, Any], label: str = "",
     progress(f"{label or run_config['strategy']} (seed {run_config['seed']}): {rounds} train "
              f"round{'' if rounds == 1 else 's'}{final}, {time.perf_counter() - started:.1f} s")
     return history
+
+
+def backend_config(ray_address: str = "") -> dict[str, Any]:
+    """Flower's Ray backend config: a local Ray, or the cluster at ``ray_address`` (its
+    nodes need this repository and its packages at the same paths: Flower passes the
+    driver's ``sys.path`` to the workers)."""
+    if not ray_address:
+        return BACKEND_CONFIG
+    return {**BACKEND_CONFIG, "init_args": {**BACKEND_CONFIG["init_args"],
+                                            "address": ray_address}}
 
 
 def progress(message: str) -> None:

@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def run_config():
-    os.environ.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-                      FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    from simulations.runner import OFFLINE_ENV
+
+    os.environ.update(OFFLINE_ENV)  # offline, and Ray's documented switch for its notice
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     config.update({"task": "digits", "model": "mlp", "num-clients": 3, "num-server-rounds": 2,
                    "test-examples": 400, "local-epochs": 2, "lr": 0.1, "partition": "dirichlet",
