@@ -105,7 +105,7 @@ class ProximalTerm:
                        else scales[k] for k in self._anchor}
 
     def __call__(self, model: nn.Module) -> Tensor:
-        """The term for ``model``'s current weights (a scalar on their device, float32)."""
+        """The term for ``model``'s current weights (a scalar on their device, in their dtype)."""
         params = dict(model.named_parameters())
         terms = [(self._scale[k] * (params[k] - anchor) ** 2).sum()
                  for k, anchor in self._anchor.items()]
