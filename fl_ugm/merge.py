@@ -149,15 +149,19 @@ def weighted_average(base: Params, deltas: Sequence[Params], *, alphas: Sequence
                      ) -> dict[str, Tensor]:
     """FedAvg arithmetic: θ⁺ = θ + Σ_t α_t Δ_t / Σ_s α_s (α_t ≥ 0, e.g. n_t; normalised here)."""
     checked = _check_alphas("weighted_average", alphas, len(deltas), allow_negative=False)
-    try:
-        total = math.fsum(checked)
-    except OverflowError:  # weights too large to sum: the same ratios, scaled down first
-        top = max(checked)
-        checked = [a / top for a in checked]
-        total = math.fsum(checked)
-    if total <= 0:
+    if not any(a > 0 for a in checked):
         raise ValueError("weighted_average: the alphas sum to 0; give at least one client > 0.")
-    return task_arithmetic(base, deltas, alphas=[a / total for a in checked])
+    return task_arithmetic(base, deltas, alphas=proportions(checked))
+
+
+def proportions(weights: Sequence[float]) -> list[float]:
+    """w_t / Σ_s w_s for finite w_t ≥ 0 with a positive sum (float64)."""
+    try:
+        total = math.fsum(weights)
+    except OverflowError:  # too large to sum: the same ratios, scaled down first
+        top = max(weights)
+        return proportions([w / top for w in weights])
+    return [w / total for w in weights]
 
 
 def ugm_shares(
@@ -438,8 +442,7 @@ def _raise_first_bad_client(
 def _raise_largest_client(fn: str, key: str, compute: torch.dtype, deltas: Sequence[Params],
                           alphas: Sequence[float], fishers: Sequence[Params] = (),
                           prior: float | Tensor = 0.0) -> None:
-    """After ``key`` overflowed with finite inputs: raise for the client whose terms are
-    largest (|α (H0 + F) Δ| and α F, in float64), to be dropped."""
+    """After ``key`` overflowed: raise for the client with the largest |α (H0 + F) Δ| or αF."""
     sizes = []
     for index, (alpha, delta) in enumerate(zip(alphas, deltas, strict=True)):
         term = delta[key].detach().double().abs()

@@ -16,7 +16,6 @@ Also here: the client weights α_t (:func:`client_alphas`) and a round's whole n
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ from fl_ugm.merge import (
     FISHER_AVERAGING_EPS,
     Params,
     PriorPrecision,
+    proportions,
     task_arithmetic,
     ugm_merge,
     ugm_shares,
@@ -40,12 +40,7 @@ ALPHA_MODES = ("num-examples", "uniform", "ones")
 def client_alphas(num_examples: Sequence[float], mode: str, scale: float = 1.0) -> list[float]:
     """α_t for clients with ``num_examples`` (n_t > 0) under ``mode``, times λ = ``scale``."""
     if mode == "num-examples":
-        try:
-            total = math.fsum(num_examples)
-        except OverflowError:  # claims too large to sum: the same ratios, scaled down first
-            top = max(num_examples)
-            return client_alphas([n / top for n in num_examples], mode, scale)
-        base = [n / total for n in num_examples]
+        base = proportions(num_examples)
     elif mode == "uniform":
         base = [1.0 / len(num_examples)] * len(num_examples)
     elif mode == "ones":

@@ -43,9 +43,10 @@ def clip_num_examples(num_examples: Sequence[float], factor: float,
         raise ValueError(f"clip_num_examples: factor={factor}; it must be ≥ 1.")
     out = [float(n) for n in num_examples]
     median = sorted(out)[(len(out) - 1) // 2] if len(out) >= 2 else math.inf
+    known = known or [None] * len(out)
     bounded = []
     for index, claimed in enumerate(out):
-        limit = min(factor * median, (known or [None] * len(out))[index] or math.inf)
+        limit = min(factor * median, known[index] or math.inf)
         if claimed > limit:
             out[index] = limit
             bounded.append((index, claimed / median if math.isfinite(median) else math.inf))
