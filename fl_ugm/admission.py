@@ -34,11 +34,11 @@ SCREEN_WARNING_COSINE = -0.5
 
 
 def admit(replies: list[ParsedReply], dropped: list[DroppedReply], roster: ClientRoster,
-          *, needs_id: bool) -> list[ParsedReply]:
-    """The replies that may take part. Dropped: a reply without a client id when one is
-    needed (``needs_id``: the client memory); an excluded client's; a claim to an id bound
-    to another, connected node (``ClientRoster.claim``); and every claim to an id that more
-    than one node sends this round, but the bound node's."""
+          ) -> list[ParsedReply]:
+    """The replies that may take part (one without a client id does). Dropped: an excluded
+    client's; a claim to an id bound to another, connected node (``ClientRoster.claim``);
+    and every claim to an id that more than one node sends this round, but the bound
+    node's."""
     nodes: dict[str, set[int]] = {}
     for reply in replies:
         if reply.client_id is not None:
@@ -47,13 +47,9 @@ def admit(replies: list[ParsedReply], dropped: list[DroppedReply], roster: Clien
     for reply in replies:
         client = reply.client_id
         if client is None:
-            if not needs_id:
-                admitted.append(reply)
-                continue
-            reason = ("it sent no client-id, and with client_memory a client must be known by "
-                      "a stable id across rounds (pass client_id to fl_ugm.client.handle_train "
-                      "or ugm_reply).")
-        elif len(nodes[client]) > 1 and roster.node_of.get(client) not in nodes[client]:
+            admitted.append(reply)
+            continue
+        if len(nodes[client]) > 1 and roster.node_of.get(client) not in nodes[client]:
             reason = (f"nodes {sorted(nodes[client])} all replied as client {client!r} this "
                       "round and none of them is bound to it; every claim is dropped.")
         elif len(nodes[client]) > 1 and roster.node_of.get(client) != reply.node_id:

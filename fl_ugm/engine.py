@@ -3,13 +3,13 @@
 Everything that turns a round's contributions into the next global lives here, once:
 
 * :class:`RunSettings`: every option of a run, validated once (a combination that is not
-  supported is refused with the pair named), the one source of every default, and the
-  settings the ledger stores (:meth:`RunSettings.to_meta`, :meth:`RunSettings.from_meta`);
-* the domain types: :class:`Contribution` (a client's reply as merged: the one
-  representation the strategy, the memory, the ledger and the replay share),
+  supported is refused with the pair named), the one source of every default (with
+  :func:`client_memory_by_default`, FedUGM's rule for the memory), and the settings the
+  ledger stores (:meth:`RunSettings.to_meta`, :meth:`RunSettings.from_meta`);
+* the domain types: ``Contribution`` (``fl_ugm.contribution``: a client's reply as merged),
   :class:`RememberedClient`, :class:`HistoryRound`;
 * :class:`ServerState`: the global, the server optimizer's state, the carried precision and
-  the client memory (:class:`ClientMemory`);
+  the client memory (``fl_ugm.memory.ClientMemory``);
 * :func:`step`: ``(settings, state, contributions) -> (next state, the round's result)``.
 
 ``FedUGM.aggregate_train`` is parse → admit → screen → :func:`step` → record; replay removal
@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fl_ugm.merge import PriorPrecision, prior_at, recentred_delta
+from fl_ugm.contribution import Contribution, cast_tensors, like_tensors
+from fl_ugm.memory import ClientMemory
+from fl_ugm.merge import PriorPrecision, prior_at
 from fl_ugm.merge_rules import ALPHA_MODES, MERGE_RULES, MergeRule, client_alphas, merge_round
 from fl_ugm.robust import UpdateScreen
 from fl_ugm.server_optimizer import SERVER_OPTIMIZERS, OptimizerState, server_step
@@ -44,6 +46,12 @@ WIRE_DTYPES = ("float32", "float16")
 CLIENT_ID_PATTERN = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,128}$")
 
 _LEDGER = {"ledger": True}  # a setting the ledger stores: the replay and resume depend on it
+
+
+def _ledger(before: object) -> dict:
+    """A stored setting whose default changed: a ledger without it was written with
+    ``before`` (the default then)."""
+    return {"ledger": True, "absent": before}
 #: The combinations of options that are refused, and why.
 REFUSED_COMBINATIONS = {
     ("client_memory", "carried_precision"): "a carried prior changes P between a reply and "
@@ -79,12 +87,13 @@ class RunSettings:
     carried_precision : γ ∈ [0, 1), a precision carried across rounds, C_r = γ (C_{r−1} +
         Σ α F); round r + 1's prior is δ + C_r, in the merge and for the clients (0: off).
     client_memory : merge every client's latest reply, re-centred to the current global,
-        in the rounds it does not reply in (:class:`ClientMemory`; for partial
-        participation).
+        in the rounds it does not reply in (``fl_ugm.memory``; for partial
+        participation). ``FedUGM`` turns it on when not given whenever it samples fewer
+        than all clients (:func:`client_memory_by_default`).
     client_dual_step : ρ ≥ 0 of client dual variables (``fl_ugm.client_duals``; 0: off).
     """
 
-    prior_precision: float = field(default=1.0, metadata=_LEDGER)
+    prior_precision: float = field(default=10.0, metadata=_ledger(1.0))
     alpha: str = field(default="num-examples", metadata=_LEDGER)
     scale: float = field(default=1.0, metadata=_LEDGER)
     merge: str = field(default="ugm", metadata=_LEDGER)
@@ -95,7 +104,7 @@ class RunSettings:
     client_sizes: Mapping[str, float] | None = field(default=None, compare=False, repr=False)
     update_screen: UpdateScreen | None = UpdateScreen()  # noqa: RUF009 (frozen)
     server_lr: float = field(default=1.0, metadata=_LEDGER)
-    server_momentum: float = field(default=0.0, metadata=_LEDGER)
+    server_momentum: float = field(default=0.5, metadata=_ledger(0.0))
     server_optimizer: str = field(default="momentum", metadata=_LEDGER)
     carried_precision: float = field(default=0.0, metadata=_LEDGER)
     client_memory: bool = field(default=False, metadata=_LEDGER)
@@ -148,13 +157,14 @@ class RunSettings:
     @classmethod
     def from_meta(cls, meta: Mapping[str, object],
                   prior: Mapping[str, Tensor] | None = None) -> RunSettings:
-        """The settings of a ledger's run: its ``meta`` (a missing key takes the default,
-        as in a ledger written before the option existed) and its per-tensor ``prior``
-        (δ + the server Fisher), if it stored one."""
+        """The settings of a ledger's run: its ``meta`` (a missing key takes the value a
+        ledger written before the option existed ran with: the default then) and its
+        per-tensor ``prior`` (δ + the server Fisher), if it stored one."""
         values = {}
         for item in dataclasses.fields(cls):
-            if item.metadata.get("ledger") and item.name in meta:
-                values[item.name] = type(item.default)(meta[item.name])
+            if item.metadata.get("ledger"):
+                value = meta.get(item.name, item.metadata.get("absent", item.default))
+                values[item.name] = type(item.default)(value)
         settings = cls(**values)
         if prior is not None:
             delta = settings.prior_precision
@@ -207,6 +217,22 @@ class RunSettings:
         """H0 of a round: the rule's prior of δ (+ server Fisher) + the carried C."""
         return self.rule.prior(with_carried(self.base_prior(keys), carried))
 
+    def memory_options(self, keys: Iterable[str]) -> dict:
+        """How the client memory re-centres and weighs (``fl_ugm.memory.ClientMemory``):
+        the merge's H0 (None: a rule that ignores the Fisher) and whether w = n_t."""
+        return {"prior": self.merge_prior(keys, None) if self.rule.uses_fisher else None,
+                "weighted": self.alpha == "num-examples"}
+
+
+def client_memory_by_default(fraction_train: float, carried_precision: float,
+                             ledger: object | None) -> bool:
+    """``client_memory`` when a run does not choose: on whenever fewer than all clients are
+    sampled a round (``fraction_train`` < 1), unless the run carries a precision (refused
+    with the memory) or its ``ledger`` keeps only its last rounds (``history_rounds`` > 0:
+    the memory's replay and resume need every round)."""
+    return (fraction_train < 1 and not carried_precision
+            and not getattr(ledger, "history_rounds", 0))
+
 
 def _number(value: object) -> bool:
     try:
@@ -221,28 +247,6 @@ def _finite(value: object) -> bool:
 
 
 # --------------------------------------------------------------------------- domain types
-
-
-@dataclass(frozen=True)
-class Contribution:
-    """One client's reply as merged: Δ_t (every float entry it trained: parameters and
-    float buffers), F_t (the parameters; a sum over its n_t examples, after the Fisher clip)
-    and n_t. ``client_id`` is its stable id (None: it cannot be recorded or remembered)."""
-
-    client_id: str | None
-    num_examples: float
-    delta: Mapping[str, Tensor]
-    fisher: Mapping[str, Tensor]
-
-    def to(self, dtype: torch.dtype) -> Contribution:
-        """The float tensors in ``dtype``."""
-        return dataclasses.replace(self, delta=_cast(self.delta, dtype),
-                                   fisher=_cast(self.fisher, dtype))
-
-    def like(self, reference: Mapping[str, Tensor]) -> Contribution:
-        """Each tensor in the dtype of ``reference``'s entry of the same key."""
-        return dataclasses.replace(self, delta=_like(self.delta, reference),
-                                   fisher=_like(self.fisher, reference))
 
 
 @dataclass(frozen=True)
@@ -266,51 +270,6 @@ class RoundResult:
 
 
 @dataclass(frozen=True)
-class ClientMemory:
-    """Each client's latest merged reply, ``replies[client] = (reply round, contribution)``,
-    and the globals those replies started from (``starts``, by round). Immutable."""
-
-    replies: Mapping[str, tuple[int, Contribution]] = field(default_factory=dict)
-    starts: Mapping[int, Mapping[str, Tensor]] = field(default_factory=dict)
-
-    def remember(self, server_round: int, start: Mapping[str, Tensor],
-                 contributions: Iterable[Contribution]) -> ClientMemory:
-        """This memory with the ``contributions`` of ``server_round`` (which fine-tuned from
-        ``start``) replacing each client's earlier reply; unused starts are dropped."""
-        replies = dict(self.replies)
-        for item in contributions:
-            if item.client_id is None:
-                raise ValueError("the client memory needs a client id in every reply.")
-            replies[item.client_id] = (server_round, item)
-        starts = {**self.starts, server_round: start}
-        used = {reply_round for reply_round, _ in replies.values()}
-        return ClientMemory(replies, {r: s for r, s in starts.items() if r in used})
-
-    def recentred(self, current: Mapping[str, Tensor], prior: PriorPrecision | None,
-                  clients: Iterable[str]) -> list[tuple[int, Contribution]]:
-        """(reply round, contribution) of each of ``clients``, its Δ re-centred from its
-        start to ``current`` under ``prior`` (None: a merge that ignores the Fisher, so Δ as
-        it was): Δ̃ = Δ + F (s − θ) / (P + F), the quadratic model's fine-tune from θ
-        (docs/design.md §1, "Client memory"). A client it does not hold raises KeyError."""
-        out = []
-        for client in clients:
-            reply_round, item = self.replies[client]
-            if prior is not None:
-                start = self.starts[reply_round]
-                offset = {k: start[k] - current[k] for k in item.fisher}
-                item = dataclasses.replace(item, delta=recentred_delta(
-                    item.delta, item.fisher, offset, prior))
-            out.append((reply_round, item))
-        return out
-
-    def without(self, clients: Iterable[str]) -> ClientMemory:
-        """This memory without the replies of ``clients``."""
-        clients = set(clients)
-        return ClientMemory({c: r for c, r in self.replies.items() if c not in clients},
-                            self.starts)
-
-
-@dataclass(frozen=True)
 class ServerState:
     """What the server carries from one round to the next: the global, the server
     optimizer's state ((m,) for momentum, (m, v) for Adam, () for none yet), the carried
@@ -323,21 +282,16 @@ class ServerState:
 
     def like(self, reference: Mapping[str, Tensor]) -> ServerState:
         """Every tensor in the dtype of ``reference``'s entry of the same key (the replay
-        computes in float64; the strategy keeps the model's dtypes)."""
-        return self._map(lambda tensors: _like(tensors, reference))
+        computes in float64; the strategy keeps the model's dtypes). The memory is kept."""
+        return self._map(lambda tensors: like_tensors(tensors, reference))
 
     def to(self, dtype: torch.dtype) -> ServerState:
-        """Every float tensor in ``dtype``."""
-        return self._map(lambda tensors: _cast(tensors, dtype))
+        """Every float tensor in ``dtype`` (the memory is kept)."""
+        return self._map(lambda tensors: cast_tensors(tensors, dtype))
 
     def _map(self, cast) -> ServerState:
-        replies = {c: (r, dataclasses.replace(item, delta=cast(item.delta),
-                                              fisher=cast(item.fisher)))
-                   for c, (r, item) in self.memory.replies.items()}
         return ServerState(cast(self.global_state), tuple(cast(p) for p in self.optimizer),
-                           None if self.carried is None else cast(self.carried),
-                           ClientMemory(replies, {r: cast(s) for r, s in
-                                                  self.memory.starts.items()}))
+                           None if self.carried is None else cast(self.carried), self.memory)
 
 
 @dataclass(frozen=True)
@@ -377,36 +331,45 @@ def step(settings: RunSettings, state: ServerState, contributions: Sequence[Cont
         return state, RoundResult([], [] if with_shares else None, [])
     keys = list(contributions[0].fisher)
     prior = settings.merge_prior(keys, state.carried)
+    memory_options = settings.memory_options(keys)  # the memory is refused with a carried C
+    replied = {c.client_id for c in contributions}
     if not settings.client_memory:
         remembered = ()
     elif remembered is None:
-        replied = {c.client_id for c in contributions}
-        remembered = sorted(c for c in state.memory.replies if c not in replied)
-    recalled = state.memory.recentred(state.global_state, prior if settings.rule.uses_fisher
-                                      else None, remembered)
-    merged = [*contributions, *(item for _, item in recalled)]
-    sizes = [c.num_examples for c in merged]
+        remembered = sorted(c for c in state.memory.index if c not in replied)
+    count = len(contributions)
+    sizes = [c.num_examples for c in contributions]
+    sizes += [state.memory.index[c][1] for c in remembered]  # KeyError: not remembered
     alphas = client_alphas(sizes, settings.alpha, settings.scale)
+    merged, weights = list(contributions), alphas[:count]
+    memory = state.memory  # without the replying clients' earlier replies
+    if settings.client_memory:
+        memory = memory.without(replied, **memory_options)
+    if remembered:  # α_t = factor × w_t for each remembered client
+        factor = alphas[count] / (sizes[count] if memory_options["weighted"] else 1.0)
+        merged.append(memory.recalled(state.global_state, remembered, factor=factor,
+                                      fisher_weighted=settings.rule.uses_fisher,
+                                      **memory_options))
+        weights = [*weights, 1.0]
     new_global, shares = merge_round(settings.rule, state.global_state,
                                      [c.delta for c in merged], [c.fisher for c in merged],
-                                     sizes, alphas=alphas, prior_precision=prior,
-                                     with_shares=with_shares)
+                                     [c.num_examples for c in merged], alphas=weights,
+                                     prior_precision=prior, with_shares=with_shares)
     optimizer = state.optimizer
     if settings.moves_by_optimizer:
         new_global, optimizer = server_step(
-            state.global_state, new_global, state.optimizer,
+            state.global_state, new_global, state.optimizer, keys=keys,
             optimizer=settings.server_optimizer, server_lr=settings.server_lr,
             server_momentum=settings.server_momentum, server_round=server_round)
-    count = len(contributions)
     carried = None
     if settings.carried_precision:  # C_r = γ (C_{r−1} + Σ α_t F_t), participants only
         carried = carry_precision(state.carried, [c.fisher for c in contributions],
                                   alphas[:count], settings.carried_precision)
-    memory = state.memory
     if settings.client_memory:
-        memory = memory.remember(server_round, state.global_state, contributions)
-    listed = [RememberedClient(item.client_id, reply_round, alpha)
-              for (reply_round, item), alpha in zip(recalled, alphas[count:], strict=True)]
+        memory = memory.remember(server_round, state.global_state, contributions,
+                                 **memory_options)
+    listed = [RememberedClient(client, state.memory.index[client][0], alpha)
+              for client, alpha in zip(remembered, alphas[count:], strict=True)]
     return (ServerState(new_global, optimizer, carried, memory),
             RoundResult(alphas[:count], shares[:count] if shares is not None else None, listed))
 
@@ -429,11 +392,3 @@ def carry_precision(carried: Mapping[str, Tensor] | None,
     carried = carried or {}
     return {k: gamma * (carried.get(k, 0) + sum(a * f[k] for a, f in zip(
         alphas, fishers, strict=True))) for k in fishers[0]}
-
-
-def _cast(tensors: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-
-
-def _like(tensors: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.to(reference[k].dtype) for k, v in tensors.items()}

@@ -12,6 +12,7 @@ its settings and its model are stored on first use, and a run with others is ref
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,6 @@ from torch import Tensor
 
 from fl_ugm.engine import (
     CLIENT_ID_PATTERN,
-    ClientMemory,
     Contribution,
     HistoryRound,
     RememberedClient,
@@ -29,6 +29,7 @@ from fl_ugm.engine import (
     RunSettings,
     ServerState,
 )
+from fl_ugm.memory import ClientMemory, TermStore
 from fl_ugm.storage import (
     FOLDERS,
     INDEX,
@@ -228,12 +229,12 @@ class Ledger:
             entry = matches[0]
         return entry["round"], self._store.load(entry["file"], entry["sha256"])
 
-    def resume_state(self, settings: RunSettings, excluded: Sequence[str] = ()
-                     ) -> tuple[int, ServerState] | None:
+    def resume_state(self, settings: RunSettings, excluded: Sequence[str] = (),
+                     store: TermStore | None = None) -> tuple[int, ServerState] | None:
         """(newest round, the server state after it) to continue the run from, or None
         without a global: the stored optimizer state and carried precision (empty if not
         stored) and, with ``client_memory``, each client's record (its latest merged reply)
-        with the global it started from, but the ``excluded`` clients'."""
+        but the ``excluded`` clients', remembered in ``store`` (None: in RAM)."""
         if not self._index["globals"]:
             return None
         round_, global_state = self.global_state()
@@ -241,16 +242,15 @@ class Ledger:
         parts = ((), None)
         if "file" in entry:
             parts = _server_parts(self._store.load(entry["file"], entry["sha256"]))
-        memory = ClientMemory()
-        if settings.client_memory:
-            starts: dict[int, dict[str, Tensor]] = {}
-            replies = {}
-            for client in set(self.client_ids()) - set(excluded):
-                record = self.client(client)
-                if record.round not in starts:
-                    starts[record.round] = self.history_round(record.round).start.global_state
-                replies[client] = (record.round, record.contribution)
-            memory = ClientMemory(replies, starts)
+        memory = ClientMemory(store) if store is not None else ClientMemory()
+        clients = self._index["clients"]
+        kept = sorted(set(clients) - set(excluded), key=lambda c: (clients[c]["round"], c))
+        for reply_round, same in itertools.groupby(kept, key=lambda c: clients[c]["round"]):
+            if settings.client_memory:  # each reply re-centred from the global it started at
+                replies = [self.client(c).contribution for c in same]
+                memory = memory.remember(reply_round, self.history_round(reply_round).start
+                                         .global_state, replies,
+                                         **settings.memory_options(replies[0].fisher))
         return round_, ServerState(global_state, parts[0], parts[1], memory)
 
     # ------------------------------------------------------------------ writes

@@ -17,10 +17,9 @@ round engine's (``fl_ugm.engine.step``), so whatever the run used replays with t
 recorded step from the state the history stored with the round (and the memory its earlier
 rounds leave), the replayed one from the replayed state (server optimizer, carried
 precision, client memory: the remembered clients the history lists, but the removed one).
-Storage round-off cancels to first order. The result is the newest global + D, and the
-replayed server state. No client trains. The plan also holds the rewritten history (the
-training as it would have been without the client), which the commit stores in place of
-the old one.
+Storage round-off cancels to first order. The result: the newest global + D, the replayed
+server state and the rewritten history (the training without the client, which the commit
+stores in place of the old one). No client trains.
 
 Two knobs adapt the derivation's quadratic model to nets (docs/design.md §1, "Removal by
 replay", has why and the measurements they were chosen on):
@@ -37,8 +36,7 @@ replay", has why and the measurements they were chosen on):
   informs, which a diagonal Fisher cannot see; along it the drift is not re-centred. 0 turns
   it off (and, with κ = 1, restores the exact replay).
 
-**eq13** is the one-round update of the paper, in two parts, per coordinate (parameter
-entry):
+**eq13** is the one-round update of the paper, in two parts, per coordinate:
 
 1. **Eq. 13** (docs/design.md §1), where the remaining clients' data informs the coordinate:
 
@@ -77,7 +75,6 @@ import torch
 from torch import Tensor
 
 from fl_ugm.engine import (
-    ClientMemory,
     Contribution,
     HistoryRound,
     RememberedClient,
@@ -86,6 +83,7 @@ from fl_ugm.engine import (
     step,
 )
 from fl_ugm.ledger import ClientRecord, Ledger, LedgerCorruptError, LedgerError
+from fl_ugm.memory import ClientMemory
 from fl_ugm.merge import PriorPrecision, prior_at, recentred_delta, remove_client
 
 log = logging.getLogger(__name__)
@@ -322,6 +320,8 @@ def _replay(ledger: Ledger, client_id: str, settings: RunSettings, *, recentring
             drift[key] += (replayed.global_state[key] - start.global_state[key]) - (
                 recorded_after.global_state[key] - recorded.global_state[key])
         recorded_memory = recorded_after.memory
+        recorded_memory.keep_only_current()  # the earlier rounds' terms are not read again
+        replayed.memory.keep_only_current()
         rewritten.append(HistoryRound(
             round_, ServerState(start.global_state, start.optimizer, start.carried).like(newest),
             [item.like(newest) for item in moved], replayed_round.alphas,

@@ -96,7 +96,8 @@ class ScreenVerdict:
     screened keys, all tensors as one vector); ``norm_ratio``: ‖Δ_t‖ / the lower median of
     the clients' ‖Δ‖; ``scale``: the factor Δ_t was multiplied by (1: untouched);
     ``dropped``: the client is left out of the round. NaN for a client with a non-finite Δ
-    (left for the merge's validation to reject).
+    (left for the merge's validation to reject); the cosine is NaN too without the cosine
+    screen (``min_cosine=None``: the median is not computed).
     """
 
     cosine: float
@@ -154,7 +155,7 @@ class UpdateScreen:
         """
         keys = list(deltas[0] if keys is None else keys)
         out = [dict(d) for d in deltas]
-        cosines, norms = _cosines_and_norms(deltas, keys)
+        cosines, norms = _cosines_and_norms(deltas, keys, self.min_cosine is not None)
         finite = [i for i, n in enumerate(norms) if math.isfinite(n)]
         if len(finite) < self.min_clients:
             return out, [ScreenVerdict(c, math.nan) for c in cosines]
@@ -175,21 +176,23 @@ class UpdateScreen:
         return out, verdicts
 
 
-def _cosines_and_norms(deltas: Sequence[Params], keys: Sequence[str]
+def _cosines_and_norms(deltas: Sequence[Params], keys: Sequence[str], with_cosines: bool
                        ) -> tuple[list[float], list[float]]:
     """Per client, cos(Δ_t, m) and ‖Δ_t‖ over ``keys`` taken as one vector, with m the
     coordinate-wise median of the finite clients' deltas (float64; one tensor stacked at a
-    time, so memory stays at T × the largest tensor). NaN for a non-finite Δ; a cosine with
-    a zero Δ or a zero centre is 1 (nothing to screen)."""
+    time, so memory stays at T × the largest tensor). NaN for a non-finite Δ, and every
+    cosine NaN unless ``with_cosines``; a cosine with a zero Δ or a zero centre is 1
+    (nothing to screen)."""
 
     def stacked(key: str) -> Tensor:
         return torch.stack([d[key].detach().reshape(-1) for d in deltas]).double()
 
-    squares = sum(stacked(key).square().sum(dim=1) for key in keys)
+    squares = torch.tensor([sum(float(d[key].double().square().sum()) for key in keys)
+                            for d in deltas], dtype=torch.float64)
     finite = torch.isfinite(squares)
     dots = torch.zeros(len(deltas), dtype=torch.float64)
     centre_square = 0.0
-    if bool(finite.any()):
+    if with_cosines and bool(finite.any()):
         for key in keys:
             rows = stacked(key)
             centre = rows[finite].median(dim=0).values
@@ -198,6 +201,7 @@ def _cosines_and_norms(deltas: Sequence[Params], keys: Sequence[str]
     cosines, norms = [], []
     for dot, square, ok in zip(dots.tolist(), squares.tolist(), finite.tolist(), strict=True):
         scale = math.sqrt(square * centre_square)
-        cosines.append(math.nan if not ok else dot / scale if scale > 0 else 1.0)
+        cosines.append(math.nan if not (ok and with_cosines) else dot / scale if scale > 0
+                       else 1.0)
         norms.append(math.sqrt(square) if ok else math.nan)
     return cosines, norms

@@ -18,7 +18,7 @@ the ledger stores the state each round started from, so replay removal replays e
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from torch import Tensor
 
@@ -28,12 +28,6 @@ SERVER_OPTIMIZERS = ("momentum", "adam")
 #: The server optimizer's state after a round: (m_r,) for momentum, (m_r, v_r) for Adam; an
 #: empty tuple (or a missing key) is the zero state.
 OptimizerState = tuple[dict[str, Tensor], ...]
-
-
-def float_steps(start: Mapping[str, Tensor], merged: Mapping[str, Tensor]
-                ) -> dict[str, Tensor]:
-    """u_r = θ⁺_r − θ_{r−1} for the floating-point entries (integer buffers do not move)."""
-    return {k: v - start[k] for k, v in merged.items() if v.is_floating_point()}
 
 
 def server_update(step: Mapping[str, Tensor], state: OptimizerState, *, optimizer: str,
@@ -66,12 +60,17 @@ def server_update(step: Mapping[str, Tensor], state: OptimizerState, *, optimize
 
 
 def server_step(start: Mapping[str, Tensor], merged: Mapping[str, Tensor],
-                state: OptimizerState, **options) -> tuple[dict[str, Tensor], OptimizerState]:
+                state: OptimizerState, *, keys: Iterable[str] | None = None,
+                **options) -> tuple[dict[str, Tensor], OptimizerState]:
     """(θ_r, the new state) from θ_{r−1} = ``start``, θ⁺_r = ``merged`` and the state the
-    round started from; ``options`` as :func:`server_update`'s. Only floating-point entries
-    move (integer buffers such as BatchNorm's ``num_batches_tracked`` take the merged value);
-    the state has the float keys, in the state's dtype."""
-    change, state = server_update(float_steps(start, merged), state, **options)
+    round started from; ``options`` as :func:`server_update`'s. Only the parameters ``keys``
+    (default: every floating-point entry) move by the optimizer; every other entry takes the
+    merged value: integer buffers such as BatchNorm's ``num_batches_tracked``, and float
+    buffers such as its running statistics, which a server step can push out of their range
+    (a momentum step on a running variance makes it negative: Flower's FedAvgM does). The
+    state has those keys, in the state's dtype."""
+    keys = [k for k, v in merged.items() if v.is_floating_point()] if keys is None else keys
+    change, state = server_update({k: merged[k] - start[k] for k in keys}, state, **options)
     new_state = dict(merged)
     new_state.update({k: start[k] + c for k, c in change.items()})
     return new_state, state

@@ -33,8 +33,9 @@ from fl_ugm.admission import (
     screen,
     who,
 )
-from fl_ugm.engine import RoundResult, RunSettings, ServerState, step
+from fl_ugm.engine import RoundResult, RunSettings, ServerState, client_memory_by_default, step
 from fl_ugm.ledger import Ledger, LedgerError
+from fl_ugm.memory import ClientMemory, TermsOnDisk
 from fl_ugm.merge import InvalidClientInput
 from fl_ugm.protocol import (
     PRIOR_RECORD,
@@ -74,13 +75,11 @@ class FedUGM(FedAvg):
         clients, they count against ``min_train_nodes`` and ``min_available_nodes``.
     settings : RunSettings, optional
         The run's options at once, instead of by name.
+    memory_dir : path, optional
+        The client memory's replies on disk, a file each (RAM: O(model)); None: in RAM.
     **options
-        The run's options by name (:class:`fl_ugm.engine.RunSettings`, which documents each
-        and holds its default: ``prior_precision``, ``alpha``, ``scale``, ``merge``,
-        ``server_fisher``, ``fisher``, ``wire_dtype``, ``fisher_clip``, ``client_sizes``,
-        ``update_screen``,
-        ``server_lr``, ``server_momentum``, ``server_optimizer``, ``carried_precision``,
-        ``client_memory``, ``client_dual_step``), and Flower's ``FedAvg`` arguments
+        The run's options by name (:class:`fl_ugm.engine.RunSettings` documents each and
+        holds its default), and Flower's ``FedAvg`` arguments
         (``fraction_train``, ``min_train_nodes``, ``min_available_nodes``,
         ``weighted_by_key``, ``arrayrecord_key``, ``configrecord_key`` …). Set the minimum
         node counts to the number of clients for full participation in round 1.
@@ -101,12 +100,12 @@ class FedUGM(FedAvg):
     A reply that breaks the contract (``fl_ugm.protocol``) or that the merge rejects (NaN,
     Inf, a negative Fisher) is dropped with the reason logged; with fewer valid replies than
     needed (``min_train_nodes``, or every node asked if fewer were) the round keeps the
-    global model. With ``client_memory`` a reply without a client id is dropped.
+    global. A reply without a client id is merged but not remembered (``client_memory``).
     """
 
     def __init__(self, *, ledger: Ledger | str | Path | None = None, resume: bool = False,
                  excluded_clients: Iterable[str] = (), settings: RunSettings | None = None,
-                 **options) -> None:
+                 memory_dir: str | Path | None = None, **options) -> None:
         run = {k: options.pop(k) for k in list(options) if k in RunSettings.option_names()}
         if settings is not None and run:
             raise TypeError(f"FedUGM: give the run's options by name or as settings=, not both "
@@ -117,15 +116,18 @@ class FedUGM(FedAvg):
                             f"{list(RunSettings.option_names())} and Flower's FedAvg "
                             f"arguments {sorted(_FEDAVG_OPTIONS)}.")
         super().__init__(**options)
+        self.ledger = Ledger(ledger) if isinstance(ledger, str | Path) else ledger
+        if settings is None:  # the memory, unless chosen: FedUGM samples fewer than all?
+            run.setdefault("client_memory", client_memory_by_default(
+                self.fraction_train, run.get("carried_precision", 0), self.ledger))
         self.settings = settings or RunSettings(**run)
-        self.state = ServerState({})
+        memory = ClientMemory(TermsOnDisk(memory_dir)) if memory_dir else ClientMemory()
+        self.state = ServerState({}, memory=memory)
         self.round_offset = 0
         self.resume = resume
         self._adopted = False  # the ledger's run is this one (resumed, or begun here)
         self._nodes_asked = 0  # train messages sent in the current round
-        self.ledger = Ledger(ledger) if isinstance(ledger, str | Path) else ledger
-        removed: Iterable[str] = ()
-        bound: dict[str, int] = {}
+        removed, bound = (), {}
         if self.ledger is not None:
             self.ledger.lock()  # one writer per ledger, from the start
             self.ledger.ensure_settings(self.settings)
@@ -134,8 +136,7 @@ class FedUGM(FedAvg):
 
     @property
     def current_arrays(self) -> dict[str, Tensor] | None:
-        """The global state the current round's clients start from (None before the first
-        ``configure_train``); replies are validated against it."""
+        """The global the round's clients start from (None before ``configure_train``)."""
         return dict(self.state.global_state) or None
 
     @current_arrays.setter
@@ -154,7 +155,8 @@ class FedUGM(FedAvg):
         """
         if self.ledger is None:
             raise RuntimeError("FedUGM.resume_from_ledger needs the strategy's ledger.")
-        resumed = self.ledger.resume_state(self.settings, excluded=self.roster.excluded)
+        resumed = self.ledger.resume_state(self.settings, excluded=self.roster.excluded,
+                                           store=self.state.memory.store)
         self._adopted = True
         if resumed is None:
             return None
@@ -252,7 +254,7 @@ class FedUGM(FedAvg):
         # replies arrive in whatever order the nodes finished; merging them in client order
         # makes a round's float32 sums, and so a whole run, reproducible from its seed
         parsed.sort(key=lambda r: (r.client_id is None, r.client_id or "", r.node_id))
-        parsed = admit(parsed, dropped, self.roster, needs_id=self.settings.client_memory)
+        parsed = admit(parsed, dropped, self.roster)
         bounded = clip_sizes(self.settings, server_round, parsed)
         clipped = clip_fishers(self.settings, server_round, parsed)
         needed = self._replies_needed()
@@ -271,6 +273,7 @@ class FedUGM(FedAvg):
         if self.ledger is not None:
             self._record(server_round, parsed, result, after)
         self.state = after
+        after.memory.keep_only_current()  # the memory's terms of earlier states are not read
         metrics = self.train_metrics_aggr_fn([r.content for r in parsed], self.weighted_by_key)
         if bounded is not None:
             metrics[NUM_EXAMPLES_CLIPPED_METRIC] = bounded
@@ -296,8 +299,7 @@ class FedUGM(FedAvg):
         ``shared_rank`` (the replay's knobs; ``fl_ugm.removal``). ``evaluate_fn(round,
         arrays)`` (as in ``Strategy.start``) gives the report's metrics before and after;
         ``train_config`` is the repair rounds' train config. Raises
-        :class:`fl_ugm.server_removal.RemovalError`, with nothing changed, if the removal
-        cannot be done.
+        :class:`fl_ugm.server_removal.RemovalError`, with nothing changed, if it cannot.
         """
         if self.ledger is None:
             raise RemovalError("FedUGM.remove needs the strategy's ledger; pass ledger=DIR.")

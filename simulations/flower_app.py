@@ -7,17 +7,18 @@ adversaries: the simulations plug theirs in through :class:`ClientRole`
 
 Run config keys (defaults and one-line docs in ``pyproject.toml`` ``[tool.flwr.app.config]``):
 ``strategy`` (Flower's fedavg | fedprox | fedavgm | fedadam | multikrum | fedtrimmedavg, or
-fedugm | task-arithmetic [α_t = 1] | fisher-averaging | mifa [FedAvg's average + the client
-memory]), ``krum-malicious`` (MultiKrum's f: it
-averages the sampled nodes less f) / ``trimmed-beta`` (FedTrimmedAvg's cut per side),
+fedugm | fedugm-defaults [``FedUGM()``: no FedUGM key below applies] | task-arithmetic
+[α_t = 1] | fisher-averaging | mifa [FedAvg's average + the client memory]),
+``krum-malicious`` (MultiKrum's f: it averages the sampled nodes less f) / ``trimmed-beta``
+(FedTrimmedAvg's cut per side),
 ``server-lr`` / ``server-momentum`` (FedAvgM's server learning rate and momentum),
 ``fedadam-eta`` / ``fedadam-tau`` (FedAdam's server learning
 rate and adaptivity), ``ugm-server-lr`` / ``ugm-server-momentum`` (FedUGM's server
 momentum on the merged update, ``fl_ugm.server_optimizer``; 1 and 0: none;
 ``ugm-server-optimizer=adam``: FedAdam's update instead, β₁ = ugm-server-momentum), ``ugm-carry``
 (FedUGM's carried precision γ, 0: off), ``ugm-client-memory`` (merge every client's
-latest reply, re-centred, ``fl_ugm.client_memory``), ``ugm-dual-step`` (ρ of FedUGM's client dual
-variables, ``fl_ugm.client_duals``, 0: off),
+latest reply, re-centred; true, false or "auto": FedUGM's rule), ``ugm-dual-step`` (ρ of
+FedUGM's client dual variables, ``fl_ugm.client_duals``, 0: off),
 ``num-server-rounds``, ``num-clients``, ``fraction-train``, ``local-epochs``, ``batch-size``,
 ``lr``, ``optimizer``, ``prior-delta`` (FedUGM's δ), ``proximal-mu`` (FedProx's μ),
 ``fisher``, ``alpha``, ``scale``, ``fisher-clip``, ``update-screen`` / ``screen-norm-bound``
@@ -90,7 +91,9 @@ FLOWER_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "multikrum", "fe
 #: FedUGM and the merge baselines it runs itself; ``mifa`` is MIFA (Gu et al., 2021): FedAvg's
 #: n-weighted average plus the client memory (``FedUGM(merge="task-arithmetic",
 #: client_memory=True)``), to tell the memory's share of a win from the Fisher's.
-UGM_STRATEGIES = ("fedugm", "task-arithmetic", "fisher-averaging", "mifa")
+#: ``fedugm-defaults`` is ``FedUGM()`` as a user writes it: its own defaults, whatever the run
+#: config sets for FedUGM (the benchmarks' untuned column).
+UGM_STRATEGIES = ("fedugm", "fedugm-defaults", "task-arithmetic", "fisher-averaging", "mifa")
 STRATEGIES = (*FLOWER_STRATEGIES, *UGM_STRATEGIES)
 #: How long the ServerApp waits for ``num-clients`` SuperNodes before it gives up (seconds).
 NODE_WAIT_SECONDS = 60.0
@@ -209,26 +212,31 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
     if name == "fedtrimmedavg":
         return FedTrimmedAvg(beta=float(cfg["trimmed-beta"]), **common)
     if name in UGM_STRATEGIES:
-        # task arithmetic as in the paper: α_t = 1 for every client
-        alpha = "ones" if name == "task-arithmetic" else str(cfg["alpha"])
         ledger = None
         if cfg.get("ledger"):
             ledger = Ledger(str(cfg["ledger"]), history_rounds=int(cfg["history-rounds"]),
                             history_dtype=str(cfg["history-dtype"]))
+        run = {"ledger": ledger, "excluded_clients": excluded,
+               "resume": bool(cfg.get("resume", False)), **common}
+        if name == "fedugm-defaults":
+            return FedUGM(**run)
+        # task arithmetic as in the paper: α_t = 1 for every client
+        alpha = "ones" if name == "task-arithmetic" else str(cfg["alpha"])
+        memory = cfg.get("ugm-client-memory", "auto")  # "auto": FedUGM's rule
+        if name == "mifa" or memory != "auto":
+            run["client_memory"] = name == "mifa" or bool(memory)
         return FedUGM(
             prior_precision=float(cfg["prior-delta"]), alpha=alpha,
             scale=float(cfg["scale"]), fisher=str(cfg["fisher"]),
-            merge={"fedugm": "ugm", "mifa": "task-arithmetic"}.get(name, name), ledger=ledger,
+            merge={"fedugm": "ugm", "mifa": "task-arithmetic"}.get(name, name),
             fisher_clip=float(cfg.get("fisher-clip", 3.0)) or None,
             update_screen=update_screen(cfg),
-            excluded_clients=excluded, resume=bool(cfg.get("resume", False)),
             wire_dtype=str(cfg.get("wire-dtype", "float16")),
             server_lr=float(cfg.get("ugm-server-lr", 1.0)),
-            server_momentum=float(cfg.get("ugm-server-momentum", 0.0)),
+            server_momentum=float(cfg.get("ugm-server-momentum", 0.5)),
             carried_precision=float(cfg.get("ugm-carry", 0.0)),
-            client_memory=name == "mifa" or bool(cfg.get("ugm-client-memory", False)),
             client_dual_step=float(cfg.get("ugm-dual-step", 0.0)),
-            server_optimizer=str(cfg.get("ugm-server-optimizer", "momentum")), **common,
+            server_optimizer=str(cfg.get("ugm-server-optimizer", "momentum")), **run,
         )  # fmt: skip
     raise ValueError(f"unknown strategy {name!r}; choose one of {STRATEGIES}.")
 

@@ -304,7 +304,8 @@ NO_SCREEN = {"update_screen": None}
 
 
 def new_strategy(ledger_dir, nodes: int = 3, **options) -> FedUGM:
-    return FedUGM(prior_precision=H0, min_train_nodes=nodes, min_available_nodes=nodes,
+    return FedUGM(server_momentum=0.0, prior_precision=H0, min_train_nodes=nodes,
+                  min_available_nodes=nodes,
                   ledger=ledger_dir, **NO_SCREEN, **options)
 
 

@@ -166,7 +166,8 @@ def test_an_own_loop_client_app_with_a_frozen_backbone_and_an_adapter_trains_wit
         initial.backbone[1].running_var.uniform_(0.5, 2.0)
     state = {k: v.clone() for k, v in initial.state_dict().items()}
     grid = ClientAppGrid(own_loop_client_app(), nodes=3)
-    strategy = FedUGM(prior_precision=2.0, min_train_nodes=3, min_available_nodes=3,
+    strategy = FedUGM(server_momentum=0.0, prior_precision=2.0, min_train_nodes=3,
+                      min_available_nodes=3,
                       fraction_evaluate=0.0, fisher_clip=None, update_screen=None)
     globals_after: list[dict[str, torch.Tensor]] = [state]
 
@@ -334,7 +335,8 @@ def test_subset_replies_through_the_ledger_and_replay_removal(tmp_path):
     grid = SubsetLinearGrid(hessians, xty)
 
     def strategy() -> FedUGM:
-        return FedUGM(prior_precision=0.6, min_train_nodes=3, min_available_nodes=3,
+        return FedUGM(server_momentum=0.0, prior_precision=0.6, min_train_nodes=3,
+                      min_available_nodes=3,
                       fisher_clip=None, update_screen=None, ledger=tmp_path)
 
     arrays = ArrayRecord({"w": theta0, "backbone": backbone})

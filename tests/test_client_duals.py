@@ -38,7 +38,8 @@ def test_duals_keep_every_round_the_exact_map_and_track_the_client_gradients():
     hessians, xty, theta0 = linear_problem(seed=43, clients=5)
     sizes, delta = [7, 12, 20, 31, 44], 0.6
     grid = LinearGrid(hessians, xty, sizes=sizes)
-    strategy = FedUGM(prior_precision=delta, client_dual_step=1.0, fraction_train=0.6,
+    strategy = FedUGM(client_memory=False, server_momentum=0.0, prior_precision=delta,
+                      client_dual_step=1.0, fraction_train=0.6,
                       min_train_nodes=2, min_available_nodes=5, fisher_clip=None,
                       update_screen=None)
     random.seed(3)
@@ -56,7 +57,7 @@ def test_duals_keep_every_round_the_exact_map_and_track_the_client_gradients():
                                        rtol=0, atol=1e-10)
     assert len(grid.duals) >= 3 and all(d.abs().max() > 1e-2 for d in grid.duals.values())
     with pytest.raises(ValueError, match=r"client_dual_step=-1\.0; ρ must be"):
-        FedUGM(client_dual_step=-1.0)
+        FedUGM(server_momentum=0.0, client_dual_step=-1.0)
 
 
 def test_the_dual_adds_its_linear_term_to_the_training_gradient():

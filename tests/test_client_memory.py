@@ -1,4 +1,4 @@
-"""FedUGM's client memory (``client_memory=True``, ``fl_ugm.client_memory``): every client's
+"""FedUGM's client memory (``client_memory=True``, ``fl_ugm.memory``): every client's
 latest reply, re-centred to the current global, enters each round's merge."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 from helpers import LinearGrid, linear_problem
 
 from fl_ugm import FedUGM
-from fl_ugm.engine import ClientMemory, Contribution
+from fl_ugm.engine import Contribution
+from fl_ugm.memory import ClientMemory, TermsInMemory, TermsOnDisk
 from fl_ugm.merge import recentred_delta
 from fl_ugm.strategy import REMEMBERED_METRIC
 
@@ -32,7 +33,8 @@ def test_with_memory_partial_participation_merges_as_if_every_client_seen_took_p
     hessians, xty, theta0 = linear_problem(seed=43, clients=5)
     sizes, delta = [7, 12, 20, 31, 44], 0.6
     grid = LinearGrid(hessians, xty, sizes=sizes)
-    strategy = FedUGM(prior_precision=delta, client_memory=True, fraction_train=0.4,
+    strategy = FedUGM(server_momentum=0.0, prior_precision=delta, client_memory=True,
+                      fraction_train=0.4,
                       min_train_nodes=2, min_available_nodes=5, fisher_clip=None,
                       update_screen=None)
     random.seed(3)
@@ -48,8 +50,7 @@ def test_with_memory_partial_participation_merges_as_if_every_client_seen_took_p
         torch.testing.assert_close(theta, expected, rtol=0, atol=1e-10)
         assert metrics[REMEMBERED_METRIC] == remembered[-1]
     assert seen == set(range(5)) and max(remembered) == 3  # stale replies were merged
-    assert sorted(strategy.state.memory.replies) == [f"p{j}" for j in range(5)]
-    assert len(strategy.state.memory.starts) <= 5  # only the globals a remembered reply needs
+    assert sorted(strategy.state.memory.index) == [f"p{j}" for j in range(5)]
 
 
 def test_recentring_is_the_fine_tune_from_the_new_global_on_a_quadratic():
@@ -78,7 +79,8 @@ def test_memory_with_the_task_arithmetic_merge_is_mifa():
     hessians, xty, theta0 = linear_problem(seed=44, clients=4)
     sizes = [5, 10, 15, 30]
     grid = LinearGrid(hessians, xty, sizes=sizes)
-    strategy = FedUGM(merge="task-arithmetic", client_memory=True, fraction_train=0.5,
+    strategy = FedUGM(server_momentum=0.0, merge="task-arithmetic", client_memory=True,
+                      fraction_train=0.5,
                       min_train_nodes=2, min_available_nodes=4, fisher_clip=None,
                       update_screen=None)
     random.seed(1)
@@ -97,35 +99,70 @@ def test_memory_with_the_task_arithmetic_merge_is_mifa():
 def test_a_dropped_reply_is_not_remembered_and_bad_combinations_are_refused():
     hessians, xty, theta0 = linear_problem(seed=45, clients=3)
     grid = LinearGrid(hessians, xty)
-    strategy = FedUGM(prior_precision=1.0, client_memory=True, min_train_nodes=2,
+    strategy = FedUGM(server_momentum=0.0, prior_precision=1.0, client_memory=True,
+                      min_train_nodes=2,
                       min_available_nodes=3, fisher_clip=None, update_screen=None)
     _, arrays, _ = _round(strategy, grid, 1, theta0)
-    kept = strategy.state.memory.replies["p0"]
+    kept = strategy.state.memory.term("p0")
     grid.nan_nodes = {1}  # client p0 now sends a NaN Δ: dropped, its round-1 reply stays
     _, arrays, metrics = _round(strategy, grid, 2, arrays.to_torch_state_dict()["w"])
-    assert strategy.state.memory.replies["p0"] is kept and metrics[REMEMBERED_METRIC] == 1
+    assert strategy.state.memory.term("p0") is kept and metrics[REMEMBERED_METRIC] == 1
     assert torch.isfinite(arrays.to_torch_state_dict()["w"]).all()
     with pytest.raises(ValueError, match="client_memory cannot be combined"):
-        FedUGM(client_memory=True, carried_precision=0.5)
+        FedUGM(server_momentum=0.0, client_memory=True, carried_precision=0.5)
 
 
-def test_the_memory_keeps_only_the_start_globals_it_needs_and_is_never_modified():
-    def reply(client, n):
-        return Contribution(client, n, {"w": torch.ones(2)}, {"w": torch.ones(2)})
+def test_the_memory_merges_as_the_replies_one_by_one_in_ram_or_on_disk(tmp_path):
+    """The running sums give the remembered clients' Σ α Δ̃, Σ α F Δ̃ and Σ α F at any θ as
+    the replies re-centred one by one do (float64, to round-off); a memory is never
+    modified (a new one shares the store until keep_only_current); a reply without an id is
+    merged but not remembered; the store on disk holds one file per remembered client."""
+    gen = torch.Generator().manual_seed(9)
 
-    one, two = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
-    empty = ClientMemory()
-    first = empty.remember(1, one, [reply("a", 3)])
-    memory = first.remember(2, two, [reply("a", 4)])
-    assert list(memory.starts) == [2] and memory.replies["a"][1].num_examples == 4
-    assert list(first.starts) == [1] and not empty.replies  # the older memories stay
-    memory = memory.remember(3, one, [reply("b", 1)])
-    ((round_, item),) = memory.recentred(two, 1.0, ["a"])
-    assert (round_, item.client_id) == (2, "a")
-    torch.testing.assert_close(item.delta["w"], torch.ones(2))  # started where θ is
-    assert list(memory.without(["a"]).replies) == ["b"]
-    with pytest.raises(ValueError, match="needs a client id"):
-        memory.remember(4, one, [reply(None, 1)])
+    def reply(client, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        return Contribution(client, n, {"w": torch.randn(3, generator=g, dtype=torch.float64),
+                                        "bn": torch.randn(2, generator=g, dtype=torch.float64)},
+                            {"w": n * torch.rand(3, generator=g, dtype=torch.float64)})
+
+    prior, factor = 0.7, 0.05
+    starts = [{"w": torch.randn(3, generator=gen, dtype=torch.float64)} for _ in range(3)]
+    theta = {"w": torch.randn(3, generator=gen, dtype=torch.float64),
+             "bn": torch.zeros(2, dtype=torch.float64)}
+    (tmp_path / "model.safetensors").write_bytes(b"a user's file")  # never touched
+    for store in (TermsInMemory(), TermsOnDisk(tmp_path)):
+        empty = ClientMemory(store)
+        first = empty.remember(1, starts[0], [reply("a", 3, 0), reply("b", 5, 1)],
+                               prior=prior, weighted=True)
+        memory = first.remember(2, starts[1], [reply("a", 4, 2), reply(None, 9, 3)],
+                                prior=prior, weighted=True)
+        assert memory.rounds == {"a": 2, "b": 1} and first.rounds == {"a": 1, "b": 1}
+        assert not empty.index  # the older memories stay as they were
+        latest = {"a": (reply("a", 4, 2), starts[1]), "b": (reply("b", 5, 1), starts[0])}
+        one = memory.recalled(theta, ["a", "b"], prior=prior, weighted=True, factor=factor,
+                              fisher_weighted=True)
+        alphas = {c: factor * item.num_examples for c, (item, _) in latest.items()}
+        moved = {c: recentred_delta(item.delta, item.fisher,
+                                    {"w": start["w"] - theta["w"]}, prior)["w"]
+                 for c, (item, start) in latest.items()}
+        fishers = {c: item.fisher["w"] for c, (item, _) in latest.items()}
+        torch.testing.assert_close(one.fisher["w"], sum(alphas[c] * fishers[c] for c in alphas))
+        torch.testing.assert_close((prior + one.fisher["w"]) * one.delta["w"], sum(
+            alphas[c] * (prior + fishers[c]) * moved[c] for c in alphas))
+        torch.testing.assert_close(one.delta["bn"], (4 * latest["a"][0].delta["bn"] + 5 *
+                                                     latest["b"][0].delta["bn"]) / 9)
+        assert one.num_examples == 9
+        only_b = memory.recalled(theta, ["b"], prior=prior, weighted=True, factor=factor,
+                                 fisher_weighted=True)
+        torch.testing.assert_close(only_b.fisher["w"], alphas["b"] * fishers["b"])
+        assert memory.without(["a"], prior=prior, weighted=True).rounds == {"b": 1}
+        with pytest.raises(KeyError):
+            memory.recalled(theta, ["zz"], prior=prior, weighted=True, factor=factor,
+                            fisher_weighted=True)
+        memory.keep_only_current()
+        if isinstance(store, TermsOnDisk):
+            assert sorted(p.name for p in tmp_path.iterdir()) == [
+                "a.r000002.safetensors", "b.r000001.safetensors", "model.safetensors"]
 
 
 def test_replay_removal_replays_the_memory_and_the_strategy_keeps_the_replayed_memory(
@@ -180,11 +217,10 @@ def test_replay_removal_replays_the_memory_and_the_strategy_keeps_the_replayed_m
     resumed.resume_from_ledger()  # the memory as the history leaves it, and the momentum
     torch.testing.assert_close(resumed.state.optimizer[0]["w"],
                                trainer.state.optimizer[0]["w"], rtol=0, atol=1e-10)
-    assert {c: r for c, (r, _) in resumed.state.memory.replies.items()} == {
-        c: r for c, (r, _) in trainer.state.memory.replies.items()}
-    for client, (_, reply) in trainer.state.memory.replies.items():
-        torch.testing.assert_close(resumed.state.memory.replies[client][1].delta["w"],
-                                   reply.delta["w"], rtol=0, atol=0)
+    assert resumed.state.memory.rounds == trainer.state.memory.rounds
+    for client in trainer.state.memory.index:
+        torch.testing.assert_close(resumed.state.memory.term(client).delta["w"],
+                                   trainer.state.memory.term(client).delta["w"], rtol=0, atol=0)
 
     without = protocol(sampled, {removed})
     assert (without - trained).abs().max() > 1e-2  # p2's influence was real
@@ -197,7 +233,7 @@ def test_replay_removal_replays_the_memory_and_the_strategy_keeps_the_replayed_m
     arrays, report = remover.remove(grid, f"p{removed}", recentring=1.0, shared_rank=0,
                                     repair_rounds=1)
     assert report["method"] == "replay" and report["repair_rounds"] == 1
-    assert f"p{removed}" not in remover.state.memory.replies
+    assert f"p{removed}" not in remover.state.memory.index
     assert f"p{removed}" not in grid.sent[-1][1]
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"],
                                protocol(grid.participation(), {removed}), rtol=0, atol=1e-8)
@@ -207,4 +243,27 @@ def test_replay_removal_replays_the_memory_and_the_strategy_keeps_the_replayed_m
 
     with pytest.raises(ValueError, match="client_memory needs a ledger that keeps every "
                        "round's history"):
-        FedUGM(client_memory=True, ledger=Ledger(tmp_path / "short", history_rounds=3))
+        FedUGM(server_momentum=0.0, client_memory=True, ledger=Ledger(tmp_path / "short",
+               history_rounds=3))
+
+
+def test_a_memory_on_disk_trains_exactly_as_one_in_ram(tmp_path):
+    """FedUGM(memory_dir=...) keeps one file per remembered client and gives the same
+    globals, to the bit, as the memory in RAM."""
+    hessians, xty, theta0 = linear_problem(seed=47, clients=6)
+    thetas = {}
+    for where in (None, tmp_path / "memory"):
+        grid = LinearGrid(hessians, xty, sizes=[5, 8, 13, 21, 34, 55])
+        strategy = FedUGM(prior_precision=2.0, fraction_train=0.34, min_train_nodes=2,
+                          min_available_nodes=6, update_screen=None, memory_dir=where)
+        assert strategy.settings.client_memory and strategy.settings.server_momentum == 0.5
+        random.seed(11)
+        theta, trace = theta0, []
+        for server_round in range(1, 6):
+            _, arrays, _ = _round(strategy, grid, server_round, theta)
+            theta = arrays.to_torch_state_dict()["w"]
+            trace.append(theta)
+        thetas[where] = torch.stack(trace)
+    assert torch.equal(thetas[None], thetas[tmp_path / "memory"])
+    files = sorted(p.name.split(".")[0] for p in (tmp_path / "memory").iterdir())
+    assert files == sorted(strategy.state.memory.index) and len(files) >= 4

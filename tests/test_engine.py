@@ -31,7 +31,9 @@ def test_the_settings_the_ledger_stores_read_back_as_they_were():
                          "client_memory"}
     assert RunSettings.from_meta(meta) == dataclasses.replace(
         settings, fisher="sampled", wire_dtype="float16")  # the clients' side is not stored
-    assert RunSettings.from_meta({}) == RunSettings()  # an old ledger: every default
+    # an old ledger: the defaults it was written under (δ 1 and no server momentum before
+    # issue 31), not today's
+    assert RunSettings.from_meta({}) == RunSettings(prior_precision=1.0, server_momentum=0.0)
     prior = {"w": torch.tensor([1.5, 2.0], dtype=torch.float64)}
     read = RunSettings.from_meta({"prior_precision": 1.0}, prior)  # H0 = δ + server Fisher
     torch.testing.assert_close(read.base_prior(["w"])["w"], prior["w"], rtol=0, atol=0)
@@ -73,13 +75,12 @@ def test_step_is_pure_and_an_empty_round_keeps_the_state():
     state = ServerState({"w": torch.zeros(4)})
     first, result = step(settings, state, [contribution("a", 0), contribution("b", 1)], 1)
     assert result.remembered == [] and len(result.alphas) == 2
-    assert torch.equal(state.global_state["w"], torch.zeros(4)) and not state.memory.replies
+    assert torch.equal(state.global_state["w"], torch.zeros(4)) and not state.memory.index
     snapshot = {k: v.clone() for k, v in first.global_state.items()}
     second, result = step(settings, first, [contribution("a", 2)], 2)
     assert [(m.client_id, m.reply_round) for m in result.remembered] == [("b", 1)]
     assert torch.equal(first.global_state["w"], snapshot["w"])  # the input state is kept
-    assert sorted(first.memory.replies) == ["a", "b"] and first.memory.replies["a"][0] == 1
-    assert second.memory.replies["a"][0] == 2
+    assert first.memory.rounds == {"a": 1, "b": 1} and second.memory.rounds["a"] == 2
     same, result = step(settings, second, [], 3)
     assert same is second and result.alphas == [] and result.remembered == []
     with pytest.raises(KeyError):
@@ -89,10 +90,33 @@ def test_step_is_pure_and_an_empty_round_keeps_the_state():
 def test_the_memory_merges_only_the_clients_asked_for():
     settings = RunSettings(client_memory=True)
     memory = ClientMemory().remember(1, {"w": torch.zeros(4)},
-                                     [contribution("a", 0), contribution("b", 1)])
+                                     [contribution("a", 0), contribution("b", 1)],
+                                     **settings.memory_options(["w"]))
     state = ServerState({"w": torch.zeros(4)}, memory=memory)
     _, every = step(settings, state, [contribution("c", 2)], 2)
     _, listed = step(settings, state, [contribution("c", 2)], 2, remembered=["b"])
     assert [m.client_id for m in every.remembered] == ["a", "b"]
     assert [m.client_id for m in listed.remembered] == ["b"]
     assert listed.alphas[0] > every.alphas[0]  # α over the clients merged
+
+
+def test_server_momentum_moves_the_parameters_and_leaves_float_buffers_at_the_merge():
+    """A momentum step on a BatchNorm running variance could make it negative: buffers take
+    the merged value (the num-examples average of their deltas); m holds the parameters."""
+    settings = RunSettings(server_momentum=0.5, server_lr=1.0, update_screen=None)
+
+    def reply(client, seed):
+        gen = torch.Generator().manual_seed(seed)
+        return Contribution(client, 10.0, {"w": torch.randn(3, generator=gen),
+                                           "var": -0.4 * torch.rand(2, generator=gen)},
+                            {"w": torch.rand(3, generator=gen)})
+
+    state = ServerState({"w": torch.zeros(3), "var": torch.ones(2)})
+    for server_round in (1, 2, 3):
+        start = state.global_state
+        replies = [reply("a", server_round), reply("b", 10 + server_round)]
+        state, _ = step(settings, state, replies, server_round)
+        merged = start["var"] + sum(r.delta["var"] for r in replies) / 2
+        torch.testing.assert_close(state.global_state["var"], merged)
+    assert set(state.optimizer[0]) == {"w"}  # η = 1: the parameters moved by m
+    torch.testing.assert_close(state.global_state["w"] - start["w"], state.optimizer[0]["w"])

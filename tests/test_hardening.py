@@ -231,7 +231,8 @@ def test_a_bound_client_id_cannot_be_taken_by_another_node_across_restarts(tmp_p
     grid = ImpostorGrid(hessians, xty)
 
     def strategy_on(directory, nodes):  # every connected node asked, three replies needed
-        return FedUGM(prior_precision=H0, min_train_nodes=3, min_available_nodes=nodes,
+        return FedUGM(prior_precision=H0, server_momentum=0.0, min_train_nodes=3,
+                      min_available_nodes=nodes,
                       ledger=directory, **NO_SCREEN)
 
     strategy = strategy_on(tmp_path, 4)

@@ -295,21 +295,21 @@ def test_a_ledger_refuses_a_run_with_other_settings_or_another_model(tmp_path):
     from fl_ugm import FedUGM
     from fl_ugm.ledger import LedgerMismatchError
 
-    FedUGM(prior_precision=1.0, ledger=tmp_path)
+    FedUGM(server_momentum=0.0, prior_precision=1.0, ledger=tmp_path)
     meta = Ledger(tmp_path).meta
     assert meta == {"prior_precision": 1.0, "alpha": "num-examples", "scale": 1.0,
                     "merge": "ugm", "server_lr": 1.0, "server_momentum": 0.0,
                     "server_optimizer": "momentum", "client_memory": False,
                     "carried_precision": 0.0, "history_rounds": 0, "history_dtype": "as-sent"}
-    FedUGM(prior_precision=1.0, ledger=tmp_path)  # the same settings: accepted
+    FedUGM(server_momentum=0.0, prior_precision=1.0, ledger=tmp_path)  # the same settings: accepted
     with pytest.raises(LedgerMismatchError, match=r"client_memory: stored False, this run True"):
-        FedUGM(prior_precision=1.0, client_memory=True, ledger=tmp_path)
+        FedUGM(server_momentum=0.0, prior_precision=1.0, client_memory=True, ledger=tmp_path)
     with pytest.raises(LedgerMismatchError, match=r"server_momentum: stored 0\.0, this run 0\.9"):
         FedUGM(prior_precision=1.0, server_momentum=0.9, ledger=tmp_path)
     with pytest.raises(LedgerMismatchError, match=r"other settings \(prior_precision: stored "
                        r"1\.0, this run 10\.0; merge: stored 'ugm', this run "
                        r"'fisher-averaging'\)\. Run with the stored settings"):
-        FedUGM(prior_precision=10.0, merge="fisher-averaging", ledger=tmp_path)
+        FedUGM(server_momentum=0.0, prior_precision=10.0, merge="fisher-averaging", ledger=tmp_path)
     assert Ledger(tmp_path).meta == meta  # nothing overwritten
 
     ledger = Ledger(tmp_path)

@@ -24,6 +24,7 @@ from helpers import LinearGrid
 
 from fl_ugm import FedUGM
 from fl_ugm.admission import FISHER_CLIPPED_METRIC, NORM_BOUNDED_METRIC, SCREENED_OUT_METRIC
+from fl_ugm.engine import RunSettings
 from fl_ugm.ledger import Ledger
 from fl_ugm.removal import remove_from_ledger
 from fl_ugm.robust import UpdateScreen
@@ -38,7 +39,10 @@ OPTIONS = {
     "duals": {"client_dual_step": 1.0},
     "screen": {"update_screen": UpdateScreen(norm_bound=3.0, min_cosine=0.0)},
     "bfloat16": {},  # the ledger's history dtype (a storage option, not FedUGM's)
+    "defaults": {},  # FedUGM's own defaults (half the clients a round: the memory is on)
 }
+#: What a combination does not turn on is off (FedUGM's defaults are a combination too).
+OFF = {"server_momentum": 0.0, "client_memory": False, "update_screen": None}
 #: Server momentum and FedAdam's update are two values of one setting (server_optimizer).
 SAME_SETTING = {frozenset({"momentum", "adam"})}
 REFUSED = {frozenset({"memory", "carried"}): r"client_memory cannot be combined with "
@@ -47,8 +51,8 @@ REFUSED = {frozenset({"memory", "carried"}): r"client_memory cannot be combined 
 #: local epoch (duals + momentum), each with the default screen on; and the memory with a
 #: compact history.
 RECOMMENDED = [("memory", "momentum", "screen"), ("duals", "momentum", "screen"),
-               ("memory", "momentum", "bfloat16")]
-COMBINATIONS = [c for c in itertools.combinations(OPTIONS, 2)
+               ("memory", "momentum", "bfloat16"), ("defaults",), ("defaults", "bfloat16")]
+COMBINATIONS = [c for c in itertools.combinations(set(OPTIONS) - {"defaults"}, 2)
                 if frozenset(c) not in SAME_SETTING] + RECOMMENDED
 CLIENTS, REMOVED, SIZES = 6, 2, [10, 12, 14, 16, 18, 20]
 #: δ, large next to the clients' Fishers: each round moves the global a fraction of the way,
@@ -80,15 +84,15 @@ def agreeing_problem(seed: int, noise: float):
     return hessians, xty, theta0
 
 
-def protocol(options: dict, participation: list[list[int]], left_out, hessians, xty, theta0):
+def protocol(settings: RunSettings, participation: list[list[int]], left_out, hessians, xty,
+             theta0):
     """θ and the server state after the rounds, each merging its sampled clients but
     ``left_out`` (with the memory: every client seen so far), as design.md §1 defines each
     option (round 7 is the removal's, so the 7th round trained is round 8); client duals
     change nothing here (the corrected Δ' is the plain Δ on a quadratic)."""
-    memory = options.get("client_memory", False)
-    gamma = options.get("carried_precision", 0.0)
-    optimizer = options.get("server_optimizer", "momentum")
-    lr, beta = options.get("server_lr", 1.0), options.get("server_momentum", 0.0)
+    memory, gamma = settings.client_memory, settings.carried_precision
+    optimizer = settings.server_optimizer
+    lr, beta = settings.server_lr, settings.server_momentum
     theta, carried, first, second, seen = theta0, torch.zeros_like(theta0), None, 0.0, set()
     for index, sampled in enumerate(participation, 1):
         server_round = index if index < 7 else index + 1  # Adam's bias correction reads it
@@ -128,15 +132,15 @@ def run_rounds(strategy: FedUGM, grid, theta, rounds: int, first_round: int, scr
 
 @pytest.mark.parametrize("combination", COMBINATIONS, ids="+".join)
 def test_every_pair_of_options_is_exact_on_the_oracle_or_refused(combination, tmp_path):
-    options = {k: v for name in combination for k, v in OPTIONS[name].items()}
-    options.setdefault("update_screen", None)
+    options = {} if "defaults" in combination else dict(OFF)
+    options.update({k: v for name in combination for k, v in OPTIONS[name].items()})
     refusal = next((why for pair, why in REFUSED.items() if pair <= set(combination)), None)
     if refusal is not None:
         with pytest.raises(ValueError, match=refusal):
             FedUGM(**options)
         return
     history_dtype = "bfloat16" if "bfloat16" in combination else "as-sent"
-    screened = "screen" in combination
+    screened = "screen" in combination or "defaults" in combination
     hessians, xty, theta0 = agreeing_problem(seed=21, noise=0.0 if screened else 0.3)
     grid = LinearGrid(hessians, xty, sizes=SIZES)
 
@@ -145,8 +149,13 @@ def test_every_pair_of_options_is_exact_on_the_oracle_or_refused(combination, tm
                       min_available_nodes=CLIENTS, **options,
                       ledger=Ledger(directory, history_dtype=history_dtype))
 
+    settings = strategy(tmp_path.parent / f"{tmp_path.name}-settings").settings
+    if "defaults" in combination:  # the memory and server momentum 0.5, the norm screen
+        assert settings.client_memory and settings.server_momentum == 0.5
+        assert settings.update_screen is not None
+
     def reference(participation, left_out=()):
-        return protocol(options, participation, left_out, hessians, xty, theta0)
+        return protocol(settings, participation, left_out, hessians, xty, theta0)
 
     # trains: three rounds, then a server restarted on the ledger trains three more
     random.seed(7)
@@ -159,9 +168,9 @@ def test_every_pair_of_options_is_exact_on_the_oracle_or_refused(combination, tm
     assert 0 < sum(REMOVED in s for s in participation) < 6  # partial participation
     theta, carried, momentum = reference(participation)
     torch.testing.assert_close(trained, theta, rtol=0, atol=1e-8)
-    if "carried_precision" in options:
+    if settings.carried_precision:
         torch.testing.assert_close(resumed.state.carried["w"], carried, rtol=0, atol=1e-8)
-    if "server_lr" in options:
+    if settings.moves_by_optimizer:
         torch.testing.assert_close(resumed.state.optimizer[0]["w"], momentum, rtol=0,
                                    atol=1e-8)
 
@@ -207,10 +216,7 @@ def assert_same_state(resumed, live):
     assert (resumed.carried is None) == (live.carried is None)
     if live.carried is not None:
         torch.testing.assert_close(resumed.carried["w"], live.carried["w"], rtol=0, atol=1e-12)
-    assert {c: r for c, (r, _) in resumed.memory.replies.items()} == {
-        c: r for c, (r, _) in live.memory.replies.items()}
-    for client, (reply_round, item) in live.memory.replies.items():
-        stored = resumed.memory.replies[client][1]
-        torch.testing.assert_close(stored.delta["w"], item.delta["w"], rtol=0, atol=1e-12)
-        torch.testing.assert_close(resumed.memory.starts[reply_round]["w"],
-                                   live.memory.starts[reply_round]["w"], rtol=0, atol=1e-12)
+    assert resumed.memory.rounds == live.memory.rounds
+    assert set(resumed.memory.sums) == set(live.memory.sums)
+    for key, total in live.memory.sums.items():  # the same sums, rebuilt from the ledger
+        torch.testing.assert_close(resumed.memory.sums[key], total, rtol=1e-12, atol=1e-12)

@@ -224,7 +224,8 @@ def test_replay_removal_equals_retraining_through_the_same_protocol(tmp_path, du
     grid = LinearGrid(hessians, xty, sizes=sizes, prior=h0)
 
     def strategy():
-        return FedUGM(prior_precision=H0, server_fisher=server_fisher, fraction_train=0.5,
+        return FedUGM(client_memory=False, server_momentum=0.0, prior_precision=H0,
+                      server_fisher=server_fisher, fraction_train=0.5,
                       min_train_nodes=2, min_available_nodes=clients, fisher_clip=None,
                       ledger=tmp_path, client_dual_step=dual_step, **NO_SCREEN)
 
@@ -292,7 +293,8 @@ def test_history_retention_dtype_and_the_approximate_replay(tmp_path, caplog):
     hessians, xty, theta0 = linear_problem(seed=22, clients=3)
     grid = LinearGrid(hessians, xty)
     ledger = Ledger(tmp_path, history_rounds=3, history_dtype="bfloat16")
-    strategy = FedUGM(prior_precision=H0, min_train_nodes=3, min_available_nodes=3,
+    strategy = FedUGM(server_momentum=0.0, prior_precision=H0, min_train_nodes=3,
+                      min_available_nodes=3,
                       ledger=ledger, **NO_SCREEN)
     with caplog.at_level("INFO", logger="flwr"):
         train(strategy, grid, theta0, rounds=5)
@@ -385,7 +387,8 @@ def test_replay_removal_replays_the_server_optimizer(tmp_path, optimizer):
     grid = LinearGrid(hessians, xty, sizes=sizes)
 
     def strategy():
-        return FedUGM(prior_precision=H0, fraction_train=0.5, min_train_nodes=2,
+        return FedUGM(client_memory=False, prior_precision=H0, fraction_train=0.5,
+                      min_train_nodes=2,
                       min_available_nodes=clients, fisher_clip=None, ledger=tmp_path,
                       server_lr=lr, server_momentum=beta, server_optimizer=optimizer,
                       **NO_SCREEN)
@@ -475,7 +478,8 @@ def test_a_resume_after_removing_the_last_rounds_only_client_keeps_the_momentum(
     grid = LinearGrid(hessians, xty, sizes=[5, 9, 14, 20])
 
     def strategy():
-        return FedUGM(prior_precision=H0, fraction_train=0.25, min_train_nodes=1,
+        return FedUGM(client_memory=False, prior_precision=H0, fraction_train=0.25,
+                      min_train_nodes=1,
                       min_available_nodes=4, fisher_clip=None, ledger=tmp_path,
                       server_lr=0.8, server_momentum=0.7, **NO_SCREEN)
 
@@ -509,7 +513,8 @@ def test_replay_removal_replays_the_carried_precision(tmp_path):
     grid = LinearGrid(hessians, xty, sizes=sizes)
 
     def strategy():
-        return FedUGM(prior_precision=H0, fraction_train=0.5, min_train_nodes=2,
+        return FedUGM(client_memory=False, server_momentum=0.0, prior_precision=H0,
+                      fraction_train=0.5, min_train_nodes=2,
                       min_available_nodes=clients, fisher_clip=None, ledger=tmp_path,
                       carried_precision=gamma, **NO_SCREEN)
 

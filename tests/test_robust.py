@@ -31,6 +31,14 @@ def agreeing_deltas(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
             for _ in range(count)]
 
 
+def test_without_the_cosine_screen_no_cosine_is_computed():
+    deltas = agreeing_deltas(5)
+    deltas[2] = {k: 10 * v for k, v in deltas[2].items()}
+    _, verdicts = UpdateScreen(norm_bound=3.0)(deltas)
+    assert all(math.isnan(v.cosine) for v in verdicts)
+    assert verdicts[2].scale < 1 and all(v.scale == 1 for i, v in enumerate(verdicts) if i != 2)
+
+
 def test_an_agreeing_round_is_left_exactly_as_it_came():
     deltas = agreeing_deltas(7)
     out, verdicts = UpdateScreen(min_cosine=0.0)(deltas)
@@ -125,7 +133,8 @@ def test_the_screened_strategy_is_the_exact_oracle_on_an_honest_round():
     cosine screen fires, and each round is exactly the joint MAP under the round's prior
     (design §1's oracle)."""
     hessians, xty, theta0 = linear_problem(seed=3, clients=6, shared=THETA_STAR)
-    strategy = FedUGM(prior_precision=H0, min_train_nodes=6, min_available_nodes=6,
+    strategy = FedUGM(server_momentum=0.0, prior_precision=H0, min_train_nodes=6,
+                      min_available_nodes=6,
                       update_screen=COSINE_SCREEN)  # the default's norm bound, + the screen
     grid = LinearGrid(hessians, xty)
     theta = theta0
@@ -144,7 +153,8 @@ def test_a_flipped_client_is_dropped_logged_and_never_enters_the_ledger(tmp_path
     client (through the same protocol, the flipper screened out again)."""
     hessians, xty, theta0 = linear_problem(seed=3, clients=6, shared=THETA_STAR)
     grid = HostileLinearGrid(hessians, xty, hostile=4)  # client p3
-    strategy = FedUGM(prior_precision=H0, min_train_nodes=6, min_available_nodes=6,
+    strategy = FedUGM(server_momentum=0.0, prior_precision=H0, min_train_nodes=6,
+                      min_available_nodes=6,
                       update_screen=COSINE_SCREEN, ledger=tmp_path / "run")
     theta = theta0
     with caplog.at_level(logging.INFO, logger="flwr"):
@@ -165,7 +175,8 @@ def test_a_flipped_client_is_dropped_logged_and_never_enters_the_ledger(tmp_path
     assert "p3" not in ledger.client_ids()
 
     removed, _ = remove_from_ledger(ledger, "p0", recentring=1.0, shared_rank=0)  # exact
-    retrain = FedUGM(prior_precision=H0, min_train_nodes=6, min_available_nodes=6,
+    retrain = FedUGM(server_momentum=0.0, prior_precision=H0, min_train_nodes=6,
+                     min_available_nodes=6,
                      update_screen=COSINE_SCREEN, excluded_clients=["p0"])
     torch.testing.assert_close(removed["w"], train(retrain, grid, theta0, rounds=3),
                                rtol=0, atol=1e-8)
