@@ -265,9 +265,6 @@ class FedUGM(FedAvg):
             log(WARNING, "aggregate_train: dropping node %d in round %d%s: %s", reply.node_id,
                 server_round, who(reply.client_id), reply.reason)
         if stepped is None:
-            log(WARNING, "aggregate_train: round %d has %d valid UGM replies, fewer than the "
-                "%d needed (min_train_nodes=%d); keeping the global model.", server_round,
-                len(parsed), needed, self.min_train_nodes)
             return None, None
         after, result = stepped
         if self.ledger is not None:
@@ -386,6 +383,9 @@ class FedUGM(FedAvg):
                 "(server_lr or server_momentum too large for these updates); keeping the "
                 "global model.", server_round)
             return None
+        log(WARNING, "aggregate_train: round %d has %d valid UGM replies, fewer than the %d "
+            "needed (min_train_nodes=%d); keeping the global model.", server_round,
+            len(replies), needed, self.min_train_nodes)
         return None
 
     def _record(self, server_round: int, replies: list[ParsedReply], result: RoundResult,

@@ -434,8 +434,8 @@ def test_tls_superlink_refuses_supernode_without_ca(deployment, tmp_path):
     stranger = deployment.start_supernode("supernode-no-ca", 0, "--max-retries", "0")
     node_ids = start_nodes(deployment, "--root-certificates", str(ca))
     assert_refused(stranger, "CERTIFICATE_VERIFY_FAILED")
-    history = deployment.run_app(tmp_path / "out", rounds=1)
-    check_history(history, rounds=1, node_ids=node_ids)
+    history = deployment.run_app(tmp_path / "out", rounds=2)
+    check_history(history, rounds=2, node_ids=node_ids)
     check_ledger(tmp_path / "out" / "ledger", ["c0", "c1", "c2"])
 
 
@@ -475,8 +475,8 @@ def test_supernode_auth_admits_registered_keys_only(deployment, tmp_path):
     node_ids = {int(node.wait_for_output(NODE_ID, 60).group(1)) for node in nodes}
     assert node_ids == registered
     assert_refused(stranger, "Failed to activate SuperNode")
-    history = deployment.run_app(tmp_path / "out", rounds=1)
-    check_history(history, rounds=1, node_ids=registered)
+    history = deployment.run_app(tmp_path / "out", rounds=2)
+    check_history(history, rounds=2, node_ids=registered)
 
 
 def test_server_killed_mid_run_resumes_from_the_ledger_without_a_removed_client(deployment,

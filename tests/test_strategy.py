@@ -412,6 +412,7 @@ def test_server_fisher_is_added_to_the_prior(caplog):
     partial.current_arrays = state  # the clients train tensors the server Fisher lacks
     assert partial.aggregate_train(2, replies) == (None, None)
     assert "round 2 cannot merge (FedUGM: server_fisher has no entry for" in caplog.text
+    assert "round 2 has" not in caplog.text  # the replies were enough; the merge was not
     assert torch.equal(partial.current_arrays["fc.bias"], state["fc.bias"])
 
 
