@@ -243,14 +243,13 @@ class Ledger:
         if "file" in entry:
             parts = _server_parts(self._store.load(entry["file"], entry["sha256"]))
         memory = ClientMemory(store) if store is not None else ClientMemory()
-        clients = self._index["clients"]
+        clients = self._index["clients"] if settings.client_memory else {}
         kept = sorted(set(clients) - set(excluded), key=lambda c: (clients[c]["round"], c))
         for reply_round, same in itertools.groupby(kept, key=lambda c: clients[c]["round"]):
-            if settings.client_memory:  # each reply re-centred from the global it started at
-                replies = [self.client(c).contribution for c in same]
-                memory = memory.remember(reply_round, self.history_round(reply_round).start
-                                         .global_state, replies,
-                                         **settings.memory_options(replies[0].fisher))
+            replies = [self.client(c).contribution for c in same]  # re-centred from the
+            start = self.history_round(reply_round).start.global_state  # global they left
+            memory = memory.remember(reply_round, start, replies,
+                                     **settings.memory_options(replies[0].fisher))
         return round_, ServerState(global_state, parts[0], parts[1], memory)
 
     # ------------------------------------------------------------------ writes
