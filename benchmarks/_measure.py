@@ -1,4 +1,5 @@
-"""Shared measuring helpers for the benchmark scripts (timing medians, peak memory)."""
+"""Shared helpers for the benchmark scripts (timing medians, peak memory, in-process
+messages)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
+
+from flwr.app import Message, MessageType, Metadata, RecordDict
 
 
 def interleaved_medians(methods: dict[str, Callable[[], object]], repeats: int,
@@ -53,3 +57,13 @@ def peak_growth_in_subprocess(script: str, method: str, clients: int, params: in
     proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
                           check=True)
     return int(json.loads(proc.stdout.strip().splitlines()[-1])["extra"])
+
+
+def train_message(content: RecordDict, *, src: int, dst: int, reply_to: str = "") -> Message:
+    """A TRAIN message outside a Flower runtime, which needs its Metadata given."""
+    metadata = Metadata(
+        run_id=1, message_id=uuid.uuid4().hex, src_node_id=src, dst_node_id=dst,
+        reply_to_message_id=reply_to, group_id="1", created_at=time.time(), ttl=3600.0,
+        message_type=MessageType.TRAIN,
+    )  # fmt: skip
+    return Message(content=content, metadata=metadata)

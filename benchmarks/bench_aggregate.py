@@ -12,12 +12,15 @@ of one call (RSS high-water mark above the replies, in a fresh subprocess).
 from __future__ import annotations
 
 import argparse
-import time
-import uuid
 
 import torch
-from _measure import interleaved_medians, peak_growth_in_subprocess, report_peak_growth
-from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from _measure import (
+    interleaved_medians,
+    peak_growth_in_subprocess,
+    report_peak_growth,
+    train_message,
+)
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from fl_ugm import FedUGM
@@ -35,21 +38,13 @@ def make_replies(clients: int, params: int):
         delta = {k: 0.01 * torch.randn(s, generator=gen) for k, s in shapes.items()}
         fisher = {k: torch.rand(s, generator=gen) for k, s in shapes.items()}
         metrics = MetricRecord({"num-examples": 100 + node, "train-loss": 1.0})
-        fedavg.append(reply(node, RecordDict({
+        fedavg.append(train_message(RecordDict({
             "arrays": ArrayRecord({k: state[k] + delta[k] for k in shapes}),
-            "metrics": metrics})))  # fmt: skip
-        fedugm.append(reply(node, RecordDict({
-            "delta": ArrayRecord(delta), "fisher": ArrayRecord(fisher), "metrics": metrics})))
+            "metrics": metrics}), src=node, dst=0, reply_to="x"))  # fmt: skip
+        fedugm.append(train_message(RecordDict({
+            "delta": ArrayRecord(delta), "fisher": ArrayRecord(fisher), "metrics": metrics}),
+            src=node, dst=0, reply_to="x"))
     return state, fedavg, fedugm
-
-
-def reply(node: int, content: RecordDict) -> Message:
-    metadata = Metadata(
-        run_id=1, message_id=uuid.uuid4().hex, src_node_id=node, dst_node_id=0,
-        reply_to_message_id="x", group_id="1", created_at=time.time(), ttl=3600.0,
-        message_type=MessageType.TRAIN,
-    )  # fmt: skip
-    return Message(content=content, metadata=metadata)
 
 
 def strategies(state, clients: int):

@@ -28,12 +28,11 @@ import statistics
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import torch
+from _measure import train_message
 from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.common import MessageType, Metadata
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
@@ -76,10 +75,7 @@ class QuadraticGrid:
         gen = torch.Generator().manual_seed(node)
         hessian = 50 + 50 * torch.rand(self.size, generator=gen)  # a sum over 100 examples
         optimum = torch.randn(self.size, generator=gen)
-        incoming = Message(msg.content, metadata=Metadata(
-            run_id=1, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=node,
-            reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600.0,
-            message_type=MessageType.TRAIN))
+        incoming = train_message(msg.content, src=0, dst=node)
         theta = msg.content.array_records["arrays"].to_torch_state_dict()["w"]
         prior = float(msg.content.config_records["config"].get(PRIOR_KEY, 0.0))
         model = Vector(self.size)

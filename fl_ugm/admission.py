@@ -33,7 +33,7 @@ NORM_BOUNDED_METRIC = "norm-bounded-clients"
 SCREEN_WARNING_COSINE = -0.5
 
 
-def admit(replies: list[ParsedReply], dropped: list[DroppedReply], roster: ClientRoster,
+def admit(replies: list[ParsedReply], dropped: list[DroppedReply], roster: ClientRoster
           ) -> list[ParsedReply]:
     """The replies that may take part (one without a client id does). Dropped: an excluded
     client's; a claim to an id bound to another, connected node (``ClientRoster.claim``);

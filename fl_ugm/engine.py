@@ -46,17 +46,17 @@ WIRE_DTYPES = ("float32", "float16")
 CLIENT_ID_PATTERN = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,128}$")
 
 _LEDGER = {"ledger": True}  # a setting the ledger stores: the replay and resume depend on it
-
-
-def _ledger(before: object) -> dict:
-    """A stored setting whose default changed: a ledger without it was written with
-    ``before`` (the default then)."""
-    return {"ledger": True, "absent": before}
 #: The combinations of options that are refused, and why.
 REFUSED_COMBINATIONS = {
     ("client_memory", "carried_precision"): "a carried prior changes P between a reply and "
                                             "its re-centring",
 }
+
+
+def _ledger(before: object) -> dict:
+    """A stored setting whose default changed: a ledger without it was written with
+    ``before`` (the default then)."""
+    return {**_LEDGER, "absent": before}
 
 
 @dataclass(frozen=True)

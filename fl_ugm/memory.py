@@ -27,11 +27,12 @@ from typing import Protocol
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from fl_ugm.contribution import Contribution
 from fl_ugm.merge import PriorPrecision, prior_at
+from fl_ugm.storage import group
 
 #: The running sums per parameter key ("buffer": per float buffer key).
 _SUMS = ("u", "g", "fu", "fg", "f")
@@ -92,13 +93,10 @@ class TermsOnDisk:
         return term
 
     def get(self, client: str, reply_round: int) -> Contribution:
-        path = self._path(client, reply_round)
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(self._path(client, reply_round)), framework="pt") as handle:
             n = float(handle.metadata()["num_examples"])
-        tensors = load_file(str(path))
-        part = {kind: {k.split("/", 1)[1]: v for k, v in tensors.items()
-                       if k.startswith(kind + "/")} for kind in ("delta", "fisher")}
-        return Contribution(client, n, part["delta"], part["fisher"])
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        return Contribution(client, n, group(tensors, "delta/"), group(tensors, "fisher/"))
 
     def keep_only(self, keys: Iterable[tuple[str, int]]) -> None:
         keep = {self._path(c, r).name for c, r in keys}
@@ -177,8 +175,7 @@ class ClientMemory:
             a = factor * (sums[f"u/{key}"] - sums[f"g/{key}"] * theta)  # Σ α Δ̃
             b = factor * sums[f"f/{key}"].clamp(min=0)  # Σ α F (≥ 0 after round-off)
             if fisher_weighted:
-                h0 = prior_at(prior, key)
-                h0 = h0.double() if isinstance(h0, Tensor) else h0
+                h0 = _prior_in(prior, key, torch.float64)
                 c = factor * (sums[f"fu/{key}"] - sums[f"fg/{key}"] * theta)  # Σ α F Δ̃
                 a = (h0 * a + c) / (h0 + b)
             delta[key], fisher[key] = a.to(current[key].dtype), b.to(current[key].dtype)
@@ -192,12 +189,17 @@ class ClientMemory:
         self.store.keep_only((c, r) for c, (r, _) in self.index.items())
 
 
+def _prior_in(prior: PriorPrecision, key: str, dtype: torch.dtype) -> float | Tensor:
+    """P of ``key``: a float, or its tensor in ``dtype``."""
+    p = prior_at(prior, key)
+    return p.to(dtype) if isinstance(p, Tensor) else p
+
+
 def _gain(fisher: Tensor, prior: PriorPrecision | None, key: str) -> Tensor:
     """G = F / (P + F) in ``fisher``'s dtype (0 without a prior: no re-centring)."""
     if prior is None:
         return torch.zeros_like(fisher)
-    p = prior_at(prior, key)
-    return fisher / ((p.to(fisher.dtype) if isinstance(p, Tensor) else p) + fisher)
+    return fisher / (_prior_in(prior, key, fisher.dtype) + fisher)
 
 
 def _anchored(item: Contribution, start: Mapping[str, Tensor],
