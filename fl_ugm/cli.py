@@ -103,6 +103,10 @@ def summary(report: dict, out: Path, report_path: Path, *, forgotten: bool) -> s
              f"{report['global_round']} ({how}); the update moved it by "
              f"{report['update_l2_norm']:.4g} (L2)",
              f"new global: {out}", f"report: {report_path}"]
+    if report.get("estimated_rounds"):
+        lines.insert(1, f"unverified: {len(report['estimated_rounds'])} replayed rounds rest on "
+                        "re-centred estimates (no client retrained them; a running app can "
+                        "correct them: FedUGM.remove(mode='online', correction_budget=N))")
     if forgotten:
         lines.append(f"ledger: committed as round {report['global_round'] + 1}; "
                      f"{len(report['deleted_files'])} files trained with the client deleted")

@@ -290,12 +290,12 @@ class FedUGM(FedAvg):
         the server state without it, then run ``repair_rounds`` FL rounds without it.
         Returns (global, report).
 
-        ``options``: ``method`` ("replay", the default: recompute the training without the
-        client from the history; "eq13": the one-round update), ``mode`` ("offline"; or
-        "online" for eq13: the client sends a fresh Δ_t, F_t), ``recentring`` and
-        ``shared_rank`` (the replay's knobs; ``fl_ugm.removal``). ``evaluate_fn(round,
-        arrays)`` (as in ``Strategy.start``) gives the report's metrics before and after;
-        ``train_config`` is the repair rounds' train config. Raises
+        ``options``: ``method`` ("replay", the default, or "eq13"), ``mode`` ("offline":
+        the ledger alone, or "online"), the replay's ``correction_budget`` /
+        ``correction_policy`` / ``calibrate`` / ``recentring`` / ``shared_rank``
+        (``fl_ugm.server_removal.plan_client_removal`` says what each does).
+        ``evaluate_fn(round, arrays)`` (as in ``Strategy.start``) gives the report's metrics
+        before and after; ``train_config`` goes into every train request. Raises
         :class:`fl_ugm.server_removal.RemovalError`, with nothing changed, if it cannot.
         """
         if self.ledger is None:
@@ -308,7 +308,7 @@ class FedUGM(FedAvg):
         removal_round = round_ + 1
         plan = plan_client_removal(
             self.ledger, self.settings, self.roster, grid, client_id, before, removal_round,
-            timeout=timeout, arrayrecord_key=self.arrayrecord_key,
+            timeout=timeout, train_config=train_config, arrayrecord_key=self.arrayrecord_key,
             configrecord_key=self.configrecord_key, weighted_by_key=self.weighted_by_key,
             **options)  # fmt: skip
         deleted = self.ledger.commit_removal(client_id, removal_round, plan.state,

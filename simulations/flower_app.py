@@ -31,8 +31,12 @@ own split, the one-shot setting), ``out`` (a directory for the run's history JSO
 ids FedUGM never samples, e.g. "0,3"), ``init-from`` / ``save-final`` (safetensors files of
 the initial and final global), ``remove-client`` / ``removal-method`` / ``removal-mode`` /
 ``repair-rounds`` (after training, ``FedUGM.remove``; with ``num-server-rounds=0`` a
-removal-only run on an existing ledger), ``history-rounds`` / ``history-dtype`` (the
-ledger's per-round history for replay removal: rounds kept, 0 = all, and storage dtype),
+removal-only run on an existing ledger) and the replay's ``removal-budget`` /
+``removal-policy`` / ``removal-calibrate`` (its corrections, with ``removal-mode=online``)
+and ``removal-recentring`` / ``removal-shared-rank`` (κ and the rank; -1: the defaults),
+``local-seed`` (the clients' local-training seed; -1: ``seed``), ``history-rounds`` /
+``history-dtype`` (the ledger's per-round history for replay removal: rounds kept, 0 = all,
+and storage dtype),
 ``resume`` (continue the run recorded in ``ledger``: ``FedUGM(resume=True)``),
 ``wire-dtype`` (FedUGM's reply dtype for Δ and F: float16, with a scale per tensor, or
 float32), ``evaluate-on`` (test | validation: the ``server-examples`` split, to choose
@@ -410,11 +414,19 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
         history["train_metrics"] = {str(r): dict(m) for r, m in
                                     result.train_metrics_clientapp.items()}
     if removed:
+        replay_options = {"correction_budget": int(cfg.get("removal-budget", 0)),
+                          "correction_policy": str(cfg.get("removal-policy", "final")),
+                          "calibrate": bool(cfg.get("removal-calibrate", False))}
+        if float(cfg.get("removal-recentring", -1)) >= 0:  # -1: the library's default
+            replay_options["recentring"] = float(cfg["removal-recentring"])
+        if int(cfg.get("removal-shared-rank", -1)) >= 0:
+            replay_options["shared_rank"] = int(cfg["removal-shared-rank"])
         arrays, history["removal"] = strategy.remove(
             grid, removed, method=str(cfg["removal-method"]),
             mode=str(cfg.get("removal-mode", "offline")),
             repair_rounds=int(cfg.get("repair-rounds", 0)), train_config=train_config,
-            evaluate_fn=central_evaluate)  # fmt: skip
+            evaluate_fn=central_evaluate,
+            **(replay_options if cfg["removal-method"] == "replay" else {}))  # fmt: skip
     if cfg.get("save-final"):
         final = {k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()}
         write_atomically(Path(str(cfg["save-final"])), lambda tmp: save_file(final, str(tmp)))
@@ -445,6 +457,14 @@ class ClientRole:
         """Modify ``reply`` in place before it is sent (the honest client does nothing)."""
 
 
+def local_seed(cfg: Mapping[str, Any]) -> int:
+    """The seed of the clients' local training: ``local-seed``, or ``seed`` where it is -1
+    (another local seed retrains the same federation, split and initial model with other
+    SGD shuffles: a draw from retraining's distribution)."""
+    value = int(cfg.get("local-seed", -1))
+    return int(cfg["seed"]) if value < 0 else value
+
+
 def run_client_train(msg: Message, context: Context, cfg: Mapping[str, Any],
                      role: ClientRole) -> Message:
     torch.set_num_threads(1)
@@ -458,7 +478,7 @@ def run_client_train(msg: Message, context: Context, cfg: Mapping[str, Any],
         batch_size=int(train.get("batch-size", cfg["batch-size"])),
         lr=float(train.get("lr", cfg["lr"])),
         optimizer=str(train.get("optimizer", cfg["optimizer"])),
-        seed=int(cfg["seed"]) * 100_003 + 1_009 * server_round + partition_id,
+        seed=local_seed(cfg) * 100_003 + 1_009 * server_round + partition_id,
         client_id=client_id(context), state=context.state,
     )  # fmt: skip
     role.tamper(cfg, context, msg, reply)

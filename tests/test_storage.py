@@ -204,8 +204,11 @@ def test_forget_deletes_every_state_trained_with_the_client_and_reports_it(tmp_p
     out = tmp_path.parent / "out.safetensors.report.json"
     report = json.loads(out.read_text())
     assert set(report["deleted_files"]) >= {client_file, *old_globals}
-    assert f"{len(report['deleted_files'])} files trained with the client deleted" in (
-        capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    assert f"{len(report['deleted_files'])} files trained with the client deleted" in printed
+    # a replay of 3 rounds: the rounds after p1's first rest on estimates, and it says so
+    assert report["estimated_rounds"] == [2, 3]
+    assert "unverified: 2 replayed rounds rest on re-centred estimates" in printed
     left = files(tmp_path)
     assert not left & {client_file, *old_globals}
     ledger = Ledger(tmp_path)

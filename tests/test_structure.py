@@ -13,7 +13,7 @@ PACKAGE = Path(fl_ugm.__file__).parent
 MODULES = {path.stem: path for path in PACKAGE.glob("*.py")}
 #: The layers below the Flower strategy (docs/design.md §2).
 FLOWER_FREE = ("_kernels", "merge", "merge_rules", "robust", "server_optimizer", "engine",
-               "fisher", "client_duals", "storage", "ledger", "removal")
+               "fisher", "client_duals", "storage", "ledger", "removal", "replay")
 
 
 def imported(name: str) -> tuple[set[str], set[str]]:
