@@ -148,6 +148,10 @@ class Ledger:
         """Rounds whose history is stored, oldest first."""
         return [entry["round"] for entry in self._index.get("history", [])]
 
+    def history_clients(self) -> dict[int, list[str | None]]:
+        """Each stored round's participants' client ids, oldest first (no tensors read)."""
+        return {e["round"]: [c["id"] for c in e["clients"]] for e in self._index.get("history", [])}
+
     def history_round(self, round_: int) -> HistoryRound:
         """Round ``round_`` as merged (checksum verified)."""
         entry = next((e for e in self._index.get("history", []) if e["round"] == round_), None)
@@ -219,14 +223,11 @@ class Ledger:
         entries = self._index["globals"]
         if not entries:
             raise LedgerError(f"the ledger at {self.directory} holds no global checkpoint.")
-        if round_ is None:
-            entry = entries[-1]
-        else:
-            matches = [e for e in entries if e["round"] == round_]
-            if not matches:
-                raise LedgerError(f"no global checkpoint for round {round_}; kept: "
-                                  f"{self.rounds()} (keep_globals={self.keep_globals}).")
-            entry = matches[0]
+        matches = [e for e in entries if round_ in (None, e["round"])]  # None: the newest
+        if not matches:
+            raise LedgerError(f"no global checkpoint for round {round_}; kept: "
+                              f"{self.rounds()} (keep_globals={self.keep_globals}).")
+        entry = matches[-1]
         return entry["round"], self._store.load(entry["file"], entry["sha256"])
 
     def resume_state(self, settings: RunSettings, excluded: Sequence[str] = (),

@@ -223,9 +223,8 @@ def replay_without(ledger: Ledger, client_id: str, settings: RunSettings, *,
     fold = _Fold(ledger, client_id, settings, newest, own, recentring)
     correct_at: list[int] = []
     if corrections is not None:
-        costs = {r: sum(p.client_id not in (None, client_id)
-                        for p in ledger.history_round(r).participants)
-                 for r in rounds if first is None or r > first}
+        costs = {r: sum(c not in (None, client_id) for c in ids)
+                 for r, ids in ledger.history_clients().items() if first is None or r > first}
         drift = fold.run(rounds, None, set()).drift_norms \
             if corrections.policy == "largest-drift" else None
         correct_at = correction_rounds(corrections.policy, corrections.budget, costs, drift)

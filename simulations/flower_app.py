@@ -36,7 +36,7 @@ removal-only run on an existing ledger) and the replay's ``removal-budget`` /
 and ``removal-recentring`` / ``removal-shared-rank`` (κ and the rank; -1: the defaults),
 ``local-seed`` (the clients' local-training seed; -1: ``seed``), ``history-rounds`` /
 ``history-dtype`` (the ledger's per-round history for replay removal: rounds kept, 0 = all,
-and storage dtype),
+and storage dtype), ``keep-globals`` (the ledger's global checkpoints kept),
 ``resume`` (continue the run recorded in ``ledger``: ``FedUGM(resume=True)``),
 ``wire-dtype`` (FedUGM's reply dtype for Δ and F: float16, with a scale per tensor, or
 float32), ``evaluate-on`` (test | validation: the ``server-examples`` split, to choose
@@ -219,7 +219,8 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> Strategy:
         ledger = None
         if cfg.get("ledger"):
             ledger = Ledger(str(cfg["ledger"]), history_rounds=int(cfg["history-rounds"]),
-                            history_dtype=str(cfg["history-dtype"]))
+                            history_dtype=str(cfg["history-dtype"]),
+                            keep_globals=int(cfg.get("keep-globals", 3)))
         run = {"ledger": ledger, "excluded_clients": excluded,
                "resume": bool(cfg.get("resume", False)), **common}
         if name == "fedugm-defaults":

@@ -198,18 +198,11 @@ def removal_run(cfg: dict, ledger_dir: Path, method: str, mode: str, work: Path,
     repaired, history = simulate_to(cfg, label, **{
         "num-server-rounds": 0, "ledger": str(copy), "remove-client": str(cfg["forget-client"]),
         "removal-method": method, "removal-mode": mode, "repair-rounds": repair_rounds,
+        "keep-globals": max(3, repair_rounds + 1),  # the removal's global outlives the repairs
         "out": str(work / name), "save-final": str(work / f"{name}-repair.safetensors"),
         **options})
     report = history["removal"]
-    if report["removal_round"] in Ledger(copy).rounds():
-        _, removed = Ledger(copy).global_state(report["removal_round"])
-    elif mode == "offline":  # the repair rounds outlived the ledger's last globals: the
-        # same removal, from the ledger alone, in-process (a deterministic computation)
-        removed, _ = remove_from_ledger(Ledger(ledger_dir), str(cfg["forget-client"]),
-                                        method=method)
-    else:
-        raise RuntimeError(f"{name}: the removal's global of round {report['removal_round']} "
-                           "is no longer kept; use fewer repair rounds.")
+    _, removed = Ledger(copy).global_state(report["removal_round"])
     shutil.rmtree(copy)  # a copy of the whole history: hundreds of MB
     return (removed, repaired, report, client_work(history, "removal_requests"),
             client_work(history))
